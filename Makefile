@@ -1,0 +1,60 @@
+# hv-vss-agent: `make demo` and `make test` install what they need themselves.
+# As root they also install system packages and create the unprivileged account.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+USER_NAME := hvvss
+APT_PKGS := e2fsprogs xfsprogs btrfs-progs dosfstools util-linux sqlite3 strace
+ROOT    := $(shell id -u)
+
+.PHONY: demo test lint bench deps account venv clean
+
+demo: deps account venv
+	$(VENV)/bin/hv-vss-agent --simulate
+
+test: deps account venv
+	$(VPY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check agent privileged tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
+
+bench: deps account venv
+	$(VENV)/bin/pip install -q '.[bench]'
+	$(VPY) -m bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,lint]'
+	touch $@
+
+# System packages (filesystem tools for the scratch filesystems); root only.
+deps:
+	@if [ "$(ROOT)" = 0 ]; then \
+	  missing=""; \
+	  for t in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.vfat:dosfstools \
+	           losetup:util-linux sqlite3:sqlite3 strace:strace; do \
+	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	  done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	  fi; \
+	else echo "not root: skipping system packages"; fi
+
+# The unprivileged account the parent drops to (same as etc/sysusers.d); root only.
+account:
+	@if [ "$(ROOT)" = 0 ] && ! id $(USER_NAME) >/dev/null 2>&1; then \
+	  echo "creating account $(USER_NAME)"; \
+	  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $(USER_NAME); \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""hv-vss-agent, unprivileged side: kernel protocol, policy, applications, operators."""

@@ -1,0 +1,194 @@
+"""The parent's end of the link to the root child: start it, talk to it.
+
+The child is a fresh interpreter: -I (isolated: no PYTHON* variables, no user
+site directory, no current directory on sys.path), -B (no bytecode written:
+it may run while filesystems are frozen) and -S (site.py does not run, so no
+.pth file in site-packages can run code as root).  Its sys.path is the
+standard library plus the one directory holding privileged/, which the
+integrity check has verified.  The environment is empty and its only
+inherited descriptor is its end of the socketpair.  The parent numbers its
+requests and expects each answer to echo the number.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import privileged
+from privileged import wire
+
+log = logging.getLogger("hv-vss-agent")
+child_log = logging.getLogger("hv-vss-agent.child")
+
+_ANC_SPACE = socket.CMSG_SPACE(4 * 4)
+_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+
+class ChildGone(Exception):
+    """The child closed the link or sent something malformed."""
+
+
+class ChildLink:
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        self.sock = sock
+        self.proc = proc
+        self.seq = 0
+        self.hello: wire.Hello | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def spawn(cls, config: str | None, device: str | None, debug: bool = False,
+              extra: tuple[str, ...] = ()) -> ChildLink:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        fd = theirs.fileno()
+        argv = [sys.executable, "-I", "-B", "-S", "-c", child_bootstrap(), "--fd", str(fd),
+                "--ppid", str(os.getpid())]
+        if config:
+            argv += ["--config", config]
+        if device:
+            argv += ["--device", device]
+        if debug:
+            argv.append("--debug")
+        argv += list(extra)
+        proc = subprocess.Popen(argv, pass_fds=(fd,), env={}, cwd="/", close_fds=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        theirs.close()
+        return cls(ours, proc)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, op: wire.Op) -> int:
+        self.seq += 1
+        try:
+            self.sock.send(wire.encode_request(wire.Request(op, self.seq)))
+        except OSError as e:
+            raise ChildGone(f"cannot send {op.name} to the child: {e.strerror}") from None
+        return self.seq
+
+    def receive(self) -> tuple[wire.ChildMessage, list[int]]:
+        """One message from the child, and any descriptors it passed (REOPEN only).
+
+        LOG records are re-emitted here and returned as well."""
+        try:
+            data, anc, flags, _ = self.sock.recvmsg(wire.MAX_RECORD + 1, _ANC_SPACE,
+                                                        _RECV_FLAGS)
+        except OSError as e:
+            raise ChildGone(f"reading from the child failed: {e.strerror}") from None
+        fds = _passed_fds(anc)
+        if not data:
+            _close_all(fds)
+            raise ChildGone("the child closed the link")
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_all(fds)
+            raise ChildGone("oversized record from the child")
+        try:
+            msg = wire.decode_child(data)
+        except wire.WireError as e:
+            _close_all(fds)
+            raise ChildGone(f"malformed record from the child: {e}") from None
+        if fds and not (isinstance(msg, wire.Result) and msg.op is wire.Op.REOPEN):
+            _close_all(fds)
+            raise ChildGone("the child passed a descriptor with an unexpected record")
+        if isinstance(msg, wire.Log):
+            emit_child_log(msg)
+        elif isinstance(msg, wire.Result) and msg.seq != self.seq:
+            _close_all(fds)
+            raise ChildGone(f"answer numbered {msg.seq}, expected {self.seq}")
+        return msg, fds
+
+    def wait_hello(self, timeout: float = 20.0) -> wire.Hello:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildGone("the child did not start in time")
+            self.sock.settimeout(left)
+            try:
+                msg, _ = self.receive()
+            except TimeoutError:
+                raise ChildGone("the child did not start in time") from None
+            finally:
+                self.sock.settimeout(None)
+            if isinstance(msg, wire.Hello):
+                self.hello = msg
+                return msg
+            if not isinstance(msg, wire.Log):
+                raise ChildGone(f"expected HELLO from the child, got {msg}")
+
+    def request(self, op: wire.Op, timeout: float = 30.0) -> tuple[wire.Result, list[int]]:
+        """Synchronous request, for start-up and shutdown (the service loop is async)."""
+        self.send(op)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildGone(f"no answer to {op.name} from the child")
+            self.sock.settimeout(left)
+            try:
+                msg, fds = self.receive()
+            except TimeoutError:
+                raise ChildGone(f"no answer to {op.name} from the child") from None
+            finally:
+                self.sock.settimeout(None)
+            if isinstance(msg, wire.Result):
+                return msg, fds
+
+    def exit_status(self, timeout: float = 5.0) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def child_bootstrap() -> str:
+    """`python -c` text equivalent to `-m privileged` with sys.path pinned."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(privileged.__file__)))
+    return (f"import sys; sys.path.insert(0, {top!r}); "
+            "from privileged.child import main; sys.exit(main())")
+
+
+def emit_child_log(msg: wire.Log) -> None:
+    """A LOG record becomes a log record with whitelisted fields only."""
+    record = logging.makeLogRecord({
+        "name": child_log.name,
+        "levelno": msg.level,
+        "levelname": logging.getLevelName(msg.level),
+        "msg": "[child] %s",
+        "args": (msg.text,),
+    })
+    if child_log.isEnabledFor(msg.level):
+        child_log.handle(record)
+
+
+def _passed_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[: len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

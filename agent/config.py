@@ -1,0 +1,144 @@
+"""The configuration file, as the parent reads it (TOML, root-owned).
+
+The child's sections ([freeze], [check], [watchdog], [state]) are parsed with
+privileged.config, the same code the child runs, so both agree; the parent's
+own sections are parsed here.  Every mistake is one line naming the file, the
+section and the key.  An example with every key: etc/hv-vss-agent.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from privileged.config import (
+    CHILD_SECTIONS,
+    ChildConfig,
+    ConfigError,
+    Section,
+    parse_child_sections,
+    read_toml,
+)
+
+LINUX_DEVICE = "/dev/vmbus/hv_vss"
+FREEBSD_DEVICE = "/dev/hv_fsvss_dev"
+
+
+def native_protocol() -> str:
+    return "freebsd" if sys.platform.startswith("freebsd") else "linux"
+
+
+def default_config_path() -> str:
+    if sys.platform.startswith("freebsd"):
+        return "/usr/local/etc/hv-vss-agent.toml"
+    return "/etc/hv-vss-agent.toml"
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    socket: str | None = None  # no socket: no subscribers
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] = ()
+    timeout: float = 10.0  # per subscriber, for each event
+    policy: str = "fail"  # "fail" | "skip"
+    budget: float = 12.0  # whole transaction, below FreeBSD's 15 s chain timeout
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str | None = None
+    admin_group: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    dir: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: str | None = None
+    user: str = "hvvss"
+    chroot: str = "/var/empty"
+    device: str | None = None
+    protocol: str = field(default_factory=native_protocol)
+    log_target: str = "syslog"
+    log_buffer: int = 10000
+    history: int = 50
+    child: ChildConfig = field(default_factory=ChildConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def device_path(self) -> str:
+        if self.device:
+            return self.device
+        return FREEBSD_DEVICE if self.protocol == "freebsd" else LINUX_DEVICE
+
+
+PARENT_SECTIONS = ("agent", "device", "log", "notify", "control", "metrics")
+
+
+def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
+    unknown = sorted(set(doc) - set(PARENT_SECTIONS) - set(CHILD_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]")
+    child = parse_child_sections(doc)
+
+    a = Section("agent", doc.get("agent"))
+    user = a.string("user", "hvvss")
+    chroot = a.path("chroot", "/var/empty")
+    history = a.integer("history", 50, 1, 10000)
+    a.done()
+
+    d = Section("device", doc.get("device"))
+    device = d.optional_path("path")
+    protocol = d.choice("protocol", native_protocol(), ("linux", "freebsd"))
+    d.done()
+
+    lg = Section("log", doc.get("log"))
+    log_target = lg.choice("target", "syslog", ("syslog", "stderr"))
+    log_buffer = lg.integer("buffer", 10000, 10, 1_000_000)
+    lg.done()
+
+    n = Section("notify", doc.get("notify"))
+    notify = NotifyConfig(
+        socket=n.optional_path("socket"),
+        allow_users=n.strings("allow_users"),
+        allow_groups=n.strings("allow_groups"),
+        timeout=n.number("timeout", 10.0, 0.1, 600.0),
+        policy=n.choice("policy", "fail", ("fail", "skip")),
+        budget=n.number("budget", 12.0, 0.5, 600.0),
+    )
+    n.done()
+
+    c = Section("control", doc.get("control"))
+    control = ControlConfig(socket=c.optional_path("socket"),
+                            admin_group=c.string("admin_group", "") or None)
+    c.done()
+
+    m = Section("metrics", doc.get("metrics"))
+    metrics = MetricsConfig(dir=m.optional_path("dir"))
+    m.done()
+
+    return AgentConfig(path=path, user=user, chroot=chroot, device=device, protocol=protocol,
+                       log_target=log_target, log_buffer=log_buffer, history=history,
+                       child=child, notify=notify, control=control, metrics=metrics)
+
+
+def load(path: str | None) -> AgentConfig:
+    """Load `path`; None means the default path if it exists, else built-in defaults."""
+    if path is None:
+        candidate = default_config_path()
+        if not os.path.exists(candidate):
+            return AgentConfig()
+        path = candidate
+    doc = read_toml(path)
+    try:
+        return parse(doc, path)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None

@@ -1,0 +1,49 @@
+"""Before root starts anything: is what root will run and read safe from tampering?
+
+OpenSSH's StrictModes, applied to the install: the code root runs (privileged/,
+and agent/ which runs as root until the drop), the interpreter and its standard
+library, the site-packages directory and its .pth files (site.py executes
+them), and the config file must all be owned by root and writable by nobody
+else, and so must every directory above them.  Otherwise the unprivileged
+account, or any other, could make root run its code (the mistake behind
+CVE-2020-26880).
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+import sysconfig
+
+import agent
+import privileged
+from agent.errors import StartupError
+from privileged.trust import untrusted_reason, untrusted_tree_reason
+
+
+def paths_to_check() -> tuple[list[str], list[str]]:
+    """(trees checked recursively, single paths checked with their parents)."""
+    trees = [os.path.dirname(os.path.abspath(privileged.__file__)),
+             os.path.dirname(os.path.abspath(agent.__file__)),
+             sysconfig.get_paths()["stdlib"]]
+    singles = [os.path.realpath(sys.executable), sys.executable]
+    for sp in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}:
+        if os.path.isdir(sp):
+            singles.append(sp)
+            singles += [os.path.join(sp, n) for n in sorted(os.listdir(sp)) if n.endswith(".pth")]
+    return trees, singles
+
+
+def check_install(config_path: str | None) -> None:
+    trees, singles = paths_to_check()
+    if config_path:
+        singles.append(config_path)
+    for path in singles:
+        reason = untrusted_reason(path)
+        if reason:
+            raise StartupError(f"refusing to run as root: {reason}")
+    for top in trees:
+        reason = untrusted_tree_reason(top)
+        if reason:
+            raise StartupError(f"refusing to run as root: {reason}")

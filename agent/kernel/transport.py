@@ -1,0 +1,172 @@
+"""The only module that does kernel I/O: a device node, or the simulator's socket.
+
+Same bytes either way.  Linux: read()/write() of 12-byte messages on
+/dev/vmbus/hv_vss.  FreeBSD: ioctl IOCHVVSSREAD/IOCHVVSSWRITE of 64-byte
+messages on /dev/hv_fsvss_dev; over the simulator socket a READ is a receive
+and a WRITE a send.
+
+The one thing a socket cannot say by itself is open(2)'s result: the
+simulator therefore sends a 4-byte errno (0 = opened) as the first record of
+every connection, and attach() turns a non-zero one into the same OSError the
+device's open() would have raised (EBUSY for a second daemon).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import stat
+import struct
+from typing import Protocol
+
+from agent.kernel import freebsd_wire, linux_wire
+from agent.kernel.messages import KernelProtocolError, KernelRequest
+
+OPEN_STATUS = struct.Struct("<i")
+_READ_BUFFER = 256  # larger than any message: the kernel and simulator send whole records
+
+
+class KernelLost(Exception):
+    """The channel failed (EOF, read or write error): reopen and re-register."""
+
+
+class Endpoint(Protocol):
+    def fileno(self) -> int: ...
+    def read(self) -> bytes: ...
+    def write(self, frame: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class DeviceEndpoint:
+    """Linux character device: read()/write()."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> bytes:
+        return os.read(self.fd, _READ_BUFFER)
+
+    def write(self, frame: bytes) -> None:
+        if os.write(self.fd, frame) != len(frame):
+            raise OSError(errno.EIO, "short write")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class IoctlEndpoint(DeviceEndpoint):
+    """FreeBSD character device: the two VSS ioctls, 64 bytes each way."""
+
+    def read(self) -> bytes:
+        buf = bytearray(freebsd_wire.MSG_SIZE)
+        fcntl.ioctl(self.fd, freebsd_wire.IOCHVVSSREAD, buf, True)
+        return bytes(buf)
+
+    def write(self, frame: bytes) -> None:
+        fcntl.ioctl(self.fd, freebsd_wire.IOCHVVSSWRITE, frame)
+
+
+class SocketEndpoint:
+    """The simulator: one SOCK_SEQPACKET record per message."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self) -> bytes:
+        return self.sock.recv(_READ_BUFFER)
+
+    def write(self, frame: bytes) -> None:
+        self.sock.send(frame)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
+    """Wrap an open descriptor; for the simulator, collect open(2)'s result."""
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        ep = SocketEndpoint(fd)
+        if not select.select([ep], [], [], timeout)[0]:
+            ep.close()
+            raise OSError(errno.ETIMEDOUT, "the simulator did not answer the open")
+        data = ep.read()
+        if len(data) != OPEN_STATUS.size:
+            ep.close()
+            raise OSError(errno.EIO, "the simulator closed the connection")
+        (err,) = OPEN_STATUS.unpack(data)
+        if err:
+            ep.close()
+            raise OSError(err, os.strerror(err))
+        return ep
+    if protocol == "freebsd":
+        return IoctlEndpoint(fd)
+    return DeviceEndpoint(fd)
+
+
+class KernelChannel:
+    """One protocol over one endpoint: register, read a request, reply."""
+
+    def __init__(self, endpoint: Endpoint, protocol: str) -> None:
+        self.endpoint = endpoint
+        self.protocol = protocol
+        # FreeBSD's stock daemon polls for POLLIN|POLLRDNORM; POLLRDNORM is POLLIN on Linux.
+        self.poll_mask = select.POLLIN | select.POLLRDNORM
+
+    def fileno(self) -> int:
+        return self.endpoint.fileno()
+
+    def register(self, timeout: float = 5.0) -> int | None:
+        """Linux handshake (VSS_OP_REGISTER1 -> 4-byte answer); FreeBSD has none."""
+        if self.protocol != "linux":
+            return None
+        self._write(linux_wire.encode_register())
+        poller = select.poll()
+        poller.register(self.fileno(), self.poll_mask)
+        if not poller.poll(int(timeout * 1000)):
+            raise KernelLost("no answer to registration")
+        return linux_wire.decode_register_answer(self._read())
+
+    def read_request(self) -> KernelRequest | None:
+        frame = self._read()
+        if self.protocol == "freebsd":
+            return freebsd_wire.decode_request(frame)
+        return linux_wire.decode_request(frame)
+
+    def reply(self, req: KernelRequest, ok: bool) -> None:
+        if self.protocol == "freebsd":
+            self._write(freebsd_wire.encode_reply(req, ok))
+        else:
+            self._write(linux_wire.encode_reply(req, ok))
+
+    def _read(self) -> bytes:
+        try:
+            data = self.endpoint.read()
+        except OSError as e:
+            raise KernelLost(f"read failed: {e.strerror}") from None
+        if not data:
+            raise KernelLost("the device was closed")
+        return data
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            self.endpoint.write(frame)
+        except OSError as e:
+            raise KernelLost(f"write failed: {e.strerror}") from None
+
+    def close(self) -> None:
+        try:
+            self.endpoint.close()
+        except OSError:
+            pass
+
+
+__all__ = ["KernelChannel", "KernelLost", "KernelProtocolError", "attach"]

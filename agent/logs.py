@@ -1,0 +1,95 @@
+"""Logging for the unprivileged side: one stream, held back while frozen.
+
+syslog by default (ident hv-vss-agent, facility daemon), stderr in the
+foreground.  While any filesystem is frozen nothing may reach a disk: syslogd
+may write synchronously to a frozen /var (microsoft/backupessentials#1 is the
+Linux daemon hanging exactly so), and stderr may be a file on a frozen disk.
+FreezeGate therefore keeps records in memory (bounded; what overflows is
+counted and reported) from just before FREEZE until after THAW.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from collections import deque
+
+IDENT = "hv-vss-agent"
+FORMAT_STDERR = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
+FORMAT_SYSLOG = IDENT + "[%(process)d]: %(levelname)s: %(message)s"
+
+
+class FreezeGate(logging.Handler):
+    """Passes records to `target`, or holds them while the gate is closed."""
+
+    def __init__(self, target: logging.Handler, capacity: int = 10000) -> None:
+        super().__init__(target.level)
+        self.target = target
+        self.held: deque[logging.LogRecord] = deque()
+        self.capacity = capacity
+        self.dropped = 0
+        self.closed_gate = False
+
+    def hold(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.closed_gate = True
+
+    def release(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.closed_gate = False
+            held, self.held = self.held, deque()
+            dropped, self.dropped = self.dropped, 0
+        for record in held:
+            self.target.handle(record)
+        if dropped:
+            self.target.handle(logging.makeLogRecord({
+                "name": IDENT, "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "%d log record(s) dropped while frozen (buffer of %d full)",
+                "args": (dropped, self.capacity),
+            }))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # emit() is also called directly, from multiprocessing-logging's receiver thread.
+        with self.lock:  # type: ignore[union-attr]
+            if self.closed_gate:
+                # Render now: args may refer to objects that change before release.
+                record.msg, record.args = record.getMessage(), None
+                if len(self.held) >= self.capacity:
+                    self.dropped += 1
+                else:
+                    self.held.append(record)
+                return
+        self.target.handle(record)
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        self.target.setFormatter(fmt)
+
+
+def make_target(target: str) -> logging.Handler:
+    if target == "syslog":
+        address = "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.setFormatter(logging.Formatter(FORMAT_SYSLOG))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT_STDERR))
+    return handler
+
+
+def setup(target: str, debug: bool, capacity: int) -> FreezeGate:
+    """Configure the root logger; returns the gate the service closes while frozen."""
+    try:
+        handler = make_target(target)
+    except OSError as e:
+        handler = make_target("stderr")
+        handler.handle(logging.makeLogRecord({
+            "name": IDENT, "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "syslog is unavailable (%s): logging to stderr", "args": (e,)}))
+    gate = FreezeGate(handler, capacity)
+    root = logging.getLogger()
+    root.handlers[:] = [gate]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.raiseExceptions = False  # a failing handler must not disturb the service
+    return gate

@@ -1,0 +1,116 @@
+"""Drop root for good: chroot, groups, gids, uids, verified; then no new privileges.
+
+Order as OpenSSH's privsep_child_demote and OpenBSD's engine(): chroot (into
+an empty root-owned directory, checked first, as btd does) -> chdir("/") ->
+setgroups -> setresgid -> setresuid.  Then verify like permanently_set_uid:
+every id is the new one and regaining uid 0 or gid 0 fails.  Finally
+NO_NEW_PRIVS, so no exec can ever give privileges back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import os
+import pwd
+import stat
+import sys
+from dataclasses import dataclass
+
+PR_SET_NO_NEW_PRIVS = 38
+PROC_NO_NEW_PRIVS_CTL = 19  # FreeBSD 14+ procctl(2)
+P_PID = 0
+
+
+class DropError(Exception):
+    """A one-line reason the privilege drop cannot be done or did not hold."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_account(name: str) -> Account:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        if sys.platform.startswith("freebsd"):
+            how = f"pw useradd {name} -d /nonexistent -s /usr/sbin/nologin -c 'hv-vss-agent'"
+        else:
+            how = (f"useradd --system --no-create-home --home-dir /nonexistent "
+                   f"--shell /usr/sbin/nologin {name}")
+        raise DropError(f"account {name!r} ([agent] user) does not exist; create it with: {how}") \
+            from None
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise DropError(f"account {name!r} has uid {pw.pw_uid} gid {pw.pw_gid}: "
+                        "it must not be root's")
+    return Account(name, pw.pw_uid, pw.pw_gid)
+
+
+def group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise DropError(f"group {name!r} does not exist") from None
+
+
+def check_chroot(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise DropError(f"chroot directory {path} ([agent] chroot): {e.strerror}; "
+                        f"create it with: mkdir -m 0755 {path}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DropError(f"chroot directory {path} is not a directory")
+    if st.st_uid != 0:
+        raise DropError(f"chroot directory {path} is owned by uid {st.st_uid}, not root")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DropError(f"chroot directory {path} is writable by group or others "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o})")
+    if os.listdir(path):
+        raise DropError(f"chroot directory {path} is not empty")
+
+
+def no_new_privs() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform.startswith("linux"):
+        rc = libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0),
+                        ctypes.c_ulong(0), ctypes.c_ulong(0))
+    elif sys.platform.startswith("freebsd"):
+        arg = ctypes.c_int(1)  # PROC_NO_NEW_PRIVS_ENABLE
+        rc = libc.procctl(P_PID, 0, PROC_NO_NEW_PRIVS_CTL, ctypes.byref(arg))
+    else:
+        return
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise DropError(f"cannot set no-new-privileges: {os.strerror(e)}")
+
+
+def drop(account: Account, chroot: str | None) -> None:
+    if chroot is not None:
+        check_chroot(chroot)
+        os.chroot(chroot)
+        os.chdir("/")
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    verify(account)
+    no_new_privs()
+
+
+def verify(account: Account) -> None:
+    if os.getresuid() != (account.uid,) * 3:
+        raise DropError(f"uids are {os.getresuid()} after the drop")
+    if os.getresgid() != (account.gid,) * 3:
+        raise DropError(f"gids are {os.getresgid()} after the drop")
+    if not set(os.getgroups()) <= {account.gid}:
+        raise DropError(f"supplementary groups {os.getgroups()} remain after the drop")
+    for regain in (os.setuid, os.seteuid, os.setgid, os.setegid):
+        try:
+            regain(0)
+        except PermissionError:
+            continue
+        raise DropError(f"{regain.__name__}(0) succeeded after dropping privileges")

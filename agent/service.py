@@ -1,0 +1,267 @@
+"""The unprivileged parent's event loop: kernel channel, child link, subscribers.
+
+All decisions are the engine's; this module moves bytes and keeps time.
+While a transaction is open the kernel descriptor is not read: the drivers
+send one request at a time, and the next one waits in the kernel.
+
+The child dying ends the service: a pending kernel request is answered
+HV_E_FAIL, and we exit non-zero so the service manager restarts the pair
+(the new child thaws whatever its predecessor's crash record names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from agent import engine as E
+from agent.child_link import ChildGone, ChildLink
+from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
+from agent.logs import FreezeGate
+from privileged import wire
+
+log = logging.getLogger("hv-vss-agent")
+
+EXIT_OK = 0
+EXIT_CHILD_DIED = 3
+
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+class Notifier(Protocol):
+    """The frontend that speaks to subscribers (agent/frontend.py)."""
+
+    def fileno(self) -> int: ...
+    def notify(self, event: str, txid: int, deadline: float) -> None: ...
+    def receive(self) -> list[tuple[int, bool, list[dict[str, object]]]]: ...
+    def publish(self, status: dict[str, object]) -> None: ...
+
+
+class Service:
+    def __init__(self, engine: E.Engine, child: ChildLink, gate: FreezeGate, *, protocol: str,
+                 kernel: KernelChannel | None = None, notifier: Notifier | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.child = child
+        self.gate = gate
+        self.protocol = protocol
+        self.kernel = kernel
+        self.notifier = notifier
+        self.clock = clock
+        self.pending_child: wire.Op | None = None
+        self.reconnect_at: float | None = None if kernel else clock()
+        self.backoff = BACKOFF_START
+        self.waiting_logged = False
+        self.exit_code: int | None = None
+        self.started = time.time()
+        self.on_change: Callable[[], None] | None = None  # status publication hook
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signals: list[int] = []
+        self._poller = select.poll()
+        self._kernel_fd: int | None = None
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, lambda signum, _f: self._signals.append(signum))
+
+    def run(self) -> int:
+        self._poller = select.poll()
+        self._poller.register(self.child.fileno(), select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
+        if self.notifier is not None:
+            self._poller.register(self.notifier.fileno(), select.POLLIN)
+        while self.exit_code is None:
+            self._watch_kernel()
+            ready = dict(self._poller.poll(self._timeout_ms()))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 256)
+            if self._signals:
+                self._stop(f"signal {self._signals[0]}")
+                break
+            try:
+                self._dispatch(ready)
+            except ChildGone as e:
+                self._child_died(str(e))
+        return self.exit_code if self.exit_code is not None else EXIT_OK
+
+    def _watch_kernel(self) -> None:
+        """Poll the kernel descriptor only when we may read a new request."""
+        want = self.kernel.fileno() if self.kernel and self._can_read_kernel() else None
+        if want == self._kernel_fd:
+            return
+        if self._kernel_fd is not None:
+            with contextlib.suppress(KeyError):
+                self._poller.unregister(self._kernel_fd)
+        if want is not None and self.kernel is not None:
+            self._poller.register(want, self.kernel.poll_mask)
+        self._kernel_fd = want
+
+    def _dispatch(self, ready: dict[int, int]) -> None:
+        if self.child.fileno() in ready:
+            self._on_child()
+        if self.notifier is not None and self.notifier.fileno() in ready:
+            for txid, ok, subs in self.notifier.receive():
+                self._run(self.engine.on_notify_done(txid, ok, subs, self.clock()))
+        if self._kernel_fd is not None and self._kernel_fd in ready and self._can_read_kernel():
+            self._on_kernel()
+        self._run(self.engine.on_timer(self.clock()))
+        if (self.reconnect_at is not None and self.clock() >= self.reconnect_at
+                and self.pending_child is None):
+            self._reopen()
+
+    def _can_read_kernel(self) -> bool:
+        return not self.engine.busy and self.pending_child is None
+
+    def _timeout_ms(self) -> int | None:
+        deadlines = [d for d in (self.engine.deadline(), self.reconnect_at) if d is not None]
+        if not deadlines:
+            return None
+        return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
+
+    # --- the kernel ----------------------------------------------------------------------
+
+    def _on_kernel(self) -> None:
+        assert self.kernel is not None
+        try:
+            req = self.kernel.read_request()
+        except (KernelLost, KernelProtocolError) as e:
+            log.warning("kernel channel: %s", e)
+            self._run(self.engine.on_kernel_lost(self.clock()))
+            return
+        if req is None:
+            log.debug("woken with nothing pending (the request timed out before we read it)")
+            return
+        log.debug("kernel request %s (%d)", req.op.value, req.code)
+        self._run(self.engine.on_kernel(req, self.clock()))
+
+    def _reply(self, act: E.ReplyKernel) -> None:
+        if self.kernel is None:
+            return
+        try:
+            self.kernel.reply(act.request, act.ok)
+        except KernelLost as e:
+            log.warning("kernel channel: %s (late reply?)", e)
+            self._run(self.engine.on_kernel_lost(self.clock()))
+
+    def _reopen(self) -> None:
+        self.reconnect_at = None
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+        self.pending_child = wire.Op.REOPEN
+        self.child.send(wire.Op.REOPEN)
+
+    def _reopened(self, res: wire.Result, fds: list[int]) -> None:
+        if res.status is not wire.Status.OK or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            if not self.waiting_logged:
+                log.warning("cannot reopen the kernel device (%s): retrying",
+                            os.strerror(res.errno) if res.errno else "no descriptor")
+                self.waiting_logged = True
+            self._retry_later()
+            return
+        try:
+            kernel = KernelChannel(attach(fds[0], self.protocol), self.protocol)
+            kernel.register()
+        except (OSError, KernelLost, KernelProtocolError) as e:
+            with contextlib.suppress(OSError):
+                os.close(fds[0])
+            log.warning("reopening the kernel device failed: %s", e)
+            self._retry_later()
+            return
+        self.kernel = kernel
+        self.backoff = BACKOFF_START
+        self.waiting_logged = False
+        log.info("kernel device reopened and registered")
+        self._changed()
+
+    def _retry_later(self) -> None:
+        self.reconnect_at = self.clock() + self.backoff
+        self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    # --- the child -------------------------------------------------------------------------
+
+    def _on_child(self) -> None:
+        msg, fds = self.child.receive()
+        if isinstance(msg, wire.Log):
+            return
+        if isinstance(msg, wire.Event):
+            self._run(self.engine.on_auto_thaw(msg, self.clock()))
+            return
+        if isinstance(msg, wire.Hello):
+            raise ChildGone("the child said HELLO twice")
+        if self.pending_child is None or msg.op is not self.pending_child:
+            raise ChildGone(f"unexpected answer to {msg.op.name} from the child")
+        self.pending_child = None
+        if msg.op is wire.Op.REOPEN:
+            self._reopened(msg, fds)
+            return
+        self._run(self.engine.on_child_result(msg, self.clock()))
+
+    def _child_died(self, why: str) -> None:
+        tx = self.engine.tx
+        if tx is not None and tx.request is not None and not tx.replied and self.kernel:
+            with contextlib.suppress(KernelLost):
+                self.kernel.reply(tx.request, False)
+        self.gate.release()
+        status = self.child.exit_status(2.0)
+        log.error("the root child is gone (%s; exit status %s): exiting so that the service "
+                  "manager restarts us", why, status)
+        self.exit_code = EXIT_CHILD_DIED
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def _run(self, actions: list[E.Action]) -> None:
+        for act in actions:
+            if isinstance(act, E.AskChild):
+                self.pending_child = act.op
+                self.child.send(act.op)
+            elif isinstance(act, E.ReplyKernel):
+                self._reply(act)
+            elif isinstance(act, E.Notify):
+                if self.notifier is not None:
+                    self.notifier.notify(act.event, act.txid, act.deadline)
+            elif isinstance(act, E.HoldLogs):
+                self.gate.hold()
+            elif isinstance(act, E.ReleaseLogs):
+                self.gate.release()
+            elif isinstance(act, E.Reopen):
+                if self.kernel is not None:
+                    self.kernel.close()
+                    self.kernel = None
+                self.reconnect_at = self.clock()
+        if actions:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _stop(self, why: str) -> None:
+        log.info("stopping (%s)", why)
+        tx = self.engine.tx
+        if tx is not None and tx.request is not None and not tx.replied and self.kernel:
+            with contextlib.suppress(KernelLost):
+                self.kernel.reply(tx.request, False)
+        if self.engine.frozen or self.pending_child is not None:
+            # Closing the link is the child's cue to thaw everything and exit.
+            self.child.close()
+        else:
+            with contextlib.suppress(ChildGone):
+                self.child.request(wire.Op.QUIT, timeout=5.0)
+            self.child.close()
+        self.child.exit_status(10.0)
+        self.gate.release()
+        self.exit_code = EXIT_OK

@@ -1,0 +1,1 @@
+"""The root child of hv-vss-agent: stdlib only, imports nothing from agent/."""

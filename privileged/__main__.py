@@ -1,0 +1,3 @@
+from privileged.child import main
+
+raise SystemExit(main())

@@ -1,0 +1,388 @@
+"""The root child: holds the freezes, obeys five words, thaws on anything odd.
+
+Started by root as a fresh interpreter (python -I -B -m privileged), with its
+end of a SOCK_SEQPACKET socketpair as the only descriptor it inherits.
+main() reads top to bottom: harden -> config -> recover -> backend -> HELLO
+-> loop, and every way out of the loop (EOF, QUIT, a signal, a protocol
+violation, an exception) goes through the same thaw.
+
+The state machine is the table PERMITTED: a request not permitted in the
+current state is a protocol violation, and a violation means thaw and exit.
+AUTO_THAWED is where the watchdog or a signal leaves us: the parent has not
+seen the thaw yet, so its THAW (already on the way, or sent to resync) is
+answered, not punished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from privileged import wire
+from privileged.channel import Channel, FrameLogHandler, ProtocolViolation
+from privileged.config import ChildConfig, ConfigError, load_child_config
+from privileged.device import open_device
+from privileged.freezer import FreezeFailed, Freezer, Held
+from privileged.hardening import harden_child, thread_count
+from privileged.sandbox import confine_child
+from privileged.selection import Selection, Verdict, select_targets, under
+from privileged.statefile import StateDir
+from privileged.wire import Op, Status
+
+log = logging.getLogger("hv-vss-agent.child")
+
+EXIT_OK = 0
+EXIT_VIOLATION = 2
+EXIT_ERROR = 3
+
+
+class State(enum.Enum):
+    THAWED = "thawed"
+    FROZEN = "frozen"
+    AUTO_THAWED = "auto-thawed"
+
+
+PERMITTED: dict[State, frozenset[Op]] = {
+    State.THAWED: frozenset({Op.CHECK, Op.FREEZE, Op.PING, Op.QUIT, Op.REOPEN}),
+    State.FROZEN: frozenset({Op.THAW, Op.PING}),
+    State.AUTO_THAWED: frozenset({Op.THAW, Op.PING}),
+}
+
+
+class Quit(Exception):
+    pass
+
+
+@dataclass
+class Child:
+    channel: Channel
+    freezer: Freezer
+    cfg: ChildConfig
+    device: str | None
+    statedir: StateDir
+    clock: Callable[[], float] = time.monotonic
+    state: State = State.THAWED
+    held: list[Held] = field(default_factory=list)
+    frozen_since: float = 0.0
+    cooldown_until: float = 0.0
+    next_seq: int = 1
+    signals: list[int] = field(default_factory=list)  # appended to by the signal handler
+
+    # --- the loop ------------------------------------------------------------
+
+    def serve(self, wakeup_fd: int) -> None:
+        poller = select.poll()
+        poller.register(self.channel.fileno(), select.POLLIN)
+        poller.register(wakeup_fd, select.POLLIN)
+        while True:
+            timeout_ms = None
+            if self.state is State.FROZEN:
+                left = self.frozen_since + self.cfg.watchdog.max_frozen_seconds - self.clock()
+                timeout_ms = max(0, int(left * 1000) + 1)
+            ready = dict(poller.poll(timeout_ms))
+            if wakeup_fd in ready:
+                _drain(wakeup_fd)
+            if self.signals:
+                self.auto_thaw(wire.Reason.SIGNAL)
+                log.info("stopping on signal %d", self.signals[0])
+                return
+            if self.state is State.FROZEN and self.watchdog_expired():
+                self.auto_thaw(wire.Reason.WATCHDOG)
+            if self.channel.fileno() in ready:
+                frame = self.channel.receive()
+                if frame is None:
+                    if self.held:
+                        log.warning("parent closed the channel while frozen: thawing")
+                    return
+                try:
+                    self.handle(frame)
+                except Quit:
+                    return
+
+    def watchdog_expired(self) -> bool:
+        return self.clock() - self.frozen_since >= self.cfg.watchdog.max_frozen_seconds
+
+    def handle(self, frame: bytes) -> None:
+        try:
+            req = wire.decode_request(frame)
+        except wire.WireError as e:
+            raise ProtocolViolation(str(e)) from None
+        if req.seq != self.next_seq:
+            raise ProtocolViolation(f"sequence {req.seq}, expected {self.next_seq}")
+        self.next_seq = (self.next_seq + 1) & 0xFFFFFFFF
+        if req.op not in PERMITTED[self.state]:
+            raise ProtocolViolation(f"{req.op.name} is not permitted while {self.state.value}")
+        HANDLERS[req.op](self, req)
+
+    def answer(self, req: wire.Request, status: Status, *, err: int = 0, count: int = 0,
+               elapsed_us: int = 0, mount: str = "", fds: tuple[int, ...] = ()) -> None:
+        res = wire.Result(req.op, status, req.seq, err, count, elapsed_us, mount)
+        self.channel.send(wire.encode_result(res), fds)
+
+    # --- handlers: one per request ---------------------------------------------
+
+    def selection(self) -> Selection:
+        sel = select_targets(self.freezer.mounts(), self.cfg, self.freezer.platform)
+        for d in sel.decisions:
+            if d.verdict is Verdict.CRASH_ONLY:
+                log.info("%s: %s", d.mount.mountpoint, d.reason)
+            elif d.verdict is not Verdict.IGNORE:
+                log.debug("%s: %s", d.mount.mountpoint, d.verdict.value)
+        return sel
+
+    def blocker(self, sel: Selection) -> tuple[str, str] | None:
+        veto = sel.veto_reason()
+        if veto:
+            return veto
+        for m in sel.targets:
+            if under(self.statedir.path, m.mountpoint):
+                return m.mountpoint, (f"holds the state directory {self.statedir.path}; "
+                                      "set [state] dir to a path on tmpfs such as /run")
+        return None
+
+    def handle_check(self, req: wire.Request) -> None:
+        sel = self.selection()
+        veto = self.blocker(sel)
+        if veto:
+            log.warning("CHECK vetoed by %s: %s", *veto)
+            self.answer(req, Status.REFUSED, err=errno.EPERM, count=len(sel.targets),
+                        mount=veto[0])
+            return
+        log.info("CHECK: %d filesystem(s) can be frozen: %s", len(sel.targets),
+                 ", ".join(m.mountpoint for m in sel.targets) or "none")
+        self.answer(req, Status.OK, count=len(sel.targets))
+
+    def handle_freeze(self, req: wire.Request) -> None:
+        now = self.clock()
+        if now < self.cooldown_until:
+            log.warning("FREEZE refused: cooling down for %.1f more seconds",
+                        self.cooldown_until - now)
+            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
+            return
+        threads = thread_count()
+        if threads != 1:
+            log.error("FREEZE refused: this process has %d threads, not 1", threads)
+            self.answer(req, Status.FAILED, err=errno.EDEADLK)
+            return
+        sel = self.selection()
+        veto = self.blocker(sel)
+        if veto:
+            log.warning("FREEZE refused, %s: %s", *veto)
+            self.answer(req, Status.REFUSED, err=errno.EPERM, mount=veto[0])
+            return
+        self.statedir.write([(m.fs_key, m.mountpoint) for m in sel.targets])
+        start = time.monotonic()
+        try:
+            held = self.freezer.freeze(sel.targets, self.cfg.freeze.presync)
+        except FreezeFailed as e:
+            self.statedir.clear()
+            # Logged only now, after the rollback: never while anything is frozen.
+            log.error("FREEZE failed on %s (%s); everything thawed again", e.mountpoint, e.why)
+            self.answer(req, Status.FAILED, err=e.errno, mount=e.mountpoint,
+                        elapsed_us=int((time.monotonic() - start) * 1e6))
+            return
+        elapsed_us = int((time.monotonic() - start) * 1e6)
+        ours = [h for h in held if h.fd is not None]
+        if len(ours) != len(held):
+            self.statedir.write([(h.fs_key, h.mountpoint) for h in ours])
+        self.held = held
+        self.state = State.FROZEN
+        self.frozen_since = self.clock()
+        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us)
+        for h in held:
+            if h.fd is None:
+                log.warning("%s was already frozen by someone else: counted, and left to them",
+                            h.mountpoint)
+        log.info("FROZEN: %s", ", ".join(h.mountpoint for h in held) or "nothing")
+
+    def thaw_held(self) -> tuple[int, list[str]]:
+        held, self.held = self.held, []
+        ours = sum(1 for h in held if h.fd is not None)
+        problems = self.freezer.thaw(held)
+        self.statedir.clear()
+        if ours:
+            self.cooldown_until = self.clock() + self.cfg.watchdog.cooldown_seconds
+        return len(held), problems
+
+    def handle_thaw(self, req: wire.Request) -> None:
+        if self.state is State.AUTO_THAWED:
+            self.state = State.THAWED
+            self.answer(req, Status.OK, count=0)
+            return
+        start = time.monotonic()
+        count, problems = self.thaw_held()
+        elapsed_us = int((time.monotonic() - start) * 1e6)
+        self.state = State.THAWED
+        hard = [p for p in problems if "already thawed" not in p]
+        if hard:
+            self.answer(req, Status.FAILED, err=errno.EIO, count=count, elapsed_us=elapsed_us,
+                        mount=hard[0].split(":")[0])
+        else:
+            self.answer(req, Status.OK, count=count, elapsed_us=elapsed_us)
+        for p in problems:
+            log.warning("THAW: %s", p)
+        log.info("THAWED %d filesystem(s)", count)
+
+    def handle_ping(self, req: wire.Request) -> None:
+        self.answer(req, Status.OK, count=len(self.held))
+
+    def handle_quit(self, req: wire.Request) -> None:
+        self.answer(req, Status.OK)
+        raise Quit
+
+    def handle_reopen(self, req: wire.Request) -> None:
+        if self.device is None:
+            self.answer(req, Status.FAILED, err=errno.ENODEV)
+            return
+        try:
+            fd = open_device(self.device)
+        except OSError as e:
+            self.answer(req, Status.FAILED, err=e.errno or errno.EIO)
+            return
+        try:
+            self.answer(req, Status.OK, fds=(fd,))
+        finally:
+            os.close(fd)
+
+    def auto_thaw(self, reason: wire.Reason) -> None:
+        """Thaw without being asked (watchdog or signal), and tell the parent."""
+        if self.state is not State.FROZEN:
+            return
+        count, problems = self.thaw_held()
+        self.state = State.AUTO_THAWED
+        event = wire.Event(wire.EventCode.AUTO_THAW, reason, count)
+        try:
+            self.channel.send(wire.encode_event(event))
+        except (ProtocolViolation, OSError):
+            pass  # the parent is not listening; thawing was what mattered
+        why = ("watchdog: frozen longer than [watchdog] max_frozen_seconds"
+               if reason is wire.Reason.WATCHDOG else "signal")
+        log.warning("automatic THAW of %d filesystem(s) (%s)", count, why)
+        for p in problems:
+            log.warning("THAW: %s", p)
+
+    def shutdown(self) -> None:
+        """Every exit path: thaw what we hold.  Never raises."""
+        try:
+            if self.held:
+                count, problems = self.thaw_held()
+                log.warning("thawed %d filesystem(s) on the way out", count)
+                for p in problems:
+                    log.warning("THAW: %s", p)
+        except Exception as e:
+            log.error("thaw on exit failed: %s", e)
+
+
+HANDLERS: dict[Op, Callable[[Child, wire.Request], None]] = {
+    Op.CHECK: Child.handle_check,
+    Op.FREEZE: Child.handle_freeze,
+    Op.THAW: Child.handle_thaw,
+    Op.PING: Child.handle_ping,
+    Op.QUIT: Child.handle_quit,
+    Op.REOPEN: Child.handle_reopen,
+}
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def pick_freezer(memory: bool = False) -> Freezer:
+    """The one place the child asks which system it is on."""
+    if memory:
+        if os.geteuid() == 0:
+            raise OSError("the in-memory freezer is refused to root")
+        from privileged.freeze_memory import MemoryFreezer
+
+        return MemoryFreezer()
+    if sys.platform.startswith("freebsd"):
+        from privileged.freeze_freebsd import FreeBSDFreezer
+
+        return FreeBSDFreezer()
+    from privileged.freeze_linux import LinuxFreezer
+
+    return LinuxFreezer()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hv-vss-agent-child", add_help=False)
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--ppid", type=int, required=True)
+    p.add_argument("--config")
+    p.add_argument("--device")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--memory", action="store_true")  # demo without root; refused to root
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    harden_child(args.ppid)
+    sock = socket.socket(fileno=args.fd)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        return EXIT_ERROR
+    sock.set_inheritable(False)
+    channel = Channel(sock)
+    root = logging.getLogger()
+    root.handlers[:] = [FrameLogHandler(channel)]
+    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+
+    stop: list[int] = []
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.append(signum)  # only a flag; the loop does the work
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    try:
+        cfg = load_child_config(args.config)
+        statedir = StateDir(cfg.state.dir)
+        statedir.ensure()
+        freezer = pick_freezer(args.memory)
+    except (ConfigError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ERROR
+
+    # Before anything else: thaw what a killed predecessor left frozen.
+    recovered = 0
+    records = statedir.read()
+    if records:
+        for note in freezer.recover(records):
+            log.warning("recovery: %s", note)
+            recovered += note.startswith("thawed")
+        statedir.clear()
+
+    child = Child(channel, freezer, cfg, args.device, statedir, signals=stop)
+    try:
+        confine_child()
+        targets = len(child.selection().targets)
+        channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, recovered)))
+        child.serve(wake_r)
+        return EXIT_OK
+    except ProtocolViolation as e:
+        child.shutdown()
+        log.error("protocol violation, exiting: %s", e)
+        return EXIT_VIOLATION
+    except Exception as e:
+        child.shutdown()
+        log.error("internal error, exiting: %s: %s", type(e).__name__, e)
+        return EXIT_ERROR
+    finally:
+        child.shutdown()

@@ -1,0 +1,48 @@
+"""Process-level hygiene for the root child, applied before it reads anything.
+
+No core dumps and not dumpable (a dump or a ptrace attach would expose root's
+memory), an empty environment, cwd "/", umask 077, and a parent-death signal
+as a backstop for EOF on the socket.  SIGTERM, never SIGKILL: the child must
+get the chance to thaw.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+
+
+def _prctl(option: int, arg: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"prctl({option}): {os.strerror(e)}")
+
+
+def harden_child(parent_pid: int) -> None:
+    os.umask(0o077)
+    os.chdir("/")
+    os.environ.clear()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        _prctl(PR_SET_DUMPABLE, 0)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died before the line above: then nobody would
+        # ever send the signal.  EOF on the socket still ends us, but say so early.
+        if os.getppid() != parent_pid:
+            raise SystemExit("hv-vss-agent child: parent is gone")
+
+
+def thread_count() -> int:
+    """Threads in this process, as the kernel counts them (not just Python's)."""
+    if sys.platform.startswith("linux"):
+        return len(os.listdir("/proc/self/task"))
+    import threading
+
+    return threading.active_count()

@@ -1,0 +1,78 @@
+"""The crash record: what the child is about to freeze, kept outside the freeze.
+
+A Linux freeze outlives the process that made it, so a SIGKILLed child would
+leave its filesystems frozen.  Before freezing, the child writes the list to
+a root-only file in [state] dir (tmpfs /run by default); it removes the file
+after thawing.  The next child reads it before anything else and thaws what
+it names.  The directory must never be on a filesystem we freeze (selection
+makes that a veto), so these writes never block and never land in a snapshot.
+
+Format: one line per filesystem, "<fs_key> <mountpoint>", the mountpoint
+escaped as in mountinfo.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from privileged.mounts_linux import unescape
+
+RECORD = "frozen"
+
+
+def _escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+class StateDir:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.record = os.path.join(path, RECORD)
+
+    def ensure(self) -> None:
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
+                or stat.S_IMODE(st.st_mode) & 0o077:
+            raise OSError(f"state directory {self.path} must be a root-owned directory "
+                          f"with mode 0700 (found mode {stat.S_IMODE(st.st_mode):04o}, "
+                          f"uid {st.st_uid})")
+
+    def write(self, entries: list[tuple[str, str]]) -> None:
+        tmp = self.record + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, "".join(f"{k} {_escape(p)}\n" for k, p in entries).encode("utf-8"))
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.record)
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.record)
+        except FileNotFoundError:
+            pass
+
+    def read(self) -> list[tuple[str, str]]:
+        try:
+            fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
+                return []
+            data = os.read(fd, st.st_size)
+        finally:
+            os.close(fd)
+        entries = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            key, sep, path = line.partition(" ")
+            if sep and path.startswith("/"):
+                entries.append((key, unescape(path)))
+        return entries

@@ -1,0 +1,188 @@
+"""Test helpers: the real agent against the simulator, and write probes.
+
+Everything here acts on filesystems the tests made themselves (tests/conftest.py),
+and the agent's config restricts it to exactly those ([freeze] only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+
+from agent.simulator.server import Simulator
+
+PY = sys.executable
+EXT4_IOC_SHUTDOWN = 0x8004587D
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = """\
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+os.write(fd, b"probe\\n")
+os.close(fd)
+"""
+
+
+class Probe:
+    """One write from another process.  While the filesystem is frozen it blocks."""
+
+    def __init__(self, mountpoint: str, name: str = "probe.dat") -> None:
+        self.proc = subprocess.Popen([PY, "-I", "-c", PROBE, os.path.join(mountpoint, name)])
+
+    def done_within(self, seconds: float) -> bool:
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        assert self.proc.returncode == 0
+        return True
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def assert_blocked(mountpoint: str, seconds: float = 0.5) -> Probe:
+    probe = Probe(mountpoint)
+    assert not probe.done_within(seconds), f"a write to {mountpoint} completed: not frozen"
+    return probe
+
+
+def assert_writable(mountpoint: str, seconds: float = 5.0) -> None:
+    probe = Probe(mountpoint)
+    try:
+        assert probe.done_within(seconds), f"a write to {mountpoint} blocked: still frozen"
+    finally:
+        probe.kill()
+
+
+def shutdown_ext4(mountpoint: str) -> None:
+    """Make the filesystem fail: after EXT4_IOC_SHUTDOWN, FIFREEZE returns EIO."""
+    fd = os.open(mountpoint, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", 0))
+    finally:
+        os.close(fd)
+
+
+def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
+                 max_frozen: float = 30, cooldown: float = 0, extra: str = "") -> str:
+    only = ", ".join(f'"{m}"' for m in mounts)
+    chroot = os.path.join(workdir, "empty")
+    os.makedirs(chroot, mode=0o755, exist_ok=True)
+    text = f"""
+[agent]
+user = "hvvss"
+chroot = "{chroot}"
+[device]
+protocol = "{protocol}"
+[freeze]
+only = [{only}]
+[watchdog]
+max_frozen_seconds = {max_frozen}
+cooldown_seconds = {cooldown}
+[state]
+dir = "{os.path.join(workdir, 'state')}"
+{extra}
+"""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+class Agent:
+    """The real agent (`python -m agent -n`) connected to a simulator."""
+
+    def __init__(self, workdir: str, mounts: list[str], *, protocol: str = "linux",
+                 sim_timeouts: dict[str, float] | None = None, extra_args: tuple[str, ...] = (),
+                 **config: object) -> None:
+        self.workdir = workdir
+        self.config = write_config(os.path.join(workdir, "agent.toml"), mounts, workdir,
+                                   protocol=protocol, **config)  # type: ignore[arg-type]
+        self.socket = os.path.join(workdir, "vss.sock")
+        self.sim = Simulator(self.socket, protocol, **(sim_timeouts or {}))
+        self.log_path = os.path.join(workdir, "agent.log")
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Agent:
+        self.sim.start()
+        return self.launch(wait)
+
+    def launch(self, wait: bool = True) -> Agent:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "agent", "-n", "-d", "--config", self.config, "--device", self.socket,
+                 *self.extra_args], stderr=log, cwd=REPO)
+        if wait:
+            self.wait_registered()
+        return self
+
+    def wait_registered(self, timeout: float = 30, connections: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(TimeoutError):
+                self.sim.wait_registered(0.1, connections)
+                return
+        raise AssertionError(f"agent did not register:\n{self.log()}")
+
+    @property
+    def parent(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    @property
+    def child(self) -> psutil.Process:
+        kids = [p for p in self.parent.children() if p.uids().real == 0]
+        assert len(kids) == 1, kids
+        return kids[0]
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_exit(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sim.stop()
+
+
+@contextlib.contextmanager
+def running_agent(workdir: str, mounts: list[str], **kw: object) -> Iterator[Agent]:
+    agent = Agent(workdir, mounts, **kw)  # type: ignore[arg-type]
+    try:
+        yield agent.start()
+    finally:
+        agent.stop()
+
+
+def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(step)
+    return False

@@ -1,0 +1,148 @@
+"""The real root child, driven through its socket as a compromised parent would.
+
+Each case starts a fresh child restricted to one scratch filesystem, sends a
+malformed or out-of-state frame, and checks: the child exits (status 2, a
+protocol violation; 0 for EOF), and the filesystem is writable afterwards.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+
+import pytest
+
+from agent.child_link import ChildGone, ChildLink
+from privileged import wire
+from privileged.child import EXIT_OK, EXIT_VIOLATION
+from privileged.wire import Op
+from tests.helpers import assert_blocked, assert_writable, write_config
+
+
+def spawn(workdir: str, mount: str, **config: object) -> ChildLink:
+    cfg = write_config(os.path.join(workdir, "child.toml"), [mount], workdir, **config)  # type: ignore[arg-type]
+    link = ChildLink.spawn(cfg, None)
+    hello = link.wait_hello()
+    assert hello.targets == 1
+    return link
+
+
+def req(op: int, seq: int, version: int = wire.VERSION, reserved: int = 0) -> bytes:
+    return struct.pack("<BBHI", version, op, reserved, seq)
+
+
+MALFORMED = {
+    "short": req(Op.CHECK, 1)[:7],
+    "long": req(Op.CHECK, 1) + b"\0",
+    "oversized": b"\1" * 5000,
+    "wrong version": req(Op.CHECK, 1, version=2),
+    "unknown op": req(0x7F, 1),
+    "child's own kind": req(wire.Kind.RESULT, 1),
+    "reserved set": req(Op.CHECK, 1, reserved=1),
+    "sequence skipped": req(Op.CHECK, 2),
+    "sequence zero": req(Op.CHECK, 0),
+    "THAW while thawed": req(Op.THAW, 1),
+}
+
+
+@pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_frame_ends_the_child_and_freezes_nothing(workdir, make_fs, frame):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    link.sock.send(frame)
+    assert link.exit_status(10) == EXIT_VIOLATION
+    assert_writable(fs.mountpoint, 2)
+
+
+def test_passed_descriptor_is_a_violation_and_is_closed(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    r, w = os.pipe()
+    link.sock.sendmsg([req(Op.CHECK, 1)],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())])
+    os.close(r)
+    assert link.exit_status(10) == EXIT_VIOLATION
+    assert_writable(fs.mountpoint, 2)
+    os.close(w)
+
+
+def test_garbage_while_frozen_thaws_then_exits(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    res, _ = link.request(Op.FREEZE)
+    assert res.status is wire.Status.OK and res.count == 1
+    probe = assert_blocked(fs.mountpoint, 0.3)
+    link.sock.send(b"garbage")
+    assert probe.done_within(5)
+    assert link.exit_status(10) == EXIT_VIOLATION
+
+
+def test_second_freeze_while_frozen_is_a_violation(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    assert link.request(Op.FREEZE)[0].status is wire.Status.OK
+    link.sock.send(req(Op.FREEZE, 2))
+    assert link.exit_status(10) == EXIT_VIOLATION
+    assert_writable(fs.mountpoint, 2)
+
+
+def test_eof_while_frozen_thaws(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    assert link.request(Op.FREEZE)[0].status is wire.Status.OK
+    probe = assert_blocked(fs.mountpoint, 0.3)
+    link.close()
+    assert probe.done_within(5)
+    assert link.exit_status(10) == EXIT_OK
+
+
+def test_well_formed_conversation(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    assert link.request(Op.PING)[0].status is wire.Status.OK
+    check, _ = link.request(Op.CHECK)
+    assert (check.status, check.count) == (wire.Status.OK, 1)
+    freeze, _ = link.request(Op.FREEZE)
+    assert (freeze.status, freeze.count) == (wire.Status.OK, 1)
+    assert link.request(Op.PING)[0].count == 1
+    thaw, _ = link.request(Op.THAW)
+    assert (thaw.status, thaw.count) == (wire.Status.OK, 1)
+    assert link.request(Op.QUIT)[0].status is wire.Status.OK
+    assert link.exit_status(10) == EXIT_OK
+    assert_writable(fs.mountpoint)
+
+
+def test_reopen_without_a_device_fails_cleanly(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    res, fds = link.request(Op.REOPEN)
+    assert res.status is wire.Status.FAILED and fds == []
+    link.request(Op.QUIT)
+
+
+def test_cooldown_refuses_a_quick_refreeze(workdir, make_fs):
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint, cooldown=30)
+    assert link.request(Op.FREEZE)[0].status is wire.Status.OK
+    assert link.request(Op.THAW)[0].status is wire.Status.OK
+    again, _ = link.request(Op.FREEZE)
+    assert again.status is wire.Status.REFUSED
+    assert_writable(fs.mountpoint, 2)
+    link.request(Op.QUIT)
+
+
+def test_parent_sees_malformed_child_records_as_fatal():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    class FakeProc:
+        pid = 0
+
+    link = ChildLink(ours, FakeProc())  # type: ignore[arg-type]
+    theirs.send(b"\x01\x99junk")
+    with pytest.raises(ChildGone):
+        link.receive()
+    theirs.close()
+    with pytest.raises(ChildGone):
+        link.receive()

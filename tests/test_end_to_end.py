@@ -1,0 +1,136 @@
+"""The whole agent, for real: simulator -> unprivileged parent -> root child -> FIFREEZE.
+
+Every test freezes only scratch filesystems it made ([freeze] only), and the
+fixtures thaw and remove them whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+
+from agent.kernel import linux_wire as lw
+from tests.helpers import (
+    Probe,
+    assert_blocked,
+    assert_writable,
+    running_agent,
+    shutdown_ext4,
+    wait_for,
+)
+
+OK_REPLY = bytes(12)  # HV_S_OK over the request's remaining (zero) bytes
+FAIL_REPLY = struct.pack("<I", lw.HV_E_FAIL) + bytes(8)
+
+
+def test_check_freeze_thaw_on_ext4_and_xfs(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        check = agent.sim.request("check")
+        assert (check.status, check.answered_by, check.daemon_reply) == (0, "daemon", OK_REPLY)
+
+        freeze = agent.sim.request("freeze")
+        assert (freeze.status, freeze.daemon_reply) == (0, OK_REPLY)
+        probes = [assert_blocked(m) for m in mounts]
+
+        thaw = agent.sim.request("thaw")
+        assert (thaw.status, thaw.daemon_reply) == (0, OK_REPLY)
+        for p in probes:
+            assert p.done_within(5), "the blocked write did not complete after THAW"
+        for m in mounts:
+            assert_writable(m)
+
+
+def test_privileges_parent_unprivileged_child_root_single_threaded(workdir, ext4_xfs):
+    with running_agent(workdir, [ext4_xfs[0].mountpoint]) as agent:
+        parent, child = agent.parent, agent.child
+        assert tuple(parent.uids()) == (999, 999, 999) or all(u != 0 for u in parent.uids())
+        assert all(g != 0 for g in parent.gids())
+        assert tuple(child.uids()) == (0, 0, 0)
+        assert child.num_threads() == 1
+        with open(f"/proc/{parent.pid}/status", encoding="ascii") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        assert status["Groups"].strip() == ""
+        assert status["NoNewPrivs"].strip() == "1"
+        assert child.cmdline()[1:4] == ["-I", "-B", "-S"]
+        # and the child is still single-threaded while frozen
+        agent.sim.request("freeze")
+        assert child.num_threads() == 1
+        agent.sim.request("thaw")
+
+
+def test_sigkill_parent_while_frozen_thaws_within_one_second(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        assert agent.sim.request("freeze").status == 0
+        probes = [assert_blocked(m, 0.3) for m in mounts]
+        child = agent.child
+        killed = time.monotonic()
+        os.kill(agent.parent.pid, signal.SIGKILL)
+        for p in probes:
+            assert p.done_within(max(0.05, 1.0 - (time.monotonic() - killed))), \
+                "still frozen one second after the parent was killed"
+        assert wait_for(lambda: not child.is_running() or child.status() == "zombie", 5)
+
+
+def test_watchdog_thaws_when_the_host_never_sends_thaw(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts, max_frozen=1.0) as agent:
+        assert agent.sim.request("freeze").status == 0
+        probes = [assert_blocked(m, 0.3) for m in mounts]
+        for p in probes:
+            assert p.done_within(3), "the watchdog did not thaw"
+        # The host's late THAW is told the truth: the snapshot may not be consistent.
+        thaw = agent.sim.request("thaw")
+        assert (thaw.status, thaw.daemon_reply) == (lw.HV_E_FAIL, FAIL_REPLY)
+        assert wait_for(lambda: "watchdog" in agent.log())
+        # and the pair is back in step: a new cycle works
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("thaw").status == 0
+
+
+def test_freeze_failing_on_one_filesystem_leaves_none_frozen(workdir, make_fs):
+    bad = make_fs("ext4", "bad")  # mounted first: frozen last (newest first)
+    good = [make_fs("ext4", "good"), make_fs("xfs", "goodxfs")]
+    shutdown_ext4(bad.mountpoint)
+    with running_agent(workdir, [bad.mountpoint] + [g.mountpoint for g in good]) as agent:
+        freeze = agent.sim.request("freeze")
+        assert (freeze.status, freeze.daemon_reply) == (lw.HV_E_FAIL, FAIL_REPLY)
+        for g in good:
+            assert_writable(g.mountpoint, 2)
+        assert wait_for(lambda: f"FREEZE failed on {bad.mountpoint}" in agent.log())
+        # the host's THAW after a failed FREEZE: nothing is frozen, success
+        assert agent.sim.request("thaw").status == 0
+
+
+def test_fake_thaw_on_hibernation_and_thaw_without_freeze_succeed(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        assert agent.sim.request("thaw").status == 0  # THAW without FREEZE
+        assert agent.sim.request("freeze").status == 0
+        probe = assert_blocked(mounts[0], 0.3)
+        agent.sim.hibernate()  # kernel's fake THAW; our reply write then fails (EINVAL)
+        assert probe.done_within(5), "the fake THAW did not thaw"
+        agent.wait_registered(connections=2)  # reopened and registered again
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("thaw").status == 0
+
+
+def test_probe_itself_detects_a_frozen_filesystem(make_fs):
+    """The probe this suite relies on really blocks on a frozen filesystem."""
+    from agent import scratch
+
+    fs = make_fs("ext4")
+    fd = os.open(fs.mountpoint, os.O_RDONLY)
+    import fcntl
+
+    fcntl.ioctl(fd, 0xC0045877, 0)
+    try:
+        probe = Probe(fs.mountpoint)
+        assert not probe.done_within(0.3)
+    finally:
+        scratch.thaw(fs.mountpoint)
+        os.close(fd)
+    assert probe.done_within(5)
