@@ -13,6 +13,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def make(workdir: str, fstype: str, name: str | None = None, size_mb: int | None
     device = ""
     try:
         _run([*MKFS[fstype], image])
-        device = _run(["losetup", "--find", "--show", image])
+        device = _attach(image)
         os.makedirs(mountpoint, exist_ok=True)
         _run(["mount", "-t", fstype, device, mountpoint])
     except BaseException:
@@ -79,6 +80,18 @@ def make(workdir: str, fstype: str, name: str | None = None, size_mb: int | None
             os.unlink(image)
         raise
     return ScratchFS(fstype, image, device, mountpoint)
+
+
+def _attach(image: str, attempts: int = 5) -> str:
+    """losetup --find can race with another process taking the same free device."""
+    for i in range(attempts):
+        try:
+            return _run(["losetup", "--find", "--show", image])
+        except ScratchError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.1 * (i + 1))
+    raise AssertionError("unreachable")
 
 
 def thaw(mountpoint: str) -> bool:
