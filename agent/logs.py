@@ -35,7 +35,9 @@ class FreezeGate(logging.Handler):
         with self.lock:  # type: ignore[union-attr]
             self.closed_gate = True
 
-    def release(self) -> None:
+    # Not "release": logging.Handler.release() releases the handler's lock, and
+    # Handler.handle() calls it after every record.
+    def resume(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             self.closed_gate = False
             held, self.held = self.held, deque()

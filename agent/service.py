@@ -215,7 +215,7 @@ class Service:
         if tx is not None and tx.request is not None and not tx.replied and self.kernel:
             with contextlib.suppress(KernelLost):
                 self.kernel.reply(tx.request, False)
-        self.gate.release()
+        self.gate.resume()
         status = self.child.exit_status(2.0)
         log.error("the root child is gone (%s; exit status %s): exiting so that the service "
                   "manager restarts us", why, status)
@@ -236,7 +236,7 @@ class Service:
             elif isinstance(act, E.HoldLogs):
                 self.gate.hold()
             elif isinstance(act, E.ReleaseLogs):
-                self.gate.release()
+                self.gate.resume()
             elif isinstance(act, E.Reopen):
                 if self.kernel is not None:
                     self.kernel.close()
@@ -263,5 +263,5 @@ class Service:
                 self.child.request(wire.Op.QUIT, timeout=5.0)
             self.child.close()
         self.child.exit_status(10.0)
-        self.gate.release()
+        self.gate.resume()
         self.exit_code = EXIT_OK

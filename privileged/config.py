@@ -183,6 +183,8 @@ def parse_child_sections(doc: Mapping[str, Any]) -> ChildConfig:
 
 def read_toml(path: str) -> dict[str, Any]:
     """Read a config file that root will act on; refuse one others could change."""
+    if not os.path.lexists(path):
+        raise ConfigError(f"config file {path} does not exist")
     reason = untrusted_reason(path)
     if reason:
         raise ConfigError(f"refusing config file {path}: {reason}")

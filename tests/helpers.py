@@ -106,13 +106,13 @@ class Agent:
 
     def __init__(self, workdir: str, mounts: list[str], *, protocol: str = "linux",
                  sim_timeouts: dict[str, float] | None = None, extra_args: tuple[str, ...] = (),
-                 **config: object) -> None:
+                 log_path: str | None = None, **config: object) -> None:
         self.workdir = workdir
         self.config = write_config(os.path.join(workdir, "agent.toml"), mounts, workdir,
                                    protocol=protocol, **config)  # type: ignore[arg-type]
         self.socket = os.path.join(workdir, "vss.sock")
         self.sim = Simulator(self.socket, protocol, **(sim_timeouts or {}))
-        self.log_path = os.path.join(workdir, "agent.log")
+        self.log_path = log_path or os.path.join(workdir, "agent.log")
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -118,6 +118,23 @@ def test_fake_thaw_on_hibernation_and_thaw_without_freeze_succeed(workdir, ext4_
         assert agent.sim.request("thaw").status == 0
 
 
+def test_logs_are_held_while_frozen_even_when_the_log_is_on_a_frozen_disk(workdir, ext4_xfs):
+    """stderr (with -d) goes to a file on a filesystem the agent freezes: one write while
+    frozen would block the parent and the THAW would never be answered."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    log_path = os.path.join(mounts[0], "agent.log")
+    with running_agent(workdir, mounts, log_path=log_path) as agent:
+        for _ in range(3):
+            assert agent.sim.request("check", timeout=10).status == 0
+            assert agent.sim.request("freeze", timeout=10).status == 0
+            assert agent.sim.request("thaw", timeout=10).status == 0
+        # what was logged while frozen arrived after the thaw, in order
+        assert wait_for(lambda: agent.log().count("THAWED 2 filesystem(s)") == 3)
+        text = agent.log()
+        assert text.index("FROZEN:") < text.index("kernel request thaw") < \
+            text.index("THAWED 2")
+
+
 def test_probe_itself_detects_a_frozen_filesystem(make_fs):
     """The probe this suite relies on really blocks on a frozen filesystem."""
     from agent import scratch

@@ -1,0 +1,100 @@
+"""The command line: every bad input is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.helpers import PY, REPO, Agent, write_config
+
+
+def run(*args: str, user: str | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    cmd = [PY, "-m", "agent", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          check=False)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert proc.returncode == code, proc
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert text in lines[0], lines[0]
+
+
+def test_help_shows_the_stock_flags():
+    proc = run("-h")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "-n stay in the foreground" in text
+    assert "-d debug output" in text
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (("--bogus",), "unrecognized arguments: --bogus"),
+    (("-x",), "unrecognized arguments: -x"),
+    (("--protocol", "windows"), "invalid choice: 'windows'"),
+    (("--cycles", "many"), "invalid int value: 'many'"),
+])
+def test_usage_errors(args, text):
+    one_line_error(run(*args), 2, text)
+
+
+def test_bad_config_files(workdir):
+    one_line_error(run("--config", os.path.join(workdir, "nope.toml")), 1, "does not exist")
+    bad = os.path.join(workdir, "bad.toml")
+    with open(bad, "w", encoding="utf-8") as f:
+        f.write("[watchdog]\nmax_frozen_seconds = 'long'\n")
+    os.chmod(bad, 0o600)
+    one_line_error(run("--config", bad), 1, "[watchdog] max_frozen_seconds: expected a number")
+    os.chmod(bad, 0o666)
+    one_line_error(run("--config", bad), 1, "writable by group or others")
+
+
+def test_simulate_rejects_nonsense(workdir):
+    one_line_error(run("--simulate", "--cycles", "0"), 1, "--cycles must be at least 1")
+
+
+def test_not_root(workdir):
+    cfg = write_config(os.path.join(workdir, "c.toml"), ["/nonexistent"], workdir)
+    os.chmod(cfg, 0o644)
+    one_line_error(run("--config", cfg, "-n", user="hvvss"), 1, "must be started as root")
+
+
+def test_missing_account_says_how_to_create_it(workdir):
+    cfg = write_config(os.path.join(workdir, "c.toml"), ["/nonexistent"], workdir,
+                       extra="")
+    with open(cfg, encoding="utf-8") as f:
+        text = f.read().replace('user = "hvvss"', 'user = "no-such-user"')
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(text)
+    one_line_error(run("--config", cfg, "-n"), 1, "useradd --system")
+
+
+def test_bad_chroot_directory(workdir):
+    cfg = write_config(os.path.join(workdir, "c.toml"), ["/nonexistent"], workdir)
+    chroot = os.path.join(workdir, "empty")
+    os.chmod(chroot, 0o777)
+    one_line_error(run("--config", cfg, "-n"), 1, "is writable by group or others")
+    os.chmod(chroot, 0o755)
+    open(os.path.join(chroot, "file"), "w").close()
+    one_line_error(run("--config", cfg, "-n"), 1, "is not empty")
+
+
+def test_second_daemon_is_told_the_device_is_busy(workdir, make_fs):
+    fs = make_fs("ext4")
+    first = Agent(workdir, [fs.mountpoint]).start()
+    try:
+        proc = run("-n", "--config", first.config, "--device", first.socket)
+        assert proc.returncode == 1
+        assert "busy: another VSS daemon has it open" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert first.sim.refused == 1
+        assert first.sim.request("check").status == 0  # the first one is unharmed
+    finally:
+        first.stop()

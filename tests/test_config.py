@@ -1,0 +1,85 @@
+"""Config parsing: every mistake is one clear line; root refuses files others could change."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent import config
+from privileged.config import ConfigError, load_child_config, parse_child_sections
+
+
+def write(path: str, text: str, mode: int = 0o600) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_defaults():
+    cfg = config.parse({}, None)
+    assert (cfg.user, cfg.chroot, cfg.log_target) == ("hvvss", "/var/empty", "syslog")
+    assert cfg.child.watchdog.max_frozen_seconds == 60.0
+    assert cfg.child.watchdog.cooldown_seconds == 5.0
+    assert cfg.child.state.dir == "/run/hv-vss-agent"
+    assert cfg.device_path == "/dev/vmbus/hv_vss"
+    assert config.parse({"device": {"protocol": "freebsd"}}, None).device_path == \
+        "/dev/hv_fsvss_dev"
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"bogus": {}}, "unknown section [bogus]"),
+    ({"freeze": {"onyl": []}}, "[freeze]: unknown key 'onyl'"),
+    ({"freeze": {"only": "/mnt"}}, "[freeze] only: expected a list of non-empty strings"),
+    ({"freeze": {"only": ["mnt"]}}, "[freeze] only: 'mnt' is not an absolute path"),
+    ({"freeze": {"presync": "yes"}}, "[freeze] presync: expected true or false"),
+    ({"check": {"mode": "lenient"}}, "[check] mode: expected one of default, strict"),
+    ({"watchdog": {"max_frozen_seconds": 0}}, "[watchdog] max_frozen_seconds: 0 is outside"),
+    ({"watchdog": {"max_frozen_seconds": True}}, "expected a number"),
+    ({"watchdog": {"cooldown_seconds": float("nan")}}, "expected a number"),
+    ({"agent": {"user": ""}}, "[agent] user: expected a non-empty string"),
+    ({"agent": "hvvss"}, "[agent] must be a table"),
+    ({"log": {"target": "file"}}, "[log] target: expected one of syslog, stderr"),
+    ({"notify": {"policy": "maybe"}}, "[notify] policy: expected one of fail, skip"),
+])
+def test_errors_are_one_line_and_name_the_key(doc, message):
+    with pytest.raises(ConfigError) as e:
+        config.parse(doc, None)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_child_reads_only_its_sections_with_the_same_rules():
+    child = parse_child_sections({"freeze": {"only": ["/a/../b"]}, "notify": {"x": 1}})
+    assert child.freeze.only == ("/b",)
+    with pytest.raises(ConfigError, match=r"\[freeze\] only"):
+        parse_child_sections({"freeze": {"only": 3}})
+
+
+def test_file_errors(workdir):
+    good = write(os.path.join(workdir, "good.toml"), '[freeze]\nonly = ["/x"]\n')
+    assert config.load(good).child.freeze.only == ("/x",)
+    assert load_child_config(good).freeze.only == ("/x",)
+
+    bad_toml = write(os.path.join(workdir, "bad.toml"), "[freeze\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        config.load(bad_toml)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(os.path.join(workdir, "missing.toml"))
+    with pytest.raises(ConfigError, match=r"good\.toml: \[freeze\]: unknown key"):
+        config.load(write(good, "[freeze]\nnope = 1\n"))
+
+
+def test_root_refuses_a_config_others_could_change(workdir):
+    path = write(os.path.join(workdir, "c.toml"), "", mode=0o666)
+    with pytest.raises(ConfigError, match=r"refusing config file .*writable by group or others"):
+        config.load(path)
+    os.chmod(path, 0o600)
+    os.chown(path, 999, 999)
+    with pytest.raises(ConfigError, match="owned by uid 999, not root"):
+        config.load(path)
+    os.chown(path, 0, 0)
+    os.chmod(workdir, 0o777)  # the directory above: anyone could swap the file
+    with pytest.raises(ConfigError, match="is writable by group or others"):
+        config.load(path)

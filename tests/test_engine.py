@@ -1,0 +1,184 @@
+"""agent/engine.py: the transaction flows, without any I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import engine as E
+from agent.kernel import freebsd_wire as fw
+from agent.kernel import linux_wire as lw
+from agent.kernel.messages import KernelRequest
+from privileged import wire
+from privileged.wire import Op, Status
+
+
+def kreq(code: int) -> KernelRequest:
+    return lw.decode_request(bytes([code]) + bytes(11))
+
+
+def result(op: Op, status: Status = Status.OK, count: int = 2) -> wire.Result:
+    return wire.Result(op, status, 1, 0 if status is Status.OK else 5, count, 0,
+                       "" if status is Status.OK else "/bad")
+
+
+def replies(actions: list[E.Action]) -> list[bool]:
+    return [a.ok for a in actions if isinstance(a, E.ReplyKernel)]
+
+
+def asks(actions: list[E.Action]) -> list[Op]:
+    return [a.op for a in actions if isinstance(a, E.AskChild)]
+
+
+@pytest.fixture
+def eng() -> E.Engine:
+    return E.Engine("linux")
+
+
+def test_check_asks_the_child_and_replies_its_verdict(eng):
+    assert asks(eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)) == [Op.CHECK]
+    assert replies(eng.on_child_result(result(Op.CHECK), 0.1)) == [True]
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    assert replies(eng.on_child_result(result(Op.CHECK, Status.REFUSED), 1.1)) == [False]
+    assert [t.result for t in eng.history] == ["ok", "failed"]
+
+
+def test_freeze_holds_logs_until_thaw(eng):
+    acts = eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    assert isinstance(acts[0], E.HoldLogs) and asks(acts) == [Op.FREEZE]
+    assert replies(eng.on_child_result(result(Op.FREEZE), 0.2)) == [True]
+    assert eng.frozen
+    acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 5.0)
+    assert asks(acts) == [Op.THAW]
+    acts = eng.on_child_result(result(Op.THAW), 5.1)
+    assert any(isinstance(a, E.ReleaseLogs) for a in acts) and replies(acts) == [True]
+    assert not eng.frozen
+    assert list(eng.frozen_durations) == [pytest.approx(4.9)]
+    assert eng.history[-1].timings["thaw"] == pytest.approx(0.1)
+
+
+def test_failed_freeze_releases_logs_and_fails(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    acts = eng.on_child_result(result(Op.FREEZE, Status.FAILED), 0.1)
+    assert any(isinstance(a, E.ReleaseLogs) for a in acts)
+    assert replies(acts) == [False] and not eng.frozen
+    assert "FREEZE failed on /bad" in eng.history[-1].detail
+
+
+def test_freeze_twice_is_answered_here_and_never_reaches_the_child(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    acts = eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 1.0)
+    assert asks(acts) == [] and replies(acts) == [True]
+
+
+def test_check_while_frozen_fails_without_asking_the_child(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    acts = eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    assert asks(acts) == [] and replies(acts) == [False]
+
+
+def test_thaw_without_freeze_succeeds(eng):
+    acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 0.0)
+    assert asks(acts) == [] and replies(acts) == [True]
+
+
+def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
+    assert any(isinstance(a, E.ReleaseLogs) for a in acts)
+    assert asks(acts) == [Op.THAW]  # resync: the child is AUTO_THAWED until it hears THAW
+    assert replies(eng.on_child_result(result(Op.THAW, count=0), 60.1)) == []
+    acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 61.0)
+    assert asks(acts) == [] and replies(acts) == [False]
+    assert eng.history[-1].detail == E.WATCHDOG_THAWED
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 62.0)) == [True]  # said only once
+
+
+def test_auto_thaw_while_host_thaw_is_in_flight_needs_no_resync(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    eng.on_kernel(kreq(lw.VSS_OP_THAW), 59.9)
+    acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
+    assert asks(acts) == []
+    assert replies(eng.on_child_result(result(Op.THAW, count=0), 60.1)) == [False]
+
+
+@pytest.mark.parametrize(("protocol", "ok"), [("linux", True), ("freebsd", False)])
+def test_unknown_operation_is_answered_as_the_stock_daemon_does(protocol, ok):
+    eng = E.Engine(protocol)
+    if protocol == "linux":
+        req = kreq(lw.VSS_OP_BU_COMPLETE)
+    else:
+        req = fw.decode_request(fw.MSG.pack(9, 0, 1, bytes(48)))
+        assert req is not None
+    assert replies(eng.on_kernel(req, 0.0)) == [ok]
+
+
+def test_kernel_lost_while_frozen_thaws_then_reopens(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    acts = eng.on_kernel_lost(1.0)
+    assert asks(acts) == [Op.THAW]
+    acts = eng.on_child_result(result(Op.THAW), 1.1)
+    assert any(isinstance(a, E.Reopen) for a in acts) and not eng.frozen
+
+
+def test_kernel_lost_mid_freeze_finishes_then_thaws_then_reopens(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    assert eng.on_kernel_lost(0.05) == []  # the child is still freezing
+    acts = eng.on_child_result(result(Op.FREEZE), 0.1)
+    assert replies(acts) == [] and asks(acts) == [Op.THAW]  # no reply can be sent
+    acts = eng.on_child_result(result(Op.THAW), 0.2)
+    assert any(isinstance(a, E.Reopen) for a in acts)
+
+
+def test_kernel_lost_when_idle_reopens_at_once(eng):
+    assert eng.on_kernel_lost(0.0) == [E.Reopen()]
+
+
+def test_an_answer_nobody_asked_for_is_an_error(eng):
+    with pytest.raises(E.EngineError):
+        eng.on_child_result(result(Op.FREEZE), 0.0)
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)
+    with pytest.raises(E.EngineError):
+        eng.on_child_result(result(Op.FREEZE), 0.1)
+
+
+def test_subscribers_can_veto_check_and_budget_bounds_them():
+    eng = E.Engine("linux", E.NotifyPolicy(enabled=True, budget=12.0, policy="fail"))
+    acts = eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)
+    assert acts == [E.Notify("check", 1, 12.0)]
+    sub = [{"name": "db", "result": "veto", "reason": "backup window closed"}]
+    acts = eng.on_notify_done(1, False, sub, 0.5)
+    assert asks(acts) == [] and replies(acts) == [False]
+    assert "backup window closed" in eng.history[-1].detail
+
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 100.0)
+    assert eng.deadline() == 112.0
+    assert eng.on_timer(111.0) == []
+    acts = eng.on_timer(112.0)  # the frontend never answered: policy "fail"
+    assert replies(acts) == [False] and asks(acts) == []
+    assert any(isinstance(a, E.Notify) and a.event == "thaw" for a in acts)
+
+
+def test_skip_policy_freezes_without_late_subscribers():
+    """The budget runs up to the freeze; the kernel's window leaves room for the freeze."""
+    eng = E.Engine("linux", E.NotifyPolicy(enabled=True, budget=5.0, policy="skip"))
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    assert asks(eng.on_timer(5.0)) == [Op.FREEZE]  # skipped the silent subscribers
+
+
+def test_an_answer_after_the_budget_is_too_late_to_freeze():
+    eng = E.Engine("linux", E.NotifyPolicy(enabled=True, budget=5.0, policy="skip"))
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    acts = eng.on_notify_done(1, True, [], 5.5)  # (the timer would have fired first)
+    assert asks(acts) == [] and replies(acts) == [False]
+    assert eng.history[-1].detail == "the budget for this FREEZE ran out"
+
+
+def test_kernel_request_during_a_transaction_is_an_error(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)
+    with pytest.raises(E.EngineError):
+        eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.1)

@@ -1,0 +1,103 @@
+"""Kernel message codecs: golden bytes, as the reference documents the drivers.
+
+Each case is fed whole, and checked against the layout from the uapi header
+(Linux) and hv_snapshot.h (FreeBSD).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from agent.kernel import freebsd_wire as fw
+from agent.kernel import linux_wire as lw
+from agent.kernel.messages import KernelProtocolError, Operation
+
+# --- Linux: struct hv_vss_msg, packed, 12 bytes ---------------------------------------
+
+
+def test_linux_constants_match_the_uapi_header():
+    assert (lw.VSS_OP_HOT_BACKUP, lw.VSS_OP_FREEZE, lw.VSS_OP_THAW) == (2, 5, 6)
+    assert (lw.VSS_OP_REGISTER, lw.VSS_OP_REGISTER1) == (128, 129)
+    assert (lw.HV_S_OK, lw.HV_E_FAIL) == (0, 0x80004005)
+    assert lw.MSG_SIZE == 12
+
+
+def test_linux_register_message_golden_bytes():
+    assert lw.encode_register() == bytes([129]) + bytes(11)
+
+
+def test_linux_register_answer_is_exactly_four_bytes():
+    assert lw.decode_register_answer(struct.pack("<I", 129)) == 129
+    for bad in (b"", b"\x81\x00\x00", bytes(5), bytes(12)):
+        with pytest.raises(KernelProtocolError):
+            lw.decode_register_answer(bad)
+
+
+@pytest.mark.parametrize(("code", "op"), [
+    (2, Operation.CHECK), (5, Operation.FREEZE), (6, Operation.THAW),
+    (0, Operation.OTHER), (3, Operation.OTHER), (7, Operation.OTHER), (200, Operation.OTHER),
+])
+def test_linux_request_decoding(code, op):
+    frame = bytes([code]) + bytes(11)
+    req = lw.decode_request(frame)
+    assert (req.op, req.code, req.raw) == (op, code, frame)
+
+
+@pytest.mark.parametrize("length", [0, 4, 11, 13, 64])
+def test_linux_request_of_the_wrong_size_is_rejected(length):
+    with pytest.raises(KernelProtocolError):
+        lw.decode_request(bytes([5]) + bytes(max(0, length - 1)))
+
+
+def test_linux_reply_overlays_the_status_on_the_request():
+    """The 32-bit status replaces bytes 0..3 (operation + 3 reserved); 4..11 are echoed."""
+    req = lw.decode_request(bytes([5, 1, 2, 3, 4, 5, 6, 7]) + struct.pack("<I", 0xAABBCCDD))
+    assert lw.encode_reply(req, True) == bytes(4) + bytes([4, 5, 6, 7]) + struct.pack(
+        "<I", 0xAABBCCDD)
+    assert lw.encode_reply(req, False) == bytes([0x05, 0x40, 0x00, 0x80, 4, 5, 6, 7]) + \
+        struct.pack("<I", 0xAABBCCDD)
+
+
+# --- FreeBSD: struct hv_vss_opt_msg, 64 bytes -------------------------------------------
+
+
+def test_freebsd_constants_match_the_header_and_ioccom():
+    assert fw.MSG_SIZE == 64
+    assert (fw.HV_VSS_CHECK, fw.HV_VSS_FREEZE, fw.HV_VSS_THAW) == (1, 2, 3)
+    # _IOR('v', 2, 64 bytes) and _IOW('v', 3, 64 bytes), per sys/sys/ioccom.h
+    assert fw.IOCHVVSSREAD == 0x40000000 | (64 << 16) | (ord("v") << 8) | 2
+    assert fw.IOCHVVSSWRITE == 0x80000000 | (64 << 16) | (ord("v") << 8) | 3
+
+
+def test_freebsd_request_and_reply_golden_bytes():
+    msgid = 1_732_550_000_123_456_789
+    frame = struct.pack("<IIQ", 2, 0, msgid) + bytes(48)
+    req = fw.decode_request(frame)
+    assert req is not None
+    assert (req.op, req.code, req.msgid) == (Operation.FREEZE, 2, msgid)
+    assert fw.encode_reply(req, True) == struct.pack("<IIQ", 2, 0, msgid) + bytes(48)
+    assert fw.encode_reply(req, False) == struct.pack("<IIQ", 2, 1, msgid) + bytes(48)
+
+
+def test_freebsd_reply_zeroes_reserved_bytes_whatever_the_request_carried():
+    frame = struct.pack("<IIQ", 1, 0, 5) + b"\xff" * 48
+    req = fw.decode_request(frame)
+    assert req is not None
+    assert fw.encode_reply(req, True)[16:] == bytes(48)
+
+
+def test_freebsd_read_with_nothing_pending_is_none():
+    assert fw.decode_request(struct.pack("<IIQ", 0, 1, 0) + bytes(48)) is None
+
+
+def test_freebsd_unknown_opt_is_other():
+    req = fw.decode_request(struct.pack("<IIQ", 9, 0, 1) + bytes(48))
+    assert req is not None and req.op is Operation.OTHER
+
+
+@pytest.mark.parametrize("length", [0, 12, 63, 65])
+def test_freebsd_wrong_size_is_rejected(length):
+    with pytest.raises(KernelProtocolError):
+        fw.decode_request(bytes(length))
