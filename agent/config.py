@@ -31,6 +31,10 @@ def native_protocol() -> str:
     return "freebsd" if sys.platform.startswith("freebsd") else "linux"
 
 
+def default_syslog_socket() -> str:
+    return "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
+
+
 def default_config_path() -> str:
     if sys.platform.startswith("freebsd"):
         return "/usr/local/etc/hv-vss-agent.toml"
@@ -66,6 +70,7 @@ class AgentConfig:
     device: str | None = None
     protocol: str = field(default_factory=native_protocol)
     log_target: str = "syslog"
+    syslog_socket: str = field(default_factory=default_syslog_socket)
     log_buffer: int = 10000
     history: int = 50
     child: ChildConfig = field(default_factory=ChildConfig)
@@ -103,6 +108,7 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
     lg = Section("log", doc.get("log"))
     log_target = lg.choice("target", "syslog", ("syslog", "stderr"))
     log_buffer = lg.integer("buffer", 10000, 10, 1_000_000)
+    syslog_socket = lg.path("syslog_socket", default_syslog_socket())
     lg.done()
 
     n = Section("notify", doc.get("notify"))
@@ -126,7 +132,8 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
     m.done()
 
     return AgentConfig(path=path, user=user, chroot=chroot, device=device, protocol=protocol,
-                       log_target=log_target, log_buffer=log_buffer, history=history,
+                       log_target=log_target, syslog_socket=syslog_socket,
+                       log_buffer=log_buffer, history=history,
                        child=child, notify=notify, control=control, metrics=metrics)
 
 

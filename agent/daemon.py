@@ -93,7 +93,12 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     account = None if in_memory else privdrop.lookup_account(cfg.user)
     if account is not None:
         privdrop.check_chroot(cfg.chroot)
-    gate = logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.log_buffer)
+    try:
+        gate = logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.log_buffer,
+                          cfg.syslog_socket)
+    except OSError as e:
+        raise StartupError(f"cannot log to syslog at {cfg.syslog_socket} ({e.strerror}): "
+                           "set [log] syslog_socket, or run with -n") from None
     if not foreground:
         daemonize()
 

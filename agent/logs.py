@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import socket
 import sys
 from collections import deque
 
@@ -68,11 +69,18 @@ class FreezeGate(logging.Handler):
         self.target.setFormatter(fmt)
 
 
-def make_target(target: str) -> logging.Handler:
+def make_target(target: str, syslog_socket: str) -> logging.Handler:
     if target == "syslog":
-        address = "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
+        # Connected now, before the chroot: it cannot be reconnected from inside.
+        # SysLogHandler ignores a failed connect and retries at each record, which
+        # inside the chroot can never work: so try it ourselves first.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(syslog_socket)
+        finally:
+            probe.close()
         handler: logging.Handler = logging.handlers.SysLogHandler(
-            address, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter(FORMAT_SYSLOG))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -80,16 +88,11 @@ def make_target(target: str) -> logging.Handler:
     return handler
 
 
-def setup(target: str, debug: bool, capacity: int) -> FreezeGate:
-    """Configure the root logger; returns the gate the service closes while frozen."""
-    try:
-        handler = make_target(target)
-    except OSError as e:
-        handler = make_target("stderr")
-        handler.handle(logging.makeLogRecord({
-            "name": IDENT, "levelno": logging.WARNING, "levelname": "WARNING",
-            "msg": "syslog is unavailable (%s): logging to stderr", "args": (e,)}))
-    gate = FreezeGate(handler, capacity)
+def setup(target: str, debug: bool, capacity: int, syslog_socket: str = "/dev/log") -> FreezeGate:
+    """Configure the root logger; returns the gate the service closes while frozen.
+
+    Raises OSError if syslog is asked for and cannot be reached."""
+    gate = FreezeGate(make_target(target, syslog_socket), capacity)
     root = logging.getLogger()
     root.handlers[:] = [gate]
     root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+import psutil
 import pytest
 
 from tests.helpers import PY, REPO, Agent, write_config
@@ -98,3 +99,14 @@ def test_second_daemon_is_told_the_device_is_busy(workdir, make_fs):
         assert first.sim.request("check").status == 0  # the first one is unharmed
     finally:
         first.stop()
+
+
+def test_daemon_mode_without_syslog_says_what_to_do(workdir):
+    cfg = write_config(os.path.join(workdir, "c.toml"), ["/nonexistent"], workdir,
+                       extra=f'[log]\nsyslog_socket = "{workdir}/no-syslog"\n')
+    try:
+        one_line_error(run("--config", cfg), 1, "cannot log to syslog at")
+    finally:  # had it detached after all, it would wait for the device forever
+        for p in psutil.process_iter(["cmdline"]):
+            if cfg in (p.info["cmdline"] or []):
+                p.kill()

@@ -24,6 +24,7 @@ def test_defaults():
     assert cfg.child.watchdog.cooldown_seconds == 5.0
     assert cfg.child.state.dir == "/run/hv-vss-agent"
     assert cfg.device_path == "/dev/vmbus/hv_vss"
+    assert cfg.syslog_socket == "/dev/log"
     assert config.parse({"device": {"protocol": "freebsd"}}, None).device_path == \
         "/dev/hv_fsvss_dev"
 

@@ -151,3 +151,47 @@ def test_probe_itself_detects_a_frozen_filesystem(make_fs):
         scratch.thaw(fs.mountpoint)
         os.close(fd)
     assert probe.done_within(5)
+
+
+def test_daemon_mode_detaches_and_logs_to_syslog(workdir, ext4_xfs):
+    """Without -n: the command returns at once, the daemon serves, and logs go to syslog."""
+    import socket
+    import subprocess
+
+    import psutil
+
+    from agent.simulator.server import Simulator
+    from tests.helpers import PY, REPO, write_config
+
+    syslog_path = os.path.join(workdir, "log.sock")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(syslog_path)
+    syslog.settimeout(10)
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    cfg = write_config(os.path.join(workdir, "d.toml"), mounts, workdir,
+                       extra=f'[log]\nsyslog_socket = "{syslog_path}"\n')
+    sock = os.path.join(workdir, "vss.sock")
+    with Simulator(sock) as sim:
+        proc = subprocess.run([PY, "-m", "agent", "--config", cfg, "--device", sock],
+                              cwd=REPO, timeout=30, capture_output=True, text=True, check=False)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        daemons = [p for p in psutil.process_iter(["cmdline"])
+                   if (p.info["cmdline"] or [])[1:3] == ["-m", "agent"]
+                   and cfg in p.info["cmdline"]]
+        assert len(daemons) == 1
+        daemon = daemons[0]
+        try:
+            assert daemon.ppid() != os.getpid()  # detached: not our child any more
+            assert wait_for(sim.registered, 20)
+            assert all(u != 0 for u in daemon.uids())
+            assert sim.request("freeze").status == 0
+            assert sim.request("thaw").status == 0
+            lines = []
+            while not any("THAWED 2" in line for line in lines):
+                lines.append(syslog.recv(4096).decode())
+            assert any(line.startswith("<30>hv-vss-agent[") and "root child" in line
+                       for line in lines), lines  # facility daemon (3), INFO (6)
+        finally:
+            daemon.terminate()
+            daemon.wait(15)
+    syslog.close()
