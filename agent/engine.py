@@ -17,8 +17,9 @@ Rules that keep the child's strict state machine and the host honest:
 - the child is only ever asked what its state permits: FREEZE while frozen is
   answered here ("still frozen"), CHECK while frozen fails, THAW when nothing
   is frozen succeeds here (Linux's fake THAW on hibernation);
-- an automatic thaw (watchdog) is recorded: the host's THAW for that freeze
-  is answered HV_E_FAIL, because its snapshot may not be consistent;
+- a thaw the host did not ask for (the watchdog's, or ours before reopening
+  a lost kernel channel) is recorded: the host's THAW for that freeze is
+  answered HV_E_FAIL, because its snapshot may not be consistent;
 - the kernel channel lost means: finish (without replies), thaw if frozen,
   then reopen.
 """
@@ -205,6 +206,9 @@ class Engine:
                     ok, why = False, WATCHDOG_THAWED
                 self.consistency_lost = False
                 return actions + self._finish(tx, now, ok, why) + self._resume_subscribers(tx, now)
+            if tx.kind is Kind.RECOVER:  # thawed behind the host's back, as the watchdog does
+                self.consistency_lost = True
+                actions += self._resume_subscribers(tx, now)
             return actions + self._finish(tx, now, ok, why)
         raise EngineError(f"the engine never asks the child for {res.op.name}")
 
@@ -212,6 +216,8 @@ class Engine:
         """The child thawed by itself (watchdog, or a signal before exiting)."""
         if not self.frozen:
             return []
+        if self.frozen_since is not None:
+            self.frozen_durations.append(now - self.frozen_since)
         self.frozen, self.frozen_since = False, None
         self.consistency_lost = True
         self.counters["auto_thaws"] += 1

@@ -114,6 +114,8 @@ class Agent:
         self.sim = Simulator(self.socket, protocol, **(sim_timeouts or {}))
         self.log_path = log_path or os.path.join(workdir, "agent.log")
         self.extra_args = extra_args
+        self.python = PY  # the interpreter (and so the install) the agent runs from
+        self.cwd = REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Agent:
@@ -123,8 +125,8 @@ class Agent:
     def launch(self, wait: bool = True) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [PY, "-m", "agent", "-n", "-d", "--config", self.config, "--device", self.socket,
-                 *self.extra_args], stderr=log, cwd=REPO)
+                [self.python, "-m", "agent", "-n", "-d", "--config", self.config,
+                 "--device", self.socket, *self.extra_args], stderr=log, cwd=self.cwd)
         if wait:
             self.wait_registered()
         return self

@@ -87,6 +87,7 @@ def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
     eng.on_child_result(result(Op.FREEZE), 0.1)
     acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
+    assert list(eng.frozen_durations) == [pytest.approx(59.9)]
     assert any(isinstance(a, E.ReleaseLogs) for a in acts)
     assert asks(acts) == [Op.THAW]  # resync: the child is AUTO_THAWED until it hears THAW
     assert replies(eng.on_child_result(result(Op.THAW, count=0), 60.1)) == []
@@ -123,6 +124,7 @@ def test_kernel_lost_while_frozen_thaws_then_reopens(eng):
     assert asks(acts) == [Op.THAW]
     acts = eng.on_child_result(result(Op.THAW), 1.1)
     assert any(isinstance(a, E.Reopen) for a in acts) and not eng.frozen
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 2.0)) == [False]  # told the truth
 
 
 def test_kernel_lost_mid_freeze_finishes_then_thaws_then_reopens(eng):

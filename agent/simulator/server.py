@@ -66,6 +66,7 @@ class Simulator:
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._drop = False
         self.clock: Callable[[], float] = time.monotonic
 
     # --- lifecycle ------------------------------------------------------------
@@ -139,11 +140,17 @@ class Simulator:
             self._flush()
         self._wake()
 
-    def drop_connection(self) -> None:
-        """Close the daemon's connection, as a failed read would look to it."""
+    def drop_connection(self, timeout: float = 5.0) -> None:
+        """Close the daemon's connection, as a failed read would look to it.
+
+        The I/O thread closes it: closed from here while that thread sits in
+        select() on it, the kernel would keep the socket alive until select
+        returned, and the daemon would see no EOF."""
         with self.cond:
-            self._close_conn()
-            self.cond.notify_all()
+            self._drop = True
+            self._wake()
+            if not self.cond.wait_for(lambda: not self._drop, timeout):
+                raise TimeoutError("the simulator did not drop the connection")
 
     def inject(self, record: bytes) -> None:
         """Send a raw record to the daemon (fault injection)."""
@@ -171,6 +178,9 @@ class Simulator:
                 if self._wake_r in ready:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                if self._drop:
+                    self._close_conn()
+                    self._drop = False
                 if self._listener.fileno() in ready:
                     self._accept()
                 if self.conn is not None and self.conn.fileno() in ready:

@@ -1,0 +1,146 @@
+"""Faults: no single one leaves anything frozen (issue: crash safety).
+
+Real agent, real child, real scratch filesystems; the faults are real too
+(SIGKILL, SIGSTOP, a dropped connection, a late reply, a device that is not
+there yet), injected from outside through the processes and the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+
+from agent.kernel import linux_wire as lw
+from tests.helpers import Agent, assert_blocked, assert_writable, running_agent, wait_for
+
+FAIL_REPLY = struct.pack("<I", lw.HV_E_FAIL) + bytes(8)
+
+
+def test_sigkilled_child_is_recovered_by_the_next_start(workdir, ext4_xfs):
+    """Linux freezes outlive the child; its crash record lets the next child thaw them."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    agent = Agent(workdir, mounts).start()
+    try:
+        assert agent.sim.request("freeze").status == 0
+        probes = [assert_blocked(m, 0.3) for m in mounts]
+        with open(os.path.join(workdir, "state", "frozen"), encoding="utf-8") as f:
+            assert sorted(line.split(" ", 1)[1].strip() for line in f) == sorted(mounts)
+        os.kill(agent.child.pid, signal.SIGKILL)
+        # the parent notices at once, says why, and exits non-zero for a restart
+        assert agent.wait_exit(5) == 3
+        assert "the root child is gone" in agent.log()
+        assert not probes[0].done_within(0.3), "SIGKILL should have left it frozen"
+        restarted = time.monotonic()
+        agent.launch(wait=False)
+        for p in probes:
+            assert p.done_within(max(0.1, 2.0 - (time.monotonic() - restarted))), \
+                "not writable two seconds after the restart"
+        agent.wait_registered(connections=2)
+        assert wait_for(lambda: "recovery: thawed" in agent.log())
+        assert not os.path.exists(os.path.join(workdir, "state", "frozen"))
+    finally:
+        agent.stop()
+
+
+def test_child_death_fails_the_pending_request(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    agent = Agent(workdir, mounts).start()
+    try:
+        assert agent.sim.request("freeze").status == 0
+        child = agent.child
+        child.suspend()  # the THAW will reach it but never be answered
+        thaw = agent.sim.send("thaw")
+        time.sleep(0.3)
+        assert not thaw.done
+        child.kill()
+        agent.sim.wait(thaw, 5)
+        assert (thaw.status, thaw.daemon_reply) == (lw.HV_E_FAIL, FAIL_REPLY)
+        assert agent.wait_exit(5) == 3
+    finally:
+        agent.stop()
+        for m in mounts:  # the killed child could not thaw; the next start would
+            from agent import scratch
+
+            scratch.thaw(m)
+
+
+def test_connection_dropped_while_frozen_thaws_reopens_and_says_so(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        assert agent.sim.request("freeze").status == 0
+        probe = assert_blocked(mounts[0], 0.3)
+        agent.sim.drop_connection()
+        assert probe.done_within(5), "still frozen after the kernel channel was lost"
+        agent.wait_registered(connections=2)
+        # the host's THAW for that backup: the snapshot may postdate our thaw
+        thaw = agent.sim.request("thaw")
+        assert thaw.daemon_reply == FAIL_REPLY
+        assert agent.sim.request("freeze").status == 0  # a new backup works
+        assert agent.sim.request("thaw").status == 0
+
+
+def test_late_thaw_reply_is_recovered(workdir, ext4_xfs):
+    """The upstream reproducer: SIGSTOP the daemon until the kernel gives up on it."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts, sim_timeouts={"util_timeout": 1.0}) as agent:
+        assert agent.sim.request("freeze").status == 0
+        agent.parent.suspend()
+        thaw = agent.sim.request("thaw", timeout=5)
+        assert (thaw.status, thaw.answered_by) == (lw.HV_E_FAIL, "timeout")
+        agent.parent.resume()  # now it thaws and replies late: EINVAL, reopen
+        for m in mounts:
+            assert_writable(m)
+        agent.wait_registered(connections=2)
+        assert agent.sim.request("check").status == 0
+
+
+def test_late_freeze_reply_thaws_before_reopening(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts, sim_timeouts={"freeze_timeout": 1.0}) as agent:
+        agent.parent.suspend()
+        freeze = agent.sim.request("freeze", timeout=5)
+        assert freeze.answered_by == "timeout"
+        agent.parent.resume()  # it freezes, replies late, loses the channel, thaws
+        agent.wait_registered(connections=2)
+        for m in mounts:
+            assert_writable(m)
+        assert wait_for(lambda: "thawing before reopening" in agent.log())
+
+
+def test_device_appearing_after_start_up(workdir, ext4_xfs):
+    agent = Agent(workdir, [ext4_xfs[0].mountpoint])
+    try:
+        agent.launch(wait=False)
+        assert wait_for(lambda: "waiting for" in agent.log(), 10)
+        time.sleep(0.5)
+        agent.sim.start()
+        agent.wait_registered()
+        assert agent.log().count("waiting for") == 1  # one line, not one per retry
+        assert agent.sim.request("check").status == 0
+    finally:
+        agent.stop()
+
+
+def test_bursts_of_requests_are_each_answered(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        sent = [agent.sim.send(op) for _ in range(20) for op in ("check", "freeze", "thaw")]
+        for req in sent:
+            agent.sim.wait(req, 30)
+        assert [r.status for r in sent] == [0] * len(sent)
+        assert [r.daemon_reply for r in sent] == [bytes(12)] * len(sent)
+        for m in mounts:
+            assert_writable(m)
+
+
+def test_freeze_twice_then_thaw(workdir, ext4_xfs):
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts) as agent:
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("freeze").status == 0  # still frozen: success
+        probe = assert_blocked(mounts[1], 0.3)
+        assert agent.sim.request("thaw").status == 0
+        assert probe.done_within(5)
+        assert agent.child.is_running()  # the child never saw the second FREEZE
