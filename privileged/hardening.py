@@ -39,6 +39,22 @@ def harden_child(parent_pid: int) -> None:
             raise SystemExit("hv-vss-agent child: parent is gone")
 
 
+def close_std_streams() -> None:
+    """Close descriptors 0-2: the socket is to be the only one the child holds.
+
+    They were /dev/null and the parent's stderr (where a failure before the
+    channel existed could still be seen).  sys.std* go first, so that nothing
+    in Python writes through them to whatever is opened next on 0-2.
+    """
+    for name in ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__"):
+        setattr(sys, name, None)
+    for fd in (0, 1, 2):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def thread_count() -> int:
     """Threads in this process, as the kernel counts them (not just Python's)."""
     if sys.platform.startswith("linux"):
