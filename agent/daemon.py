@@ -25,7 +25,7 @@ from agent.engine import Engine, NotifyPolicy
 from agent.errors import StartupError
 from agent.integrity import check_install
 from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
-from agent.sandbox import confine_parent
+from agent.sandbox import SandboxError, confine_parent
 from agent.service import Service
 from privileged.device import open_device
 
@@ -118,7 +118,10 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
         privdrop.drop(account, cfg.chroot)
         log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
                  account.gid, cfg.chroot)
-        confine_parent(fd)
+        try:
+            confine_parent(fd)
+        except SandboxError as e:
+            raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
 
     kernel = register(fd, cfg.protocol)
     engine = Engine(cfg.protocol, NotifyPolicy(enabled=False, budget=cfg.notify.budget,

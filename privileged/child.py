@@ -373,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                   cooldown_until=inherited_cooldown(statedir, cfg, recovered))
     try:
         confine_child()
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ERROR
+    try:
         targets = len(child.selection().targets)
         channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, recovered)))
         child.serve()

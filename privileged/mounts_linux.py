@@ -13,6 +13,9 @@ import stat
 from privileged.selection import Mount, Platform
 
 MOUNTINFO = "/proc/self/mountinfo"
+# An explicit buffer size: open() then skips its isatty() probe, an ioctl
+# (TCGETS) that the child's seccomp filter refuses (privileged/sandbox.py).
+_BUFFERING = 1 << 16
 LOOP_MAJOR = 7
 
 # Filesystems whose superblock implements freeze (FIFREEZE would otherwise
@@ -95,7 +98,7 @@ def _loop_backing_file(source: str) -> str | None:
         return None
     name = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
     try:
-        with open(name, encoding="utf-8", errors="replace") as f:
+        with open(name, encoding="utf-8", errors="replace", buffering=_BUFFERING) as f:
             path = f.read().rstrip("\n")
     except OSError:
         return None
@@ -103,5 +106,5 @@ def _loop_backing_file(source: str) -> str | None:
 
 
 def read_mounts() -> list[Mount]:
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape", buffering=_BUFFERING) as f:
         return parse_mountinfo(f.read())

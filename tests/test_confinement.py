@@ -1,0 +1,162 @@
+"""Confinement of both processes, checked from outside: psutil and /proc.
+
+The real agent runs against the simulator on scratch filesystems; these
+tests read what the kernel says about its two processes, and what the
+kernel logged about them (a refused syscall is an audit record, type 1326,
+because both filters are loaded with SECCOMP_FILTER_FLAG_LOG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import re
+import signal
+import subprocess
+import textwrap
+
+from tests.helpers import PY, REPO, assert_blocked, running_agent, write_config
+
+O_CLOEXEC = 0o2000000
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
+def core_limit(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+        line = next(x for x in f if x.startswith("Max core file size"))
+    return line.split()[4:6]
+
+
+def descriptors(pid: int) -> dict[int, tuple[str, int]]:
+    """fd -> (what it points at, open flags)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
+            flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
+        out[int(name)] = (os.readlink(f"/proc/{pid}/fd/{name}"), flags)
+    return out
+
+
+def seccomp_records(pids: set[int]) -> list[str]:
+    """Audit records of refused or killed syscalls for `pids`, from the kernel log."""
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    return [line for line in log.splitlines() if "type=1326" in line
+            and int(re.search(r" pid=(\d+)", line).group(1)) in pids]  # type: ignore[union-attr]
+
+
+def test_parent_seen_from_outside(workdir, ext4_xfs):
+    hvvss = pwd.getpwnam("hvvss")
+    chroot = os.path.join(workdir, "empty")
+    with running_agent(workdir, [ext4_xfs[0].mountpoint]) as agent:
+        parent = agent.parent
+        assert tuple(parent.uids()) == (hvvss.pw_uid,) * 3
+        assert tuple(parent.gids()) == (hvvss.pw_gid,) * 3
+        st = status(parent.pid)
+        assert st["Groups"] == ""
+        assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+        assert os.readlink(f"/proc/{parent.pid}/root") == chroot
+        assert os.readlink(f"/proc/{parent.pid}/cwd") == chroot
+        assert os.listdir(f"/proc/{parent.pid}/root/") == []  # all it can see: nothing
+        assert core_limit(parent.pid) == ["0", "0"]
+        # not dumpable: its /proc files belong to root, not to hvvss, so another process
+        # of that uid cannot ptrace it or read its memory
+        assert os.stat(f"/proc/{parent.pid}/fd").st_uid == 0
+        # no file or directory held open: sockets and the signal pipe only, besides stdio
+        kinds = sorted(re.sub(r":\[\d+\]", "", target)
+                       for fd, (target, _) in descriptors(parent.pid).items() if fd > 2)
+        assert kinds == ["pipe", "pipe", "socket", "socket"]
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("thaw").status == 0
+        assert seccomp_records({parent.pid}) == []
+
+
+def test_child_seen_from_outside(workdir, ext4_xfs):
+    mounts = sorted(fs.mountpoint for fs in ext4_xfs)
+    with running_agent(workdir, mounts) as agent:
+        child = agent.child
+        assert tuple(child.uids()) == (0, 0, 0)
+        st = status(child.pid)
+        assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+        assert os.readlink(f"/proc/{child.pid}/cwd") == "/"
+        with open(f"/proc/{child.pid}/environ", "rb") as f:
+            assert f.read() == b""
+        assert core_limit(child.pid) == ["0", "0"]
+
+        def held() -> list[str]:
+            fds = descriptors(child.pid)
+            assert all(flags & O_CLOEXEC for _, flags in fds.values()), fds
+            return sorted(re.sub(r":\[\d+\]", "", target) for target, _ in fds.values())
+
+        assert child.num_threads() == 1
+        assert held() == ["socket"]
+        assert agent.sim.request("freeze").status == 0
+        assert child.num_threads() == 1
+        assert held() == sorted(["socket", *mounts])
+        assert agent.sim.request("thaw").status == 0
+        assert held() == ["socket"]
+        assert seccomp_records({child.pid}) == []
+
+
+def test_child_is_not_dumpable():
+    """PR_GET_DUMPABLE can only be asked by the process itself: harden_child, then ask."""
+    code = textwrap.dedent(f"""\
+        import ctypes, os, sys
+        sys.path.insert(0, {REPO!r})
+        from privileged.hardening import harden_child
+        harden_child(os.getppid())
+        print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+        """)
+    out = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                         check=True)
+    assert out.stdout.split() == ["0"]
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1  # and this process still is
+
+
+def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
+    """The drop and the sandbox as the daemon does them, then try to escape.
+
+    Two layers: the chroot alone turns the path into nothing (ENOENT), and the
+    seccomp filter refuses open() outright (EACCES)."""
+    secret = write_config(os.path.join(workdir, "outside.toml"), [], workdir)
+    code = textwrap.dedent(f"""\
+        import errno, os, sys
+        sys.path.insert(0, {REPO!r})
+        from agent import privdrop, sandbox
+        r, w = os.pipe()
+        privdrop.drop(privdrop.lookup_account("hvvss"), {os.path.join(workdir, "empty")!r})
+        def attempt(path):
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                return "opened"
+            except OSError as e:
+                return errno.errorcode[e.errno]
+        paths = [{secret!r}, "/etc/passwd", "../../../../etc/passwd", "/proc/1/root/etc/passwd"]
+        print(*[attempt(p) for p in paths])
+        sandbox.confine_parent(w)
+        print(*[attempt(p) for p in paths])
+        """)
+    out = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ENOENT ENOENT ENOENT ENOENT",
+                                       "EACCES EACCES EACCES EACCES"]
+
+
+def test_child_still_thaws_at_once_on_a_signal_without_a_wakeup_pipe(workdir, ext4_xfs):
+    """The signal pipe is gone (one descriptor only): the loop's tick sees the flag."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts, max_frozen=60) as agent:
+        assert agent.sim.request("freeze").status == 0
+        probes = [assert_blocked(m, 0.3) for m in mounts]
+        child = agent.child
+        child.send_signal(signal.SIGTERM)
+        for p in probes:
+            assert p.done_within(2), "not thawed within two seconds of SIGTERM"
+        assert agent.wait_exit(5) == 3  # the parent saw its child go, and exits for a restart
+        assert "exit status 0" in agent.log()  # the child's status, as its parent reaped it
+        assert "automatic THAW of 2 filesystem(s) (signal)" in agent.log()
