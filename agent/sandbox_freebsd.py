@@ -45,12 +45,16 @@ DEVICE_IOCTLS = (IOCHVVSSREAD, IOCHVVSSWRITE)
 SIMULATOR_RIGHTS = (CAP_READ, CAP_WRITE, CAP_EVENT, CAP_FSTAT, CAP_GETSOCKNAME, CAP_GETSOCKOPT)
 
 
+def _word_of(right: int) -> int:
+    """Which word holds `right`: its index bit (57 + idx) names it (CAPIDXBIT)."""
+    return ((right >> 57) & 0x1F).bit_length() - 1
+
+
 def rights_words(rights: tuple[int, ...]) -> tuple[int, int]:
     """cap_rights_t as its two words (version 0 in the top bits of word 0)."""
     words = [capright(0, 0), capright(1, 0)]
     for r in rights:
-        idx = (r >> 57) & 0x1F
-        words[idx] |= r
+        words[_word_of(r)] |= r
     return words[0], words[1]
 
 
