@@ -3,6 +3,12 @@
 mountinfo (proc(5)) rather than /proc/mounts because it carries the
 superblock's device number (field 3): bind mounts and btrfs subvolumes of one
 filesystem share it, while stat() gives each btrfs subvolume its own st_dev.
+
+Read-only means the superblock's options say so ("ro" after the separator),
+not this mount's: systemd's ProtectSystem=strict makes every mount in the
+service's namespace read-only while the filesystems stay writable elsewhere,
+and a filesystem someone can write to is one to freeze.  FIFREEZE needs no
+write access to the mount it is issued on.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields = line.split(" ")
         try:
             sep = fields.index("-", 6)
-            majmin, mountpoint, mount_opts = fields[2], fields[4], fields[5]
+            majmin, mountpoint = fields[2], fields[4]
             fstype, source, super_opts = fields[sep + 1], fields[sep + 2], fields[sep + 3]
             major = int(majmin.split(":")[0])
         except (ValueError, IndexError):
@@ -68,7 +74,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
             mountpoint=unescape(mountpoint),
             fstype=fstype,
             source=source,
-            readonly="ro" in mount_opts.split(",") or "ro" in super_opts.split(","),
+            readonly="ro" in super_opts.split(","),
             local=fstype not in NETWORK and not fstype.startswith("nfs"),
             pseudo=not block,
             fs_key=majmin,
