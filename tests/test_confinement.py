@@ -59,6 +59,7 @@ def test_parent_seen_from_outside(workdir, ext4_xfs):
         st = status(parent.pid)
         assert st["Groups"] == ""
         assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+        assert int(st["CapPrm"], 16) == int(st["CapEff"], 16) == 0  # no capability left
         assert os.readlink(f"/proc/{parent.pid}/root") == chroot
         assert os.readlink(f"/proc/{parent.pid}/cwd") == chroot
         assert os.listdir(f"/proc/{parent.pid}/root/") == []  # all it can see: nothing
@@ -82,6 +83,8 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
         assert tuple(child.uids()) == (0, 0, 0)
         st = status(child.pid)
         assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+        assert st["Umask"] == "0077"
+        assert child.cmdline()[1:4] == ["-I", "-B", "-S"]
         assert os.readlink(f"/proc/{child.pid}/cwd") == "/"
         with open(f"/proc/{child.pid}/environ", "rb") as f:
             assert f.read() == b""
@@ -118,7 +121,8 @@ def test_child_is_not_dumpable():
 
 
 def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
-    """The drop and the sandbox as the daemon does them, then try to escape.
+    """The drop and the sandbox as the daemon does them, then try to escape (and to
+    become root again).
 
     Two layers: the chroot alone turns the path into nothing (ENOENT), and the
     seccomp filter refuses open() outright (EACCES)."""
@@ -137,6 +141,12 @@ def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
                 return errno.errorcode[e.errno]
         paths = [{secret!r}, "/etc/passwd", "../../../../etc/passwd", "/proc/1/root/etc/passwd"]
         print(*[attempt(p) for p in paths])
+        for regain in (os.setuid, os.setgid, os.seteuid):
+            try:
+                regain(0)
+                print("regained root")
+            except PermissionError:
+                pass
         sandbox.confine_parent(w)
         print(*[attempt(p) for p in paths])
         """)
@@ -160,3 +170,32 @@ def test_child_still_thaws_at_once_on_a_signal_without_a_wakeup_pipe(workdir, ex
         assert agent.wait_exit(5) == 3  # the parent saw its child go, and exits for a restart
         assert "exit status 0" in agent.log()  # the child's status, as its parent reaped it
         assert "automatic THAW of 2 filesystem(s) (signal)" in agent.log()
+
+
+# (threading is there: logging imports it; test_child_seen_from_outside counts threads)
+FORBIDDEN = ("pickle", "_pickle", "multiprocessing", "multiprocessing_logging", "psutil",
+             "agent")
+
+
+def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_fs,
+                                                                   monkeypatch):
+    """The real child, a whole conversation (CHECK, FREEZE, THAW, REOPEN, QUIT); at its exit
+    it writes the names of every module it had loaded."""
+    from agent import child_link
+    from privileged import wire
+
+    fs = make_fs("ext4")
+    out = os.path.join(workdir, "modules")
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
+        f"import sys; sys.path.insert(0, {REPO!r}); from privileged.child import main; "
+        f"rc = main(); open({out!r}, 'w').write(' '.join(sorted(sys.modules))); sys.exit(rc)"))
+    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
+                                                   [fs.mountpoint], workdir), None)
+    link.wait_hello()
+    for op in (wire.Op.CHECK, wire.Op.FREEZE, wire.Op.THAW, wire.Op.REOPEN, wire.Op.QUIT):
+        assert link.request(op)[0].op is op
+    assert link.exit_status(10) == 0
+    with open(out, encoding="ascii") as f:
+        modules = f.read().split()
+    assert "privileged.child" in modules and "ctypes" in modules
+    assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []

@@ -150,7 +150,7 @@ def confined(policy_expr: str, body: str, setup: str = "",
              timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run `setup`, load the filter `policy_expr`, then run `body`, in a fresh interpreter."""
     code = textwrap.dedent(f"""\
-        import errno, fcntl, os, socket, sys, threading
+        import ctypes, errno, fcntl, os, socket, sys, threading
         sys.path.insert(0, {REPO!r})
         from privileged import seccomp
         from privileged.sandbox import ROOT_CHILD
@@ -188,7 +188,8 @@ def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs):
 
 
 @pytest.mark.parametrize("forbidden", ["os.execv('/bin/true', ['true'])", "os.fork()",
-                                       "os.kill(1, 0)", "os.setsid()"])
+                                       "os.kill(1, 0)", "os.setsid()",
+                                       "ctypes.CDLL(None).ptrace(16, 1, 0, 0)"])  # ATTACH
 def test_parent_filter_kills_on_anything_not_allowed(forbidden):
     proc = confined("parent_policy(('service',))", f"""
         print("before", flush=True)
@@ -228,15 +229,3 @@ def test_unknown_architecture_is_refused(monkeypatch):
     monkeypatch.setattr(os, "uname", lambda: riscv)
     with pytest.raises(seccomp.SandboxError, match="riscv64"):
         seccomp.native_arch()
-
-
-def test_measured_syscalls_are_all_allowed(tmp_path):
-    """The allowlists against strace of the real agent (tools/measure_syscalls.py)."""
-    from tools.measure_syscalls import measure, report
-
-    os.chmod(tmp_path, 0o755)
-    lines = report(measure(str(tmp_path)))
-    assert lines[-1] == "every syscall made is allowed", "\n".join(lines)
-    child = lines[lines.index(next(x for x in lines if x.startswith("child ("))):]
-    seen = {line.split()[0] for line in child if line.startswith("  ") and ":" not in line}
-    assert {"ioctl", "syncfs", "recvmsg", "restart_syscall"} <= seen, "\n".join(lines)

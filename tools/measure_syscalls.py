@@ -71,10 +71,12 @@ _CALL = re.compile(r"^(\d+) +([a-z_0-9]+)\(")
 
 @dataclass
 class Trace:
-    """Syscalls per process after that process's own seccomp() call."""
+    """Syscalls per process after that process's own seccomp() call, and every syscall
+    any process made from its exec on (what a unit's SystemCallFilter must allow)."""
 
     calls: dict[str, collections.Counter[str]] = field(
         default_factory=lambda: collections.defaultdict(collections.Counter))
+    everything: set[str] = field(default_factory=set)
 
     def add(self, path: str) -> None:
         role: dict[str, str] = {}
@@ -85,6 +87,7 @@ class Trace:
                 if not m:
                     continue
                 pid, name = m.groups()
+                self.everything.add(name)
                 if name == "execve" and '"-I", "-B", "-S"' in line:
                     role[pid] = "child"
                 elif name == "chroot":
