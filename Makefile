@@ -23,7 +23,7 @@ lint: venv
 	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
 
 bench: deps account venv
-	$(VENV)/bin/pip install -q '.[bench]'
+	$(VPY) -m pip install -q -e '.[bench]'
 	$(VPY) -m bench
 
 venv: $(STAMP)

@@ -76,7 +76,8 @@ def shutdown_ext4(mountpoint: str) -> None:
 
 
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
-                 max_frozen: float = 30, cooldown: float = 0, extra: str = "") -> str:
+                 max_frozen: float = 30, cooldown: float = 0, presync: bool = True,
+                 extra: str = "") -> str:
     only = ", ".join(f'"{m}"' for m in mounts)
     chroot = os.path.join(workdir, "empty")
     os.makedirs(chroot, mode=0o755, exist_ok=True)
@@ -88,6 +89,7 @@ chroot = "{chroot}"
 protocol = "{protocol}"
 [freeze]
 only = [{only}]
+presync = {"true" if presync else "false"}
 [watchdog]
 max_frozen_seconds = {max_frozen}
 cooldown_seconds = {cooldown}

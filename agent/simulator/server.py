@@ -84,6 +84,8 @@ class Simulator:
         return self
 
     def stop(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         self._wake()
         if self._thread:
