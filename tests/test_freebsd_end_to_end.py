@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,3 +152,16 @@ def test_requests_wait_for_the_first_open_and_fail_at_once_after_close(workdir, 
         assert agent.sim.request("thaw").status == host.HV_S_OK
     finally:
         agent.stop()
+
+
+def test_the_demo_runs_with_the_freebsd_protocol(workdir):
+    """`hv-vss-agent --simulate --protocol freebsd`: its own scratch filesystems, real freezes."""
+    demo = subprocess.run(
+        [sys.executable, "-m", "agent", "--simulate", "--protocol", "freebsd", "--cycles", "1",
+         "--hold", "0.3"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "(freebsd driver model)" in demo.stdout
+    assert re.search(r"host FREEZE -> HV_S_OK .* agent wrote: 02000000 00000000 \w{8} \w{8} "
+                     r"\+ 48 zero bytes", demo.stdout), demo.stdout
+    assert "OK: 1 cycle(s); every reply as expected; every writer stopped while frozen" \
+        in demo.stdout
