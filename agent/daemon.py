@@ -79,6 +79,8 @@ def register(fd: int, protocol: str) -> KernelChannel:
         raise StartupError(f"registration with the kernel failed: {e}") from None
     if modver is not None:
         log.info("registered with the kernel (kernel_modver %d)", modver)
+    else:  # FreeBSD's hv_vss_dev_open registers the opener: there is no handshake
+        log.info("registered with the kernel (by opening the device)")
     return kernel
 
 

@@ -133,18 +133,21 @@ class Child:
 
     def selection(self) -> Selection:
         sel = select_targets(self.freezer.mounts(), self.cfg, self.freezer.platform)
+        crash_only: dict[str, list[str]] = {}  # one line per reason, however many datasets
         for d in sel.decisions:
             if d.verdict is Verdict.CRASH_ONLY:
-                log.info("%s: %s", d.mount.mountpoint, d.reason)
+                crash_only.setdefault(d.reason, []).append(d.mount.mountpoint)
             elif d.verdict is not Verdict.IGNORE:
                 log.debug("%s: %s", d.mount.mountpoint, d.verdict.value)
+        for reason, mountpoints in crash_only.items():
+            log.info("%s: %s", reason, ", ".join(mountpoints))
         return sel
 
     def blocker(self, sel: Selection) -> tuple[str, str] | None:
         veto = sel.veto_reason()
         if veto:
             return veto
-        for m in sel.targets:
+        for m in sel.targets if self.statedir.enabled else ():
             if under(self.statedir.path, m.mountpoint):
                 return m.mountpoint, (f"holds the state directory {self.statedir.path}; "
                                       "set [state] dir to a path on tmpfs such as /run")
@@ -353,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_child_config(args.config)
-        statedir = StateDir(cfg.state.dir)
-        statedir.ensure()
         freezer = pick_freezer(args.memory)
+        statedir = StateDir(cfg.state.dir, enabled=freezer.platform.freeze_outlives_holder)
+        statedir.ensure()
     except (ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR

@@ -9,6 +9,12 @@ makes that a veto), so these writes never block and never land in a snapshot.
 
 Format: one line per filesystem, "<fs_key> <mountpoint>", the mountpoint
 escaped as in mountinfo.
+
+FreeBSD keeps no record (StateDir(enabled=False)): a UFS suspension lasts
+only as long as the /dev/ufssuspend descriptor that made it, and the kernel
+closes a dead child's descriptors, which resumes its filesystems
+(ffs_susp_dtor).  There is nothing a successor could have to thaw, and no
+directory to keep off the frozen filesystems ([state] dir is not used).
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ def _escape(path: str) -> str:
 
 
 class StateDir:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, enabled: bool = True) -> None:
         self.path = path
         self.record = os.path.join(path, RECORD)
+        self.enabled = enabled
 
     def ensure(self) -> None:
+        if not self.enabled:
+            return
         try:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
@@ -43,6 +52,8 @@ class StateDir:
                           f"uid {st.st_uid})")
 
     def write(self, entries: list[tuple[str, str]]) -> None:
+        if not self.enabled:
+            return
         tmp = self.record + ".new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
@@ -53,12 +64,16 @@ class StateDir:
         os.rename(tmp, self.record)
 
     def clear(self) -> None:
+        if not self.enabled:
+            return
         try:
             os.unlink(self.record)
         except FileNotFoundError:
             pass
 
     def read(self) -> list[tuple[str, str]]:
+        if not self.enabled:
+            return []
         try:
             fd = os.open(self.record, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
