@@ -24,7 +24,13 @@ from agent.config import AgentConfig
 from agent.engine import Engine, NotifyPolicy
 from agent.errors import StartupError
 from agent.integrity import check_install
-from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
+from agent.kernel.transport import (
+    Endpoint,
+    KernelChannel,
+    KernelLost,
+    KernelProtocolError,
+    attach,
+)
 from agent.sandbox import confine_parent
 from agent.service import Service
 from privileged.device import open_device
@@ -34,12 +40,17 @@ log = logging.getLogger("hv-vss-agent")
 EXIT_STARTUP = 1
 
 
-def wait_for_device(path: str, backoff_max: float = 5.0) -> int:
-    """Open the device; if it does not exist yet, wait for it (bounded backoff)."""
+def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpoint:
+    """Open the device; if it does not exist yet, wait for it (bounded backoff).
+
+    Over the simulator's socket, open(2)'s result arrives as the first record:
+    it is read here too, so that a busy device (a second daemon) is refused
+    before the child starts; a child started regardless would first run crash
+    recovery, and could thaw the other daemon's freeze."""
     delay, said = 0.1, False
     while True:
         try:
-            return open_device(path)
+            return attach(open_device(path), protocol)
         except FileNotFoundError:
             if not said:
                 log.info("waiting for %s to appear", path)
@@ -67,14 +78,10 @@ def daemonize() -> None:
     os.close(null)
 
 
-def register(fd: int, protocol: str) -> KernelChannel:
+def register(endpoint: Endpoint, protocol: str) -> KernelChannel:
     try:
-        kernel = KernelChannel(attach(fd, protocol), protocol)
+        kernel = KernelChannel(endpoint, protocol)
         modver = kernel.register()
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise StartupError("the VSS device is busy: another VSS daemon has it open") from None
-        raise StartupError(f"cannot open the VSS device: {e.strerror or e}") from None
     except (KernelLost, KernelProtocolError) as e:
         raise StartupError(f"registration with the kernel failed: {e}") from None
     if modver is not None:
@@ -104,7 +111,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     if not foreground:
         daemonize()
 
-    fd = wait_for_device(cfg.device_path)
+    endpoint = wait_for_device(cfg.device_path, cfg.protocol)
     child = ChildLink.spawn(cfg.path, cfg.device_path, debug,
                             extra=("--memory",) if in_memory else ())
     try:
@@ -120,9 +127,9 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
         privdrop.drop(account, cfg.chroot)
         log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
                  account.gid, cfg.chroot)
-        confine_parent(fd)
+        confine_parent(endpoint.fileno())
 
-    kernel = register(fd, cfg.protocol)
+    kernel = register(endpoint, cfg.protocol)
     engine = Engine(cfg.protocol, NotifyPolicy(enabled=False, budget=cfg.notify.budget,
                                                policy=cfg.notify.policy), cfg.history)
     service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel)
