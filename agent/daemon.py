@@ -132,7 +132,8 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     kernel = register(endpoint, cfg.protocol)
     engine = Engine(cfg.protocol, NotifyPolicy(enabled=False, budget=cfg.notify.budget,
                                                policy=cfg.notify.policy), cfg.history)
-    service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel)
+    service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel,
+                      kernel_timeout=cfg.kernel_timeout)
     service.install_signals()
     code = service.run()
     logging.shutdown()

@@ -85,6 +85,7 @@ class Kind(enum.Enum):
     OTHER = "other"
     RESYNC = "resync"  # internal: THAW to the child after its automatic thaw
     RECOVER = "recover"  # internal: thaw before reopening a lost kernel channel
+    ABANDON = "abandon"  # internal: thaw a freeze the kernel gave up waiting for
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Transaction:
     kind: Kind
     request: KernelRequest | None
     started: float
+    kernel_deadline: float | None = None  # when the kernel stops waiting (FreeBSD: msgid)
     timings: dict[str, float] = field(default_factory=dict)
     result: str = ""
     detail: str = ""
@@ -150,12 +152,20 @@ class Engine:
     def busy(self) -> bool:
         return self.tx is not None
 
-    def on_kernel(self, req: KernelRequest, now: float) -> list[Action]:
+    def on_kernel(self, req: KernelRequest, now: float,
+                  kernel_deadline: float | None = None) -> list[Action]:
+        """A request from the kernel.  `kernel_deadline`, when known, is the
+        moment the kernel stops waiting for our answer and fails the host."""
         if self.tx is not None:
             raise EngineError("a kernel request arrived during a transaction")
         kind = Kind(req.op.value)
         tx = self._begin(kind, req, now)
+        tx.kernel_deadline = kernel_deadline
         self.counters[f"requests_{kind.value}"] += 1
+        if kernel_deadline is not None and now >= kernel_deadline and kind is not Kind.THAW:
+            # Our answer would be discarded: the host has already been told HV_E_FAIL.
+            return self._finish(tx, now, False, "the kernel had already given up on this "
+                                "request when it was read")
         if kind is Kind.CHECK:
             if self.frozen:
                 return self._finish(tx, now, False, "refused: filesystems are still frozen "
@@ -192,6 +202,14 @@ class Engine:
             if ok:
                 self.frozen, self.consistency_lost, self.frozen_since = True, False, now
                 self.counters["freezes"] += 1
+                if tx.kernel_deadline is not None and now > tx.kernel_deadline:
+                    # FreeBSD drops a late ack without a word (hv_vss_notified finds no
+                    # msgid) and has failed the FREEZE already: nobody will snapshot.
+                    log.warning("FREEZE finished after the kernel stopped waiting: thawing now")
+                    late = self._finish(tx, now, False, "frozen too late: the kernel had given up")
+                    if self.tx is None:  # unless _finish is already thawing (channel lost)
+                        late += self._start_internal(Kind.ABANDON, now)
+                    return late
                 return self._finish(tx, now, not tx.abandoned, why)
             self.counters["freeze_failures"] += 1
             return [ReleaseLogs(), *self._resume_subscribers(tx, now),
@@ -286,6 +304,8 @@ class Engine:
             return self._after_notify(tx, True, now, "")
         self.waiting_notify = event
         self.notify_deadline = tx.started + self.notify.budget
+        if tx.kernel_deadline is not None:
+            self.notify_deadline = min(self.notify_deadline, tx.kernel_deadline)
         self.stage_started = now
         return [Notify(event, tx.id, self.notify_deadline)]
 
@@ -320,7 +340,7 @@ class Engine:
         tx.timings["total"] = now - tx.started
         self.tx = None
         self.history.append(tx)
-        if tx.kind in (Kind.RESYNC, Kind.RECOVER):
+        if tx.kind in (Kind.RESYNC, Kind.RECOVER, Kind.ABANDON):
             self.counters[f"{tx.kind.value}s"] += 1
         else:
             self.counters[f"replies_{tx.result}"] += 1

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from agent import engine as E
 from agent.child_link import ChildGone, ChildLink
+from agent.kernel.messages import KernelRequest
 from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
 from agent.logs import FreezeGate
 from privileged import wire
@@ -47,6 +48,7 @@ class Notifier(Protocol):
 class Service:
     def __init__(self, engine: E.Engine, child: ChildLink, gate: FreezeGate, *, protocol: str,
                  kernel: KernelChannel | None = None, notifier: Notifier | None = None,
+                 kernel_timeout: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.child = child
@@ -54,6 +56,7 @@ class Service:
         self.protocol = protocol
         self.kernel = kernel
         self.notifier = notifier
+        self.kernel_timeout = kernel_timeout
         self.clock = clock
         self.pending_child: wire.Op | None = None
         self.reconnect_at: float | None = None if kernel else clock()
@@ -143,7 +146,16 @@ class Service:
             log.debug("woken with nothing pending (the request timed out before we read it)")
             return
         log.debug("kernel request %s (%d)", req.op.value, req.code)
-        self._run(self.engine.on_kernel(req, self.clock()))
+        now = self.clock()
+        self._run(self.engine.on_kernel(req, now, self._kernel_deadline(req, now)))
+
+    def _kernel_deadline(self, req: KernelRequest, now: float) -> float | None:
+        """FreeBSD's msgid is nanotime() when the request was made (hv_vss_init_req),
+        and one callout of kernel_timeout covers the whole chain from then."""
+        if self.protocol != "freebsd" or not req.msgid:
+            return None
+        age = time.time() - req.msgid / 1e9
+        return now + self.kernel_timeout - age
 
     def _reply(self, act: E.ReplyKernel) -> None:
         if self.kernel is None:

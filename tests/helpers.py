@@ -77,7 +77,7 @@ def shutdown_ext4(mountpoint: str) -> None:
 
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
                  max_frozen: float = 30, cooldown: float = 0, presync: bool = True,
-                 extra: str = "") -> str:
+                 kernel_timeout: float = 15.0, extra: str = "") -> str:
     only = ", ".join(f'"{m}"' for m in mounts)
     chroot = os.path.join(workdir, "empty")
     os.makedirs(chroot, mode=0o755, exist_ok=True)
@@ -87,6 +87,7 @@ user = "hvvss"
 chroot = "{chroot}"
 [device]
 protocol = "{protocol}"
+kernel_timeout = {kernel_timeout}
 [freeze]
 only = [{only}]
 presync = {"true" if presync else "false"}

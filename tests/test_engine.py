@@ -184,3 +184,34 @@ def test_kernel_request_during_a_transaction_is_an_error(eng):
     eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)
     with pytest.raises(E.EngineError):
         eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.1)
+
+
+def freebsd_freeze() -> KernelRequest:
+    req = fw.decode_request(fw.MSG.pack(fw.HV_VSS_FREEZE, 0, 123, bytes(48)))
+    assert req is not None
+    return req
+
+
+def test_a_freeze_the_kernel_already_gave_up_on_is_not_started():
+    eng = E.Engine("freebsd")
+    acts = eng.on_kernel(freebsd_freeze(), 20.0, kernel_deadline=15.0)
+    assert asks(acts) == [] and replies(acts) == [False]
+
+
+def test_a_freeze_finished_after_the_kernel_gave_up_is_thawed_at_once():
+    eng = E.Engine("freebsd")
+    assert asks(eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)) == [Op.FREEZE]
+    acts = eng.on_child_result(result(Op.FREEZE), 16.0)
+    assert replies(acts) == [False]  # the kernel drops it; the host already has HV_E_FAIL
+    assert asks(acts) == [Op.THAW]
+    assert eng.history[-1].detail == "frozen too late: the kernel had given up"
+    eng.on_child_result(result(Op.THAW), 16.1)
+    assert not eng.frozen
+    assert eng.history[-1].kind is E.Kind.ABANDON
+
+
+def test_in_time_freebsd_freeze_stays_frozen():
+    eng = E.Engine("freebsd")
+    eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)
+    acts = eng.on_child_result(result(Op.FREEZE), 1.0)
+    assert replies(acts) == [True] and asks(acts) == [] and eng.frozen

@@ -33,7 +33,8 @@ def reply(opt: int, msgid: int, status: int = 0) -> bytes:
 def freebsd_agent(workdir: str, mounts: list[str], chain_timeout: float = 15.0,
                   **config: object) -> Iterator[Agent]:
     agent = Agent(workdir, mounts, protocol="freebsd",
-                  sim_timeouts={"chain_timeout": chain_timeout}, **config)
+                  sim_timeouts={"chain_timeout": chain_timeout}, kernel_timeout=chain_timeout,
+                  **config)
     try:
         agent.start()
         serving(agent)
@@ -91,7 +92,9 @@ def test_unknown_opt_is_answered_failure_echoing_opt_and_msgid(workdir, ext4_xfs
         assert agent.sim.request("check").status == host.HV_S_OK
 
 
-def test_late_freeze_ack_is_dropped_and_the_freeze_lasts_until_thaw(workdir, ext4_xfs):
+def test_a_freeze_read_after_the_kernel_gave_up_is_not_done(workdir, ext4_xfs):
+    """msgid is the kernel's nanotime() at the request: the agent sees it is too late,
+    answers failure (which the kernel drops) and freezes nothing."""
     mounts = [fs.mountpoint for fs in ext4_xfs]
     with freebsd_agent(workdir, mounts, chain_timeout=1.0) as agent:
         parent = agent.parent
@@ -104,12 +107,31 @@ def test_late_freeze_ack_is_dropped_and_the_freeze_lasts_until_thaw(workdir, ext
         assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
         driver = agent.sim.driver
         assert wait_for(lambda: driver.dropped_acks, 10), agent.log()
-        # The request was already on the socket: the agent froze and said so, too late.
-        assert driver.dropped_acks == [reply(fw.HV_VSS_FREEZE, msgid_of(driver.dropped_acks[0]))]
-        assert "kernel channel" not in agent.log()  # its WRITE "succeeded"
-        probe = assert_blocked(mounts[0], 0.3)
-        assert agent.sim.request("thaw").status == host.HV_S_OK
-        assert probe.done_within(5)
+        assert driver.dropped_acks == [reply(fw.HV_VSS_FREEZE,
+                                             msgid_of(driver.dropped_acks[0]), status=1)]
+        assert "FROZEN" not in agent.log()
+        for m in mounts:
+            assert_writable(m, 2)
+
+
+def test_a_freeze_finished_after_the_kernel_gave_up_is_undone_at_once(workdir, ext4_xfs):
+    """The child is held mid-FREEZE past the budget: its late freeze is thawed at once,
+    not left until the host's THAW or the watchdog (nobody will snapshot it)."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with freebsd_agent(workdir, mounts, chain_timeout=1.0) as agent:
+        child = agent.child
+        child.suspend()
+        freeze = agent.sim.send("freeze")
+        agent.sim.wait(freeze, 10)
+        assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
+        child.resume()  # now it freezes, too late
+        assert wait_for(lambda: "thawing now" in agent.log(), 10), agent.log()
+        for m in mounts:
+            assert_writable(m, 5)
+        driver = agent.sim.driver
+        assert driver.dropped_acks == [reply(fw.HV_VSS_FREEZE,
+                                             msgid_of(driver.dropped_acks[0]), status=1)]
+        assert agent.sim.request("thaw").status == host.HV_S_OK  # nothing frozen: success
 
 
 def test_exclusive_open_a_second_agent_is_refused_in_one_line(workdir, ext4_xfs):
