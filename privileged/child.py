@@ -33,7 +33,7 @@ from privileged.channel import Channel, FrameLogHandler, ProtocolViolation
 from privileged.config import ChildConfig, ConfigError, load_child_config
 from privileged.device import open_device
 from privileged.freezer import FreezeFailed, Freezer, Held
-from privileged.hardening import harden_child, thread_count
+from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.sandbox import confine_child
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [FrameLogHandler(channel)]
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
+    quiet_stdio()
 
     stop: list[int] = []
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

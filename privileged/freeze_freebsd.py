@@ -16,9 +16,8 @@ Facts this relies on (sys/ufs/ffs/ffs_suspend.c, ffs_susp_ioctl and friends):
   a file open for writing on that filesystem (descrip_check_write_mp; in the
   current tree, not in every release).  The child is single-threaded by
   construction, and the only descriptors it inherits that could be such a
-  file are stdin, stdout and stderr, which release_stdio_files() points at
-  /dev/null (it logs through its socket, and writing to a file on a
-  suspended filesystem would block it anyway);
+  file are stdin, stdout and stderr, which point at /dev/null as soon as its
+  log channel is up (hardening.quiet_stdio);
 - a mount already suspended through /dev/ufssuspend is EBUSY.  Unlike Linux
   (freeze_linux.py) we do not count that as frozen: the other holder may
   resume it during the snapshot, and EBUSY also means an unmount in progress;
@@ -29,18 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import logging
-import os
-import stat
 from collections.abc import Sequence
 
 from privileged.freezer import FreezeFailed, Held
 from privileged.mounts_freebsd import FREEBSD, fsid_of, parse_mounts
 from privileged.selection import Mount
 from privileged.ufs_kernel import PATH_UFSSUSPEND, LibcUfsKernel, UfsKernel
-
-log = logging.getLogger("hv-vss-agent.child")
 
 # Why ffs_susp_ioctl says no, in the order it checks.
 WHY = {
@@ -55,36 +48,11 @@ WHY = {
 }
 
 
-def release_stdio_files() -> list[int]:
-    """Point stdin, stdout and stderr at /dev/null where they are files open for writing."""
-    moved = []
-    for fd in (0, 1, 2):
-        try:
-            mode = os.fstat(fd).st_mode
-            access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        except OSError:
-            continue  # not open
-        if stat.S_ISREG(mode) and access != os.O_RDONLY:
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, fd)
-            if null != fd:
-                os.close(null)
-            moved.append(fd)
-    return moved
-
-
 class FreeBSDFreezer:
     platform = FREEBSD
 
-    def __init__(self, kernel: UfsKernel | None = None, *,
-                 release_stdio: bool | None = None) -> None:
+    def __init__(self, kernel: UfsKernel | None = None) -> None:
         self.kernel: UfsKernel = kernel if kernel is not None else LibcUfsKernel()
-        if release_stdio is None:
-            release_stdio = kernel is None  # the real kernel judges this process's descriptors
-        if release_stdio:
-            for fd in release_stdio_files():
-                log.info("descriptor %d was a file open for writing: now /dev/null "
-                         "(UFSSUSPEND refuses such a caller with EDEADLK)", fd)
         # Read the table once now: a struct statfs we do not know is refused at start-up.
         self.mounts()
 

@@ -39,6 +39,23 @@ def harden_child(parent_pid: int) -> None:
             raise SystemExit("hv-vss-agent child: parent is gone")
 
 
+def quiet_stdio() -> None:
+    """stdin, stdout and stderr become /dev/null, once the log channel is up.
+
+    Whatever the parent gave us (a terminal, a pipe, a log file) could be on a
+    frozen filesystem or stop being read; a write there (Python's own last-resort
+    messages) would then block the only process that can thaw.  On FreeBSD a
+    file open for writing on a filesystem also makes UFSSUSPEND refuse us
+    (EDEADLK, descrip_check_write_mp).  Start-up failures before this point
+    still reach the parent's stderr."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd != null:
+            os.dup2(null, fd, inheritable=False)
+    if null > 2:
+        os.close(null)
+
+
 def thread_count() -> int:
     """Threads in this process, as the kernel counts them (not just Python's)."""
     if sys.platform.startswith("linux"):

@@ -146,3 +146,15 @@ def test_parent_sees_malformed_child_records_as_fatal():
     theirs.close()
     with pytest.raises(ChildGone):
         link.receive()
+
+
+def test_child_stdio_is_dev_null_once_it_runs(workdir, make_fs):
+    """Whatever stdio the parent handed over (here a log file) is let go: a write to it
+    while frozen would block the one process that can thaw."""
+    fs = make_fs("ext4")
+    link = spawn(workdir, fs.mountpoint)
+    try:
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{link.pid}/fd/{fd}") == "/dev/null"
+    finally:
+        link.request(Op.QUIT)

@@ -8,8 +8,6 @@ records, refused when their layout is not the one we know.
 from __future__ import annotations
 
 import errno
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -19,7 +17,6 @@ from privileged.freezer import FreezeFailed
 from privileged.selection import Mount
 from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
 from privileged.ufs_kernel import read_fsstat
-from tests.helpers import REPO
 from tests.ufs_model import MNT_LOCAL, MNT_RDONLY, UFSRESUME, ModelMount, UfsModel
 
 pytestmark = pytest.mark.freebsd_model
@@ -239,16 +236,3 @@ def test_read_fsstat_sizes_the_buffer_and_retries_when_mounts_appear():
         return fit
 
     assert read_fsstat(getfsstat) == b"".join(records)
-
-
-def test_release_stdio_files_in_a_real_process(tmp_path):
-    code = (
-        "import os, sys; sys.path.insert(0, sys.argv[1]);"
-        "from privileged.freeze_freebsd import release_stdio_files;"
-        "moved = release_stdio_files();"
-        "os.write(1, repr((moved, os.readlink('/proc/self/fd/2'))).encode())"
-    )
-    with open(tmp_path / "err", "ab") as err:
-        out = subprocess.run([sys.executable, "-I", "-c", code, REPO], stderr=err,
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, check=True)
-    assert out.stdout == repr(([2], "/dev/null")).encode()  # stdout, a pipe, is left alone

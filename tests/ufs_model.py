@@ -246,9 +246,11 @@ def child_main(argv: list[str]) -> int:
     from privileged.freeze_freebsd import FreeBSDFreezer
 
     def pick_freezer(memory: bool = False) -> FreeBSDFreezer:
-        return FreeBSDFreezer(model, release_stdio=spec["release_stdio"])
+        return FreeBSDFreezer(model)
 
     child.pick_freezer = pick_freezer  # type: ignore[assignment]
+    if not spec["release_stdio"]:  # the control: keep the parent's stderr as given
+        child.quiet_stdio = lambda: None  # type: ignore[assignment]
     return child.main(argv[2:])
 
 
