@@ -18,7 +18,7 @@ test: deps account venv
 	$(VPY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check agent privileged tests bench
+	$(VENV)/bin/ruff check agent privileged tests $(wildcard bench)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
 

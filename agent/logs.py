@@ -26,6 +26,8 @@ class FreezeGate(logging.Handler):
     def __init__(self, target: logging.Handler, capacity: int = 10000) -> None:
         super().__init__(target.level)
         self.target = target
+        # multiprocessing-logging's wrapper copies our formatter onto the target: keep it.
+        self.formatter = target.formatter
         self.held: deque[logging.LogRecord] = deque()
         self.capacity = capacity
         self.dropped = 0
@@ -35,7 +37,9 @@ class FreezeGate(logging.Handler):
         with self.lock:  # type: ignore[union-attr]
             self.closed_gate = True
 
-    def release(self) -> None:
+    def unhold(self) -> None:
+        # Not "release": that is logging.Handler's method to release its I/O lock, which
+        # handle() calls after every record.
         with self.lock:  # type: ignore[union-attr]
             self.closed_gate = False
             held, self.held = self.held, deque()

@@ -75,9 +75,36 @@ def shutdown_ext4(mountpoint: str) -> None:
         os.close(fd)
 
 
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def toml_section(name: str, values: dict[str, object]) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+
+
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
-                 max_frozen: float = 30, cooldown: float = 0, extra: str = "") -> str:
+                 max_frozen: float = 30, cooldown: float = 0, extra: str = "",
+                 frontend: bool = True, notify: dict[str, object] | None = None,
+                 control: dict[str, object] | None = None,
+                 metrics: dict[str, object] | None = None) -> str:
+    """The agent's config; by default with the frontend (subscriber and control sockets)."""
     only = ", ".join(f'"{m}"' for m in mounts)
+    if frontend:
+        extra += toml_section("notify", {"socket": os.path.join(workdir, "notify.sock"),
+                                         **(notify or {})})
+        extra += toml_section("control", {"socket": os.path.join(workdir, "control.sock"),
+                                          **(control or {})})
+    if metrics:
+        extra += toml_section("metrics", metrics)
     chroot = os.path.join(workdir, "empty")
     os.makedirs(chroot, mode=0o755, exist_ok=True)
     text = f"""
@@ -150,6 +177,20 @@ class Agent:
         kids = [p for p in self.parent.children() if p.uids().real == 0]
         assert len(kids) == 1, kids
         return kids[0]
+
+    @property
+    def frontend(self) -> psutil.Process:
+        kids = [p for p in self.parent.children() if p.uids().real != 0]
+        assert len(kids) == 1, kids
+        return kids[0]
+
+    @property
+    def notify_socket(self) -> str:
+        return os.path.join(self.workdir, "notify.sock")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.workdir, "control.sock")
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
