@@ -285,7 +285,7 @@ class Frontend:
         if not data:
             if sub.outstanding:
                 log.warning("subscriber %s (%s) disconnected before answering %s", sub.label,
-                            describe(sub.cred), sub.outstanding[0].value)
+                            describe(sub.cred), sub.outstanding[0][0].value)
             else:
                 log.info("subscriber %s (%s) disconnected", sub.label, describe(sub.cred))
             self._drop(conn, Outcome.DISCONNECTED, "disconnected")

@@ -123,7 +123,7 @@ def run_hook(path: str, arg: str, timeout: float) -> HookResult:
     took = time.monotonic() - started
     if timed_out:
         return HookResult(path, False, f"{os.path.basename(path)} {arg}: killed after "
-                          f"{timeout:.1f} s", output)
+                          f"{took:.1f} s, at its deadline", output)
     if code != 0:
         why = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
         return HookResult(path, False, f"{os.path.basename(path)} {arg}: {why}"

@@ -127,9 +127,12 @@ class Service:
         if self.child.fileno() in ready:
             self._on_child()
         if self.notifier is not None and self.notifier.fileno() in ready:
-            for done in self.notifier.receive():
+            reports = self.notifier.receive()
+            for done in reports:
                 self._run(self.engine.on_notify_done(done.event.name.lower(), done.txid,
                                                      done.results, self.clock()))
+            if reports:
+                self._changed()  # a THAW report changes the history, not the state
         if self._kernel_fd is not None and self._kernel_fd in ready and self._can_read_kernel():
             self._on_kernel()
         self._run(self.engine.on_timer(self.clock()))

@@ -12,9 +12,11 @@ Who hears what:
   THAW           every subscriber that was sent FREEZE and not yet THAW, so
                  each one sees FREEZE and THAW in pairs, including after a
                  failed FREEZE and after the watchdog thawed (txid 0).
-A subscriber has at most one event outstanding: a new event supersedes the
-old one, which then counts as a timeout.  An answer to an event it was sent
-earlier is late and ignored; an answer to anything else is garbage.
+A subscriber may owe answers to several events at once (the host can send
+CHECK right after THAW, while the subscriber is still running its thaw hook):
+answers name their event and transaction, so each settles its own round.  An
+answer to an event it was sent earlier, already settled, is late and
+ignored; an answer to anything else is garbage.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Subscriber:
     connected_wall: float
     name: str = ""
     timeout: float | None = None  # asked for in HELLO
-    outstanding: tuple[nw.Event, int] | None = None
+    outstanding: list[tuple[nw.Event, int]] = field(default_factory=list)
     sent: deque[tuple[nw.Event, int]] = field(default_factory=lambda: deque(maxlen=8))
     frozen: bool = False  # sent FREEZE, not yet THAW
     answered: int = 0
@@ -70,8 +72,7 @@ class Subscriber:
                 "connected_since": self.connected_wall,
                 "connected_seconds": round(now - self.connected, 3),
                 "answered": self.answered,
-                "waiting_for": (f"{self.outstanding[0].value} {self.outstanding[1]}"
-                                if self.outstanding else None)}
+                "waiting_for": [f"{e.value} {txid}" for e, txid in self.outstanding]}
 
 
 @dataclass
@@ -122,12 +123,10 @@ class Registry:
         for sub in self.subs.values():
             if not sub.name or (event is nw.Event.THAW and not sub.frozen):
                 continue
-            if sub.outstanding is not None:
-                self._supersede(sub, event, txid, now)
             own = min(self.timeout, sub.timeout) if sub.timeout else self.timeout
             deadline = min(now + own, engine_deadline)
             rnd.waiting[sub.id] = deadline
-            sub.outstanding = (event, txid)
+            sub.outstanding.append((event, txid))
             sub.sent.append((event, txid))
             if event is nw.Event.FREEZE:
                 sub.frozen = True
@@ -149,7 +148,7 @@ class Registry:
         if not sub.name:
             raise Garbage("an answer before HELLO")
         key = (msg.event, msg.txid)
-        if sub.outstanding == key:
+        if key in sub.outstanding:
             rnd = next(r for r in self.rounds if (r.event, r.txid) == key and sub.id in r.waiting)
             outcome = {nw.Verdict.OK: Outcome.OK, nw.Verdict.VETO: Outcome.VETO,
                        nw.Verdict.FAIL: Outcome.FAILED}[msg.verdict]
@@ -180,17 +179,11 @@ class Registry:
     def next_deadline(self) -> float | None:
         return min((d for r in self.rounds for d in r.waiting.values()), default=None)
 
-    def _supersede(self, sub: Subscriber, event: nw.Event, txid: int, now: float) -> None:
-        for rnd in self.rounds:
-            if sub.id in rnd.waiting:
-                self._settle(rnd, sub, Outcome.TIMEOUT,
-                             f"no answer before {event.value} {txid} was sent", now)
-
     def _settle(self, rnd: Round, sub: Subscriber, outcome: Outcome, reason: str,
                 now: float) -> None:
         rnd.waiting.pop(sub.id, None)
-        if sub.outstanding == (rnd.event, rnd.txid):
-            sub.outstanding = None
+        if (rnd.event, rnd.txid) in sub.outstanding:
+            sub.outstanding.remove((rnd.event, rnd.txid))
         rnd.results[sub.id] = SubscriberResult(
             sub.label, sub.cred.uid, sub.cred.pid, outcome, nw.clean_reason(reason),
             int((now - rnd.started) * 1000))

@@ -21,6 +21,9 @@ import psutil
 from agent.simulator.server import Simulator
 
 PY = sys.executable
+# For processes under other uids: the venv's interpreter may live where only root can
+# reach it (pyenv under /root).  What they run needs only the standard library.
+USER_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else PY
 EXT4_IOC_SHUTDOWN = 0x8004587D
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -227,3 +230,90 @@ def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> boo
             return True
         time.sleep(step)
     return False
+
+
+# --- subscribers -----------------------------------------------------------------------
+
+SUBSCRIBER = """\
+import socket, sys, time
+path, name, rules, out = sys.argv[1:5]
+actions = dict(r.split("=", 1) for r in rules.split(",") if r)
+def note(*words):
+    with open(out, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+f = s.makefile("rwb", buffering=0)
+note("greeting", f.readline().decode().strip())
+f.write(("HELLO 1 %s\\n" % name).encode())
+note("welcome", f.readline().decode().strip())
+for line in f:
+    words = line.decode().split()
+    if words[0] not in ("CHECK", "FREEZE", "THAW"):
+        note("other", line.decode().strip())
+        continue
+    event, txid, ms = words
+    note("event", event, txid, ms, time.monotonic())
+    action = actions.get(event, "ok")
+    if action.startswith("slow:"):
+        time.sleep(float(action[5:]))
+        action = "ok"
+    if action == "ok":
+        f.write(("OK %s %s\\n" % (event, txid)).encode())
+    elif action == "veto":
+        f.write(("VETO %s %s backup window closed\\n" % (event, txid)).encode())
+    elif action == "fail":
+        f.write(("FAIL %s %s could not flush\\n" % (event, txid)).encode())
+    elif action == "die":
+        note("dying")
+        sys.exit(0)
+    elif action == "garbage":
+        f.write(b"MAYBE later\\n")
+    elif action == "oversized":
+        f.write(b"OK " + b"x" * 600 + b"\\n")
+    note("answered", event, txid, action)
+note("agent closed")
+"""
+
+
+class Subscriber:
+    """A scripted subscriber process: `rules` say how it answers each event."""
+
+    def __init__(self, path: str, workdir: str, *, name: str = "sub", rules: str = "",
+                 user: str | int | None = None, group: str | int | None = None,
+                 extra_groups: list[str | int] | None = None) -> None:
+        self.out = os.path.join(workdir, f"{name}.events")
+        with open(self.out, "w"):
+            pass
+        os.chmod(self.out, 0o666)
+        self.proc = subprocess.Popen(
+            [USER_PY, "-I", "-c", SUBSCRIBER, path, name, rules, self.out],
+            user=user, group=group, extra_groups=extra_groups, cwd="/",
+            stderr=subprocess.DEVNULL)
+
+    def lines(self) -> list[str]:
+        with open(self.out, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    def wait_welcome(self, timeout: float = 10) -> str:
+        assert wait_for(lambda: len(self.lines()) >= 2 or self.proc.poll() is not None,
+                        timeout), "the subscriber never heard back"
+        return "\n".join(self.lines())
+
+    def events(self) -> list[str]:
+        return [line.split()[1] for line in self.lines() if line.startswith("event ")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def cli(*args: str, user: str | None = None, group: str | None = None,
+        extra_groups: list[str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`hv-vss-agent ARGS` as a separate process, optionally as another user."""
+    return subprocess.run([USER_PY if user else PY, "-m", "agent", *args], cwd=REPO,
+                          capture_output=True, text=True,
+                          user=user, group=group, extra_groups=extra_groups, timeout=timeout,
+                          check=False)
