@@ -127,6 +127,7 @@ class Conn:
     deadline: float | None
     buffer: nw.LineBuffer = field(default_factory=nw.LineBuffer)
     sub: Subscriber | None = None  # None: a control connection
+    out: bytes = b""  # a control answer still to be written
 
 
 class Frontend:
@@ -157,8 +158,12 @@ class Frontend:
                 self._accept(self.plan.notify, subscriber=True)
             if self.plan.control is not None and self.plan.control.fileno() in ready:
                 self._accept(self.plan.control, subscriber=False)
-            for fd in [fd for fd in ready if fd in self.conns]:
-                self._readable(self.conns[fd])
+            for fd, events in ready.items():
+                conn = self.conns.get(fd)
+                if conn is not None and conn.out and events & select.POLLOUT:
+                    self._write_answer(conn)
+                elif conn is not None:
+                    self._readable(conn)
             self._tick()
 
     def _timeout_ms(self) -> int | None:
@@ -178,8 +183,8 @@ class Frontend:
             self.counters["timeouts"] += 1
         for conn in list(self.conns.values()):
             if conn.deadline is not None and now >= conn.deadline:
-                what = "HELLO" if conn.sub is not None else "a request"
-                log.warning("%s (%s) sent no %s in time: disconnected",
+                what = "HELLO" if conn.sub is not None else "request"
+                log.warning("%s (%s) did not complete its %s in time: disconnected",
                             "subscriber" if conn.sub else "control client",
                             describe(conn.cred), what)
                 self._drop(conn, Outcome.TIMEOUT, f"no {what} in time")
@@ -340,12 +345,20 @@ class Frontend:
             self._drop(conn, Outcome.GARBAGE, str(e))
             return
         self.counters["status_requests"] += 1
-        answer = control.encode_answer(self.engine_status, self.status())
-        conn.sock.setblocking(True)
-        conn.sock.settimeout(CONTROL_TIMEOUT)
-        with contextlib.suppress(OSError):
-            conn.sock.sendall(answer)
-        self._drop(conn, Outcome.OK, "")
+        # Written as the client reads it, never blocking: subscribers may be waiting.
+        conn.out = control.encode_answer(self.engine_status, self.status())
+        self.poller.modify(conn.sock.fileno(), select.POLLOUT)
+        self._write_answer(conn)
+
+    def _write_answer(self, conn: Conn) -> None:
+        try:
+            conn.out = conn.out[conn.sock.send(conn.out):]
+        except BlockingIOError:
+            return
+        except OSError:
+            conn.out = b""
+        if not conn.out:
+            self._drop(conn, Outcome.OK, "")
 
     def status(self) -> dict[str, object]:
         now = self.clock()
