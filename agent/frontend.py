@@ -11,11 +11,14 @@ engine's FreezeGate holds them while frozen like any other record.
 main() reads top to bottom: close every inherited descriptor we do not need
 -> signals -> serve until the engine goes away.
 
-System calls it needs once running (for the seccomp filter, issue 4):
-poll, accept4, recvfrom/recvmsg, sendto/sendmsg, getsockopt (SO_PEERCRED,
-SO_PEERGROUPS), close, shutdown, clock_gettime, write (the logging queue's
-pipe), futex (the queue's feeder thread and semaphores), exit_group; plus,
-once at start, close_range/close and rt_sigaction.  It opens no file.
+System calls it makes once serving (strace -f on Linux, for the seccomp
+filter of issue 4): poll, accept4, getsockname and getsockopt (Python's
+socket object for an accepted descriptor; SO_PEERCRED, SO_PEERGROUPS), ioctl
+(FIONBIO only, from setblocking), recvfrom, sendto, close, write (the
+logging queue's pipe), futex (the queue's feeder thread), getpid (log
+records); memory management (brk, mmap, munmap, madvise) as the interpreter
+needs; at start close_range (or close) and rt_sigaction; at exit exit,
+exit_group.  It opens no file and creates no socket.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.child_link import ChildLink
 
@@ -65,76 +66,97 @@ def child_health(child: ChildLink) -> dict[str, object]:
 
 
 # --- the client's rendering -----------------------------------------------------------------
+# The answer came through the frontend, which faces untrusted clients: every field is
+# optional, of any type, and printed without control characters.
 
-def _when(t: object) -> str:
-    if not isinstance(t, float | int):
-        return "?"
-    return datetime.datetime.fromtimestamp(t).isoformat(sep=" ", timespec="seconds")
-
-
-def _get(d: object, *keys: str) -> object:
-    for k in keys:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
 
 
-def render_text(st: dict[str, object], processes: dict[str, dict[str, object]]) -> str:
-    lines = []
-    agent, child = _get(st, "agent"), _get(st, "child")
-    lines.append(f"hv-vss-agent: engine pid {_get(agent, 'pid')}, frontend pid "
-                 f"{_get(agent, 'frontend_pid')}, up since {_when(_get(agent, 'started'))}")
-    lines.append(f"root child: pid {_get(child, 'pid')}, {_get(child, 'health')}, "
-                 f"{_get(child, 'selected')} filesystem(s) selected at start")
-    if st.get("state") == "frozen":
-        since = _get(st, "frozen_since")
-        for_s = (float(st["time"]) - since  # type: ignore[arg-type]
-                 if isinstance(since, float | int) and isinstance(st.get("time"), float | int)
-                 else 0.0)
-        mounts = ", ".join(str(m) for m in st.get("frozen_mounts") or []) or "?"  # type: ignore[attr-defined]
-        lines.append(f"state: FROZEN since {_when(since)} ({for_s:.1f} s): {mounts}")
+class _View:
+    def __init__(self, d: object) -> None:
+        self.d: dict[str, Any] = d if isinstance(d, dict) else {}
+
+    def __getitem__(self, key: str) -> _View:
+        return _View(self.d.get(key))
+
+    def text(self, key: str, default: str = "?") -> str:
+        v = self.d.get(key)
+        return default if v is None or v == "" else _UNPRINTABLE.sub("?", str(v))[:300]
+
+    def num(self, key: str) -> float:
+        v = self.d.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+    def when(self, key: str) -> str:
+        v = self.d.get(key)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return "?"
+        try:
+            return datetime.datetime.fromtimestamp(v).isoformat(sep=" ", timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            return "?"
+
+    def views(self, key: str) -> list[_View]:
+        v = self.d.get(key)
+        return [_View(x) for x in v] if isinstance(v, list) else []
+
+    def pairs(self, key: str) -> list[tuple[str, str]]:
+        return [(_UNPRINTABLE.sub("?", str(k))[:80], self[key].text(k))
+                for k in self[key].d]
+
+
+def render_text(status: dict[str, object], processes: dict[str, dict[str, object]]) -> str:
+    st = _View(status)
+    agent, child, frontend = st["agent"], st["child"], st["frontend"]
+    lines = [f"hv-vss-agent: engine pid {agent.text('pid')}, frontend pid "
+             f"{agent.text('frontend_pid')}, up since {agent.when('started')}",
+             f"root child: pid {child.text('pid')}, {child.text('health')}, "
+             f"{child.text('selected')} filesystem(s) selected at start"]
+    if st.text("state") == "frozen":
+        mounts = ", ".join(_UNPRINTABLE.sub("?", str(m)) for m in st.d.get("frozen_mounts") or []
+                           ) if isinstance(st.d.get("frozen_mounts"), list) else "?"
+        lines.append(f"state: FROZEN since {st.when('frozen_since')} "
+                     f"({st.num('time') - st.num('frozen_since'):.1f} s): {mounts or '?'}")
     else:
-        lines.append("state: thawed" + (f" (busy: {st['busy']})" if st.get("busy") else ""))
-    lines.append(f"kernel: {'connected' if _get(st, 'kernel', 'connected') else 'NOT connected'}"
-                 f"; notifications: "
-                 + (f"on (policy {_get(st, 'notify', 'policy')}, budget "
-                    f"{_get(st, 'notify', 'budget')} s)" if _get(st, 'notify', 'enabled')
-                    else "off"))
-    subs = _get(st, "frontend", "subscribers") or []
-    assert isinstance(subs, list)
-    lines.append(f"subscribers: {len(subs)}" + "".join(
-        f"\n  {s.get('name') or '(no HELLO yet)'} uid {s.get('uid')} pid {s.get('pid')}, "
-        f"connected since {_when(s.get('connected_since'))}" for s in subs))
-    txs = st.get("transactions") or []
-    assert isinstance(txs, list)
+        busy = st.text("busy", "")
+        lines.append("state: thawed" + (f" (busy: {busy})" if busy else ""))
+    notify = st["notify"]
+    lines.append(f"kernel: {'connected' if st['kernel'].d.get('connected') else 'NOT connected'}"
+                 "; notifications: " + (f"on (policy {notify.text('policy')}, budget "
+                                        f"{notify.text('budget')} s)"
+                                        if notify.d.get("enabled") else "off"))
+    subs = frontend.views("subscribers")
+    lines.append(f"subscribers: {len(subs)}")
+    lines += [f"  {s.text('name', '(no HELLO yet)')} uid {s.text('uid')} pid {s.text('pid')}, "
+              f"connected since {s.when('connected_since')}" for s in subs]
+    txs = st.views("transactions")
     lines.append(f"last transactions ({min(len(txs), SHOWN_TRANSACTIONS)} of {len(txs)}):")
     for tx in txs[-SHOWN_TRANSACTIONS:]:
-        secs = tx.get("seconds") or {}
-        stages = ", ".join(f"{k} {v:.3f}" for k, v in secs.items() if k != "total")
-        lines.append(f"  #{tx.get('id')} {_when(tx.get('started'))} {tx.get('op')}: "
-                     f"{tx.get('result')} in {secs.get('total', 0):.3f} s"
-                     + (f" [{stages}]" if stages else "")
-                     + (f" - {tx.get('detail')}" if tx.get("detail") else ""))
-        for s in tx.get("subscribers") or []:
-            lines.append(f"      {s.get('event')} {s.get('name')}: {s.get('result')}"
-                         + (f" ({s.get('reason')})" if s.get("reason") else "")
-                         + f" after {s.get('seconds', 0):.3f} s")
-    events = st.get("events") or []
-    assert isinstance(events, list)
+        secs = tx["seconds"]
+        stages = ", ".join(f"{k} {secs.num(k):.3f}" for k in secs.d if k != "total")
+        detail = tx.text("detail", "")
+        lines.append(f"  #{tx.text('id')} {tx.when('started')} {tx.text('op')}: "
+                     f"{tx.text('result')} in {secs.num('total'):.3f} s"
+                     + (f" [{stages}]" if stages else "") + (f" - {detail}" if detail else ""))
+        for s in tx.views("subscribers"):
+            reason = s.text("reason", "")
+            lines.append(f"      {s.text('event')} {s.text('name')}: {s.text('result')}"
+                         + (f" ({reason})" if reason else "")
+                         + f" after {s.num('seconds'):.3f} s")
+    events = st.views("events")
     if events:
         lines.append("events:")
-        lines += [f"  {_when(ev.get('time'))} {ev.get('kind')}: {ev.get('detail')}"
+        lines += [f"  {ev.when('time')} {ev.text('kind')}: {ev.text('detail')}"
                   for ev in events[-SHOWN_TRANSACTIONS:]]
-    counters = {**(st.get("counters") or {}),  # type: ignore[dict-item]
-                **{f"frontend_{k}": v
-                   for k, v in (_get(st, "frontend", "counters") or {}).items()}}  # type: ignore[attr-defined]
-    lines.append("counters since start: " + (", ".join(f"{k}={v}" for k, v in counters.items())
-                                             or "none"))
+    counters = st.pairs("counters") + [(f"frontend_{k}", v)
+                                       for k, v in frontend.pairs("counters")]
+    lines.append("counters since start: "
+                 + (", ".join(f"{k}={v}" for k, v in counters) or "none"))
     for role, facts in processes.items():
-        if "error" in facts:
-            lines.append(f"{role} process: {facts['error']}")
+        p = _View(facts)
+        if "error" in p.d:
+            lines.append(f"{role} process: {p.text('error')}")
         else:
-            rss = facts.get("rss", 0)
-            lines.append(f"{role} process {facts.get('pid')}: rss "
-                         f"{int(rss) / 2**20:.1f} MiB, {facts.get('threads')} thread(s), "  # type: ignore[call-overload]
-                         f"{facts.get('fds', '?')} descriptor(s)")
+            lines.append(f"{role} process {p.text('pid')}: rss {p.num('rss') / 2**20:.1f} MiB, "
+                         f"{p.text('threads')} thread(s), {p.text('fds')} descriptor(s)")
     return "\n".join(lines)

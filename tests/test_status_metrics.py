@@ -10,8 +10,11 @@ import stat
 import subprocess
 import time
 
+import pytest
+
 from agent.kernel import linux_wire as lw
 from agent.metrics import FILENAME
+from agent.status import render_text
 from tests.helpers import (
     USER_PY,
     Agent,
@@ -213,3 +216,19 @@ def test_metrics_directory_on_a_frozen_filesystem_is_refused(workdir, make_fs):
                         "such as one under /run")
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("answer", [
+    {},
+    {"state": "frozen", "frozen_mounts": 5, "frozen_since": "yesterday", "agent": [],
+     "transactions": [1, {"seconds": "x", "subscribers": [None]}], "events": {"a": 1}},
+    {"state": "frozen", "frozen_mounts": ["/srv\x1b[2J"], "time": 1e300, "frozen_since": -1e300,
+     "counters": {"evil\x1b]0;owned\x07": "\x1b[31mred"},
+     "frontend": {"subscribers": [{"name": "x\r\nFAKE: line"}]}},
+])
+def test_status_text_survives_any_answer_and_prints_no_control_characters(answer):
+    """The answer comes through the frontend, which faces untrusted clients."""
+    text = render_text(answer, {"engine": {"error": "pid 1: not allowed to look"},
+                                "frontend": {"pid": 2, "rss": "lots"}})
+    assert not any(c in text for c in "\x1b\x07\r")
+    assert "FAKE: line" not in text.splitlines()[0]
