@@ -7,13 +7,16 @@ kernel's peer credentials are the real thing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import threading
 
 import pytest
 
 from agent.kernel import linux_wire as lw
+from agent.notify_client import AgentGone, Subscription, Veto
 from tests.helpers import (
     Subscriber,
     assert_blocked,
@@ -201,3 +204,37 @@ def test_subscriber_protocol_errors_do_not_disturb_others(workdir, make_fs):
             assert agent.log().count("broke the protocol") == 4
         finally:
             good.stop()
+
+
+def test_python_api_subscriber_vetoes_and_fails(workdir, make_fs):
+    """agent.notify_client: handlers that return answer OK, Veto vetoes, anything else fails."""
+    fs = make_fs("ext4")
+    seen: list[tuple[str, int]] = []
+
+    def on_check(notice):
+        seen.append(("check", notice.ms))
+        if len(seen) == 1:
+            raise Veto("nightly batch running")
+
+    def on_freeze(notice):
+        seen.append(("freeze", notice.ms))
+        raise OSError("flush failed")
+
+    with running_agent(workdir, [fs.mountpoint], notify={"timeout": 3.0}) as agent:
+        sub = Subscription(agent.notify_socket, "api-app", timeout=2.0)
+        thread = threading.Thread(target=lambda: _serve(sub, on_check, on_freeze), daemon=True)
+        thread.start()
+        assert agent.sim.request("check").status == lw.HV_E_FAIL
+        assert agent.sim.request("check").status == 0
+        assert agent.sim.request("freeze").status == lw.HV_E_FAIL
+        assert wait_for(lambda: "CHECK vetoed by subscriber api-app" in agent.log())
+        assert wait_for(lambda: "failed on FREEZE (OSError: flush failed)" in agent.log())
+        assert [event for event, _ in seen] == ["check", "check", "freeze"]
+        assert all(0 < ms <= 2000 for _, ms in seen)  # the deadline it asked for in HELLO
+    thread.join(10)
+    assert not thread.is_alive(), "serve() did not return when the agent went away"
+
+
+def _serve(sub, on_check, on_freeze):
+    with contextlib.suppress(AgentGone), sub:
+        sub.serve(on_check=on_check, on_freeze=on_freeze)
