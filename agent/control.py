@@ -13,7 +13,6 @@ import json
 from agent.peercred import PeerCred
 
 VERSION = 1
-MAX_REQUEST = 64
 MAX_ANSWER = 1 << 20
 REQUEST = f"STATUS {VERSION}\n".encode()
 

@@ -161,9 +161,9 @@ class Frontend:
                 self._accept(self.plan.notify, subscriber=True)
             if self.plan.control is not None and self.plan.control.fileno() in ready:
                 self._accept(self.plan.control, subscriber=False)
-            for fd, events in ready.items():
+            for fd in ready:
                 conn = self.conns.get(fd)
-                if conn is not None and conn.out and events & select.POLLOUT:
+                if conn is not None and conn.out:  # writable, or the client hung up
                     self._write_answer(conn)
                 elif conn is not None:
                     self._readable(conn)
@@ -331,6 +331,8 @@ class Frontend:
 
     def _drop(self, conn: Conn, outcome: Outcome, reason: str) -> None:
         fd = conn.sock.fileno()
+        if fd < 0:
+            return  # already dropped (a failed send while handling its own lines)
         self.conns.pop(fd, None)
         with contextlib.suppress(KeyError):
             self.poller.unregister(fd)

@@ -46,11 +46,13 @@ class FrontendLink:
 
     def publish(self, status: dict[str, object]) -> None:
         data = json.dumps(status, separators=(",", ":"), default=str).encode()
-        while len(data) > fw.MAX_STATUS and status.get("history"):
-            history = status["history"]
-            assert isinstance(history, list)
-            status = {**status, "history": history[len(history) // 2 + 1:],
-                      "history_trimmed": True}
+        while len(data) > fw.MAX_STATUS:  # the oldest transactions go first
+            txs = status.get("transactions")
+            if not isinstance(txs, list) or not txs:
+                log.warning("a status of %d bytes is too large to publish", len(data))
+                return
+            status = {**status, "transactions": txs[len(txs) // 2 + 1:],
+                      "transactions_trimmed": True}
             data = json.dumps(status, separators=(",", ":"), default=str).encode()
         self._send(fw.encode_status(data), must=False)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import socket
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import frontend_wire as fw
 from agent import notify_wire as nw
+from agent.frontend_link import FrontendLink
 
 GOOD_SUBSCRIBER_LINES = [
     (b"HELLO 1 pgsql\n", nw.Hello(1, "pgsql")),
@@ -156,3 +161,19 @@ def test_engine_records():
         fw.encode_status(b"x" * (fw.MAX_STATUS + 1))
     with pytest.raises(fw.WireError):
         fw.decode_engine(fw.encode_done(DONE))
+
+
+def test_a_status_too_large_for_one_record_loses_its_oldest_transactions():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (ours, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    link = FrontendLink(ours, SimpleNamespace(pid=1))  # type: ignore[arg-type]
+    txs = [{"id": i, "detail": "x" * 1000} for i in range(500)]
+    link.publish({"state": "thawed", "transactions": txs})
+    got = json.loads(fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1)))
+    assert got["transactions_trimmed"] is True
+    assert got["transactions"][-1]["id"] == 499  # the newest are kept
+    assert 0 < len(got["transactions"]) < 500
+    ours.close()
+    theirs.close()
