@@ -193,7 +193,7 @@ def run(args: argparse.Namespace, socket_path: str) -> int:
         try:
             sub = Subscription(socket_path, name, timeout=args.timeout)
         except SubscribeError as e:
-            if (not connected_once and not args.wait) or "refused" in str(e):
+            if (not connected_once and not args.wait) or e.refused:
                 sys.stderr.write(f"hv-vss-agent hook: {e}\n")
                 return 1
             log.debug("%s: retrying in %.0f s", e, backoff)

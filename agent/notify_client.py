@@ -32,9 +32,17 @@ Handler = Callable[[Notice], None]
 class SubscribeError(Exception):
     """Cannot subscribe: no agent, refused, or it speaks another protocol."""
 
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # the agent said no: waiting will not change that
+
 
 class AgentGone(Exception):
     """The agent closed the connection."""
+
+
+class _Refused(NotifyProtocolError):
+    pass
 
 
 class Veto(Exception):
@@ -58,13 +66,14 @@ class Subscription:
         except (OSError, NotifyProtocolError, AgentGone) as e:
             self.sock.close()
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise SubscribeError(f"cannot subscribe at {path}: {why}") from None
+            raise SubscribeError(f"cannot subscribe at {path}: {why}",
+                                 refused=isinstance(e, _Refused)) from None
         self.sock.settimeout(None)
 
     def _handshake(self) -> None:
         first = self._read_message()
         if isinstance(first, nw.Refused):
-            raise NotifyProtocolError(f"refused: {first.reason}")
+            raise _Refused(f"refused: {first.reason}")
         if not isinstance(first, nw.Greeting) or first.version != nw.VERSION:
             raise NotifyProtocolError(f"unexpected greeting {first}")
         ms = int(self.timeout * 1000) if self.timeout else None

@@ -16,7 +16,16 @@ from collections.abc import Iterator
 import pytest
 
 from agent.kernel import linux_wire as lw
-from tests.helpers import PY, REPO, USER_PY, assert_blocked, cli, running_agent, wait_for
+from tests.helpers import (
+    PY,
+    REPO,
+    USER_PY,
+    Agent,
+    assert_blocked,
+    cli,
+    running_agent,
+    wait_for,
+)
 
 NOBODY = 65534
 
@@ -172,3 +181,26 @@ def test_hook_and_status_refuse_bad_input_in_one_line(workdir):
         assert r.returncode != 0, args
         assert message in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_hook_waits_for_the_agent_but_not_past_a_refusal(workdir, app):
+    fs, data, log = app
+    hook = write_hook(os.path.join(workdir, "fsfreeze-hook"),
+                      HOOK.format(tag="hook", log=log, data=data))
+    agent = Agent(workdir, [fs.mountpoint], notify={"allow_users": ["nobody"]})
+    with hook_client(agent.notify_socket, hook, workdir, "--wait") as proc:
+        time.sleep(0.5)
+        assert proc.poll() is None, "--wait gave up on an agent that is not there yet"
+        try:
+            agent.start()
+            assert wait_for(lambda: "subscriber hook-fsfreeze-hook connected" in agent.log(), 30)
+            assert agent.sim.request("freeze").status == 0
+            assert agent.sim.request("thaw").status == 0
+            assert wait_for(lambda: lines(log)[-1:] == ["hook thaw done"], 10)
+        finally:
+            agent.stop()
+    with running_agent(workdir, [fs.mountpoint], notify={"allow_users": []}) as agent:
+        r = cli("hook", "--exec", hook, "--socket", agent.notify_socket, "--wait",
+                user="nobody", group="nogroup", extra_groups=[])
+        assert r.returncode == 1
+        assert "refused: not in [notify] allow_users or allow_groups" in r.stderr
