@@ -33,7 +33,8 @@ MAX_MS = 3_600_000
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}\Z")
 _NUMBER = re.compile(r"[0-9]{1,10}\Z")
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
+# Control characters, and the line separators and bidi overrides that could disguise a line.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class NotifyProtocolError(Exception):

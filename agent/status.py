@@ -69,7 +69,8 @@ def child_health(child: ChildLink) -> dict[str, object]:
 # The answer came through the frontend, which faces untrusted clients: every field is
 # optional, of any type, and printed without control characters.
 
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]")
+# Control characters, and the line separators and bidi overrides that could disguise a line.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class _View:
