@@ -6,7 +6,6 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 USER_NAME := hvvss
-APT_PKGS := e2fsprogs xfsprogs btrfs-progs dosfstools util-linux sqlite3 strace
 ROOT    := $(shell id -u)
 
 .PHONY: demo test lint bench deps account venv clean
@@ -42,6 +41,7 @@ deps:
 	           losetup:util-linux sqlite3:sqlite3 strace:strace; do \
 	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	  done; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \

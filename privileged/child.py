@@ -201,7 +201,9 @@ class Child:
         self.held = held
         self.state = State.FROZEN
         self.frozen_since = self.clock()
-        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us)
+        # The mount field names what is frozen, for the parent's status (clipped by the wire).
+        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us,
+                    mount=", ".join(h.mountpoint for h in held))
         for h in held:
             if h.fd is None:
                 log.warning("%s was already frozen by someone else: counted, and left to them",
