@@ -21,16 +21,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import multiprocessing
-import multiprocessing.popen_fork  # imported lazily by Process.start(): after the chroot
 import os
 import socket
 import sys
 import time
 
-import multiprocessing_logging
-
-from agent import frontend, logs, privdrop
+from agent import frontend, logs, mp_logging, privdrop
 from agent.child_link import ChildGone, ChildLink
 from agent.config import AgentConfig
 from agent.engine import Engine, NotifyPolicy
@@ -200,10 +196,7 @@ def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.soc
     """Root, before the drop: everything the frontend will need, made while we still can."""
     if not cfg.notify.socket and not cfg.control.socket:
         return None, None
-    # multiprocessing-logging checks the start method; set it first (3.14 defaults to
-    # forkserver, which would also start helper processes while we are root).
-    multiprocessing.set_start_method("fork", force=True)
-    multiprocessing_logging.install_mp_handler()
+    mp_logging.install()
     allow = Allowlist.from_names(cfg.notify.allow_users, cfg.notify.allow_groups, "[notify]")
     admin_gid = group_id(cfg.control.admin_group, "[control] admin_group") \
         if cfg.control.admin_group else None
