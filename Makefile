@@ -6,7 +6,6 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 USER_NAME := hvvss
-APT_PKGS := e2fsprogs xfsprogs btrfs-progs dosfstools util-linux sqlite3 strace
 ROOT    := $(shell id -u)
 
 .PHONY: demo test lint bench syscalls deps account venv clean
@@ -18,7 +17,7 @@ test: deps account venv
 	$(VPY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check agent privileged tests tools $(wildcard bench)
+	$(VENV)/bin/ruff check agent privileged tests tools bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
 
@@ -27,7 +26,7 @@ syscalls: deps account venv
 	$(VPY) -m tools.measure_syscalls
 
 bench: deps account venv
-	$(VENV)/bin/pip install -q '.[bench]'
+	$(VPY) -m pip install -q -e '.[bench]'
 	$(VPY) -m bench
 
 venv: $(STAMP)
@@ -46,6 +45,7 @@ deps:
 	           losetup:util-linux sqlite3:sqlite3 strace:strace; do \
 	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	  done; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	  [ -e /usr/include/asm-generic/unistd.h ] || missing="$$missing linux-libc-dev"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \

@@ -2,7 +2,9 @@
 
 The daemon keeps the stock hv_vss_daemon's flags, as its code has them (its
 man page swaps them): -n stay in the foreground (log to stderr), -d debug
-output, -h usage.  Every bad input is one line on stderr and a non-zero exit,
+output, -h usage.  Two client subcommands come first on the line when used:
+`status` asks the running agent, `hook` runs qemu-ga-style hooks as a
+subscriber.  Every bad input is one line on stderr and a non-zero exit,
 never a traceback.
 """
 
@@ -18,6 +20,8 @@ from agent.privdrop import DropError
 from privileged.config import ConfigError
 
 EXIT_USAGE = 2
+DEFAULT_NOTIFY_SOCKET = "/run/hv-vss-agent/notify.sock"
+DEFAULT_CONTROL_SOCKET = "/run/hv-vss-agent/control.sock"
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,7 +32,8 @@ class Parser(argparse.ArgumentParser):
 
 def daemon_parser() -> Parser:
     p = Parser(prog="hv-vss-agent", description="Privilege-separated Hyper-V VSS guest agent.",
-               epilog="See hv-vss-agent(8).")
+               epilog="Clients: `hv-vss-agent status -h`, `hv-vss-agent hook -h`. "
+                      "See hv-vss-agent(8).")
     p.add_argument("-n", dest="foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
     p.add_argument("-d", dest="debug", action="store_true", help="debug output")
@@ -50,8 +55,90 @@ def daemon_parser() -> Parser:
     return p
 
 
+def status_parser() -> Parser:
+    p = Parser(prog="hv-vss-agent status",
+               description="What the running agent is doing, and what it did lately.")
+    p.add_argument("--json", action="store_true", help="the whole answer, as JSON")
+    p.add_argument("--socket", metavar="PATH", help="the control socket (default: [control] "
+                   f"socket of the config file, else {DEFAULT_CONTROL_SOCKET})")
+    p.add_argument("--config", metavar="PATH", help="configuration file to take the path from")
+    return p
+
+
+def hook_parser() -> Parser:
+    p = Parser(prog="hv-vss-agent hook",
+               description="Subscribe and run qemu-ga-style fsfreeze hooks: PATH freeze before "
+                           "the freeze, PATH thaw after the thaw.")
+    p.add_argument("--exec", required=True, metavar="PATH",
+                   help="the hook, or a directory of hooks (like fsfreeze-hook.d)")
+    p.add_argument("--socket", metavar="PATH", help="the subscriber socket (default: [notify] "
+                   f"socket of the config file, else {DEFAULT_NOTIFY_SOCKET})")
+    p.add_argument("--config", metavar="PATH", help="configuration file to take the path from")
+    p.add_argument("--name", metavar="NAME", help="how the agent's log and status name us "
+                   "(default hook-<basename of PATH>)")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                   help="at most this long for the hooks of one event (the agent may allow "
+                        "less)")
+    p.add_argument("--wait", action="store_true",
+                   help="if the agent is not running yet, wait for it instead of failing")
+    p.add_argument("-d", dest="debug", action="store_true", help="debug output")
+    return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0.1 and 3600 seconds")
+    return value
+
+
+def client_socket(explicit: str | None, config_path: str | None, section: str,
+                  default: str) -> str:
+    """--socket, else the config file's (if we may read it), else the default."""
+    if explicit:
+        return explicit
+    try:
+        cfg = config.load(config_path)
+    except ConfigError:
+        if config_path:
+            raise
+        return default  # the config is root's and 0600: an unprivileged client cannot read it
+    chosen = cfg.notify.socket if section == "notify" else cfg.control.socket
+    return chosen or default
+
+
+def client_main(argv: list[str]) -> int:
+    try:
+        if argv[0] == "status":
+            from agent import status_client
+            from agent.control import ControlError
+
+            args = status_parser().parse_args(argv[1:])
+            path = client_socket(args.socket, args.config, "control", DEFAULT_CONTROL_SOCKET)
+            try:
+                return status_client.run(path, args.json)
+            except ControlError as e:
+                sys.stderr.write(f"hv-vss-agent status: {e}\n")
+                return 1
+        from agent import hook
+
+        args = hook_parser().parse_args(argv[1:])
+        path = client_socket(args.socket, args.config, "notify", DEFAULT_NOTIFY_SOCKET)
+        return hook.run(args, path)
+    except ConfigError as e:
+        sys.stderr.write(f"hv-vss-agent {argv[0]}: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
+    if args_list and args_list[0] in ("status", "hook"):
+        return client_main(args_list)
     args = daemon_parser().parse_args(args_list)
     try:
         if args.simulate:

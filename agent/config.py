@@ -69,6 +69,7 @@ class AgentConfig:
     chroot: str = "/var/empty"
     device: str | None = None
     protocol: str = field(default_factory=native_protocol)
+    kernel_timeout: float = 15.0  # FreeBSD TIMEOUT_LIMIT: the kernel's wait for the chain
     log_target: str = "syslog"
     syslog_socket: str = field(default_factory=default_syslog_socket)
     log_buffer: int = 10000
@@ -103,6 +104,7 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
     d = Section("device", doc.get("device"))
     device = d.optional_path("path")
     protocol = d.choice("protocol", native_protocol(), ("linux", "freebsd"))
+    kernel_timeout = d.number("kernel_timeout", 15.0, 1.0, 3600.0)
     d.done()
 
     lg = Section("log", doc.get("log"))
@@ -132,6 +134,7 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
     m.done()
 
     return AgentConfig(path=path, user=user, chroot=chroot, device=device, protocol=protocol,
+                       kernel_timeout=kernel_timeout,
                        log_target=log_target, syslog_socket=syslog_socket,
                        log_buffer=log_buffer, history=history,
                        child=child, notify=notify, control=control, metrics=metrics)

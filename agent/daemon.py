@@ -6,40 +6,66 @@ after the chroot there is nothing left to import from.
   1. config (parsed and validated by the caller), install integrity checks
   2. open the kernel device (wait if it is not there yet; EBUSY is fatal)
   3. start the root child (fresh interpreter, one socket) and wait for HELLO
-  4. drop privileges (chroot, groups, gids, uids, verified, no new privileges)
-  5. register with the kernel and serve
+  4. if there are subscribers or a control socket: the fork start method,
+     multiprocessing-logging's handler (its queue needs /dev/shm, gone after
+     the chroot), the frontend's sockets and the engine <-> frontend
+     socketpair; the metrics directory
+  5. drop privileges (chroot, groups, gids, uids, verified, no new privileges)
+  6. fork the frontend (unprivileged from its first instruction; no record
+     crosses the logging queue from it before the engine has dropped root)
+  7. register with the kernel and serve
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import socket
 import sys
 import time
 
-from agent import logs, privdrop
+from agent import frontend, logs, mp_logging, privdrop
 from agent.child_link import ChildGone, ChildLink
 from agent.config import AgentConfig
 from agent.engine import Engine, NotifyPolicy
 from agent.errors import StartupError
+from agent.frontend_link import FrontendLink
 from agent.integrity import check_install
-from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
-from agent.sandbox import SandboxError, confine_parent
+from agent.kernel.transport import (
+    Endpoint,
+    KernelChannel,
+    KernelLost,
+    KernelProtocolError,
+    attach,
+)
+from agent.listeners import listen_unix
+from agent.metrics import MetricsWriter, open_metrics_dir, render
+from agent.peercred import Allowlist, group_id
+from agent.sandbox import SandboxError, confine_parent, parent_roles
 from agent.service import Service
+from agent.status import snapshot
+from privileged.child import pick_freezer
 from privileged.device import open_device
+from privileged.selection import select_targets
 
 log = logging.getLogger("hv-vss-agent")
 
 EXIT_STARTUP = 1
 
 
-def wait_for_device(path: str, backoff_max: float = 5.0) -> int:
-    """Open the device; if it does not exist yet, wait for it (bounded backoff)."""
+def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpoint:
+    """Open the device; if it does not exist yet, wait for it (bounded backoff).
+
+    Over the simulator's socket, open(2)'s result arrives as the first record:
+    it is read here too, so that a busy device (a second daemon) is refused
+    before the child starts; a child started regardless would first run crash
+    recovery, and could thaw the other daemon's freeze."""
     delay, said = 0.1, False
     while True:
         try:
-            return open_device(path)
+            return attach(open_device(path), protocol)
         except FileNotFoundError:
             if not said:
                 log.info("waiting for %s to appear", path)
@@ -67,18 +93,16 @@ def daemonize() -> None:
     os.close(null)
 
 
-def register(fd: int, protocol: str) -> KernelChannel:
+def register(endpoint: Endpoint, protocol: str) -> KernelChannel:
     try:
-        kernel = KernelChannel(attach(fd, protocol), protocol)
+        kernel = KernelChannel(endpoint, protocol)
         modver = kernel.register()
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise StartupError("the VSS device is busy: another VSS daemon has it open") from None
-        raise StartupError(f"cannot open the VSS device: {e.strerror or e}") from None
     except (KernelLost, KernelProtocolError) as e:
         raise StartupError(f"registration with the kernel failed: {e}") from None
     if modver is not None:
         log.info("registered with the kernel (kernel_modver %d)", modver)
+    else:  # FreeBSD's hv_vss_dev_open registers the opener: there is no handshake
+        log.info("registered with the kernel (by opening the device)")
     return kernel
 
 
@@ -93,16 +117,52 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     account = None if in_memory else privdrop.lookup_account(cfg.user)
     if account is not None:
         privdrop.check_chroot(cfg.chroot)
+    gate = start_logging(cfg, foreground, debug)
+    if not foreground:
+        daemonize()
+
+    endpoint = wait_for_device(cfg.device_path, cfg.protocol)
+    child = start_child(cfg, debug, in_memory)
+    plan, engine_end = prepare_frontend(cfg)
+    metrics_fd = None
+    if cfg.metrics.dir:
+        metrics_fd = open_metrics_dir(cfg.metrics.dir, account.uid if account else None,
+                                      account.gid if account else None,
+                                      selected_devices(cfg, in_memory))
+
+    if account is not None:
+        privdrop.drop(account, cfg.chroot)
+        log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
+                 account.gid, cfg.chroot)
+    link = None
+    if plan is not None and engine_end is not None:
+        closers = [child.close, endpoint.close]  # the frontend holds neither
+        if metrics_fd is not None:
+            closers.append(lambda: os.close(metrics_fd))
+        link = FrontendLink(engine_end, frontend.start(plan, engine_end, closers))
+        log.info("frontend %d started:%s%s", link.pid,
+                 f" subscribers on {cfg.notify.socket}" if cfg.notify.socket else "",
+                 f" control on {cfg.control.socket}" if cfg.control.socket else "")
+    if account is not None:
+        try:
+            confine_parent(endpoint.fileno(), parent_roles(frontend=link is not None,
+                                                           metrics=metrics_fd is not None))
+        except SandboxError as e:
+            raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
+    return serve(cfg, register(endpoint, cfg.protocol), child, gate, link=link,
+                 metrics_fd=metrics_fd)
+
+
+def start_logging(cfg: AgentConfig, foreground: bool, debug: bool) -> logs.FreezeGate:
     try:
-        gate = logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.log_buffer,
+        return logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.log_buffer,
                           cfg.syslog_socket)
     except OSError as e:
         raise StartupError(f"cannot log to syslog at {cfg.syslog_socket} ({e.strerror}): "
                            "set [log] syslog_socket, or run with -n") from None
-    if not foreground:
-        daemonize()
 
-    fd = wait_for_device(cfg.device_path)
+
+def start_child(cfg: AgentConfig, debug: bool, in_memory: bool) -> ChildLink:
     child = ChildLink.spawn(cfg.path, cfg.device_path, debug,
                             extra=("--memory",) if in_memory else ())
     try:
@@ -113,22 +173,80 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
             from None
     log.info("root child %d ready: %d filesystem(s) selected%s", hello.pid, hello.targets,
              f", {hello.recovered} recovered from a crash record" if hello.recovered else "")
+    return child
 
-    if account is not None:
-        privdrop.drop(account, cfg.chroot)
-        log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
-                 account.gid, cfg.chroot)
-        try:
-            confine_parent(fd)
-        except SandboxError as e:
-            raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
 
-    kernel = register(fd, cfg.protocol)
-    engine = Engine(cfg.protocol, NotifyPolicy(enabled=False, budget=cfg.notify.budget,
+def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.FreezeGate, *,
+          link: FrontendLink | None, metrics_fd: int | None) -> int:
+    engine = Engine(cfg.protocol, NotifyPolicy(enabled=cfg.notify.socket is not None,
+                                               budget=cfg.notify.budget,
                                                policy=cfg.notify.policy), cfg.history)
-    service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel)
+    service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel, notifier=link,
+                      kernel_timeout=cfg.kernel_timeout)
+    service.on_change = Publisher(service, link,
+                                  MetricsWriter(metrics_fd) if metrics_fd is not None else None)
     service.install_signals()
-    code = service.run()
+    try:
+        code = service.run()
+    finally:
+        if link is not None:
+            link.close()
     logging.shutdown()
     sys.stderr.flush()
     return code
+
+
+def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.socket | None]:
+    """Root, before the drop: everything the frontend will need, made while we still can."""
+    if not cfg.notify.socket and not cfg.control.socket:
+        return None, None
+    mp_logging.install()
+    allow = Allowlist.from_names(cfg.notify.allow_users, cfg.notify.allow_groups, "[notify]")
+    admin_gid = group_id(cfg.control.admin_group, "[control] admin_group") \
+        if cfg.control.admin_group else None
+    notify = listen_unix(cfg.notify.socket, 0o666, what="[notify] socket") \
+        if cfg.notify.socket else None
+    control = listen_unix(cfg.control.socket, 0o660 if admin_gid is not None else 0o600,
+                          admin_gid or 0, what="[control] socket") if cfg.control.socket else None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    for s in (ours, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    return frontend.Plan(theirs, notify, control, allow, admin_gid, cfg.notify.timeout), ours
+
+
+def selected_devices(cfg: AgentConfig, in_memory: bool) -> dict[int, str]:
+    """The filesystems the child would freeze now, by device number (root, before the drop)."""
+    if in_memory:
+        return {}
+    freezer = pick_freezer()
+    devices = {}
+    for m in select_targets(freezer.mounts(), cfg.child, freezer.platform).targets:
+        with contextlib.suppress(OSError):
+            devices[os.stat(m.mountpoint).st_dev] = m.mountpoint
+    return devices
+
+
+class Publisher:
+    """After every change: the status to the frontend, the metrics file when it is safe."""
+
+    def __init__(self, service: Service, link: FrontendLink | None,
+                 metrics: MetricsWriter | None) -> None:
+        self.service, self.link, self.metrics = service, link, metrics
+        self.metrics_error = ""
+
+    def __call__(self) -> None:
+        status = snapshot(self.service, self.link.pid if self.link else None)
+        if self.link is not None:
+            self.link.publish(status)
+        engine = self.service.engine
+        if (self.metrics is None or engine.frozen or engine.busy
+                or self.service.pending_child is not None):
+            return  # never while anything is frozen or about to be
+        try:
+            self.metrics.write(render(status))
+            self.metrics_error = ""
+        except OSError as e:
+            if e.strerror != self.metrics_error:
+                log.warning("cannot write the metrics file: %s", e.strerror)
+            self.metrics_error = e.strerror or str(e)

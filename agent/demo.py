@@ -29,7 +29,7 @@ from agent import scratch
 from agent.config import native_protocol
 from agent.errors import StartupError
 from agent.privdrop import DropError, lookup_account
-from agent.simulator.linux_driver import HostRequest
+from agent.simulator.host import HostRequest
 from agent.simulator.server import Simulator
 
 DEMO_USER = "hvvss"
@@ -104,22 +104,29 @@ class Timeline:
         self.note(f"!! {text}")
 
 
-def _status(req: HostRequest, protocol: str) -> str:
+def _status(req: HostRequest) -> str:
+    """What the host received: an HRESULT, whichever guest kernel answered."""
     if req.status is None:
         return "no answer"
-    if protocol == "freebsd":
-        return "VSS_SUCCESS" if req.status == 0 else "VSS_FAIL"
     return "HV_S_OK" if req.status == 0 else f"HV_E_FAIL (0x{req.status:08x})"
+
+
+def _reply(raw: bytes | None) -> str:
+    if raw is None:
+        return "(answered by the kernel)"
+    if len(raw) == 64 and not any(raw[16:]):  # FreeBSD: opt, status, msgid, 48 zero bytes
+        return raw[:16].hex(" ", 4) + " + 48 zero bytes"
+    return raw.hex(" ", 4)
 
 
 def _host(tl: Timeline, sim: Simulator, op: str, expect_ok: bool = True) -> HostRequest:
     sent = time.monotonic()
     req = sim.request(op, timeout=60)
-    raw = req.daemon_reply.hex(" ", 4) if req.daemon_reply else "(answered by the kernel)"
-    tl.say(f"host {op.upper():6} -> {_status(req, sim.protocol):11} {req.latency * 1e3:8.2f} ms"
+    raw = _reply(req.daemon_reply)
+    tl.say(f"host {op.upper():6} -> {_status(req):11} {req.latency * 1e3:8.2f} ms"
            f"   agent wrote: {raw}", at=sent)
     if (req.status == 0) != expect_ok:
-        tl.fail(f"{op.upper()} was answered {_status(req, sim.protocol)}")
+        tl.fail(f"{op.upper()} was answered {_status(req)}")
     return req
 
 
@@ -200,7 +207,7 @@ def _run(args: argparse.Namespace, protocol: str, work: str, fss: list[scratch.S
                    *([] if fss else ["--in-memory"])]
             tl.say("starting the agent: " + " ".join(cmd[1:]))
             agent = subprocess.Popen(cmd, stderr=log_file)
-            _wait_registered(sim, agent)
+            _wait_registered(sim, agent, log_path)
             tl.say(f"agent registered with the simulated driver ({sim.connections} connection)")
             _show_processes(tl, agent.pid)
             writers = [Writer(os.path.join(fs.mountpoint, "writer.dat")).start() for fs in fss]
@@ -257,14 +264,19 @@ def _report(tl: Timeline, args: argparse.Namespace, log_path: str, real: bool) -
     return 0
 
 
-def _wait_registered(sim: Simulator, agent: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _wait_registered(sim: Simulator, agent: subprocess.Popen[bytes], log_path: str,
+                     timeout: float = 30) -> None:
+    """Until the agent serves: FreeBSD's driver registers at open(), before the
+    agent has dropped privileges, so the agent's own log line is the signal."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if agent.poll() is not None:
             raise OSError(f"the agent exited with status {agent.returncode} before registering")
-        with contextlib.suppress(TimeoutError):
-            sim.wait_registered(0.1)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            serving = "registered with the kernel" in f.read()
+        if serving and sim.registered():
             return
+        time.sleep(0.05)
     raise TimeoutError("the agent did not register with the simulator")
 
 

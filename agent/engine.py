@@ -13,6 +13,13 @@ One transaction at a time, as the kernel drivers guarantee.  The flows:
   THAW    child THAW -> release logs -> reply -> subscribers told (not awaited)
   other   answered at once, as the platform's stock daemon does
 
+What subscribers' answers mean (the frontend reports them, the engine judges):
+a VETO on CHECK always fails the CHECK; a subscriber that failed, timed out,
+disconnected or sent garbage fails the transaction under [notify] policy =
+"fail" and is logged and left behind under "skip".  Whatever the frontend
+does, the engine keeps its own deadline, [notify] budget from the kernel's
+request, and applies the policy itself when it passes.
+
 Rules that keep the child's strict state machine and the host honest:
 - the child is only ever asked what its state permits: FREEZE while frozen is
   answered here ("still frozen"), CHECK while frozen fails, THAW when nothing
@@ -27,11 +34,15 @@ Rules that keep the child's strict state machine and the host honest:
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agent.frontend_wire import Outcome, SubscriberResult
+from agent.histogram import FREEZE_BUCKETS, FROZEN_BUCKETS, Histogram
 from agent.kernel.messages import KernelRequest
 from privileged import wire
 
@@ -51,6 +62,7 @@ class AskChild:
 class ReplyKernel:
     request: KernelRequest
     ok: bool
+    txid: int = 0  # so that the service can record how long the reply took
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class Kind(enum.Enum):
     OTHER = "other"
     RESYNC = "resync"  # internal: THAW to the child after its automatic thaw
     RECOVER = "recover"  # internal: thaw before reopening a lost kernel channel
+    ABANDON = "abandon"  # internal: thaw a freeze the kernel gave up waiting for
 
 
 @dataclass
@@ -93,6 +106,7 @@ class Transaction:
     kind: Kind
     request: KernelRequest | None
     started: float
+    kernel_deadline: float | None = None  # when the kernel stops waiting (FreeBSD: msgid)
     timings: dict[str, float] = field(default_factory=dict)
     result: str = ""
     detail: str = ""
@@ -108,6 +122,7 @@ class Transaction:
             "code": self.request.code if self.request else None,
             "result": self.result,
             "detail": self.detail,
+            "started": self.started,
             "seconds": {k: round(v, 6) for k, v in self.timings.items()},
             "subscribers": self.subscribers,
         }
@@ -139,8 +154,11 @@ class Engine:
         self.notify_deadline: float | None = None
         self.stage_started = 0.0
         self.frozen_since: float | None = None
-        self.frozen_durations: deque[float] = deque(maxlen=1000)  # seconds, for metrics
+        self.frozen_mounts = ""  # as the child reported them
+        self.histograms = {"frozen": Histogram(FROZEN_BUCKETS),
+                           "freeze": Histogram(FREEZE_BUCKETS)}
         self.history: deque[Transaction] = deque(maxlen=history)
+        self.events: deque[dict[str, object]] = deque(maxlen=50)  # watchdog, cooldown, ...
         self.counters: Counter[str] = Counter()
         self._next_id = 1
 
@@ -150,12 +168,20 @@ class Engine:
     def busy(self) -> bool:
         return self.tx is not None
 
-    def on_kernel(self, req: KernelRequest, now: float) -> list[Action]:
+    def on_kernel(self, req: KernelRequest, now: float,
+                  kernel_deadline: float | None = None) -> list[Action]:
+        """A request from the kernel.  `kernel_deadline`, when known, is the
+        moment the kernel stops waiting for our answer and fails the host."""
         if self.tx is not None:
             raise EngineError("a kernel request arrived during a transaction")
         kind = Kind(req.op.value)
         tx = self._begin(kind, req, now)
+        tx.kernel_deadline = kernel_deadline
         self.counters[f"requests_{kind.value}"] += 1
+        if kernel_deadline is not None and now >= kernel_deadline and kind is not Kind.THAW:
+            # Our answer would be discarded: the host has already been told HV_E_FAIL.
+            return self._finish(tx, now, False, "the kernel had already given up on this "
+                                "request when it was read")
         if kind is Kind.CHECK:
             if self.frozen:
                 return self._finish(tx, now, False, "refused: filesystems are still frozen "
@@ -191,15 +217,28 @@ class Engine:
         if res.op is wire.Op.FREEZE:
             if ok:
                 self.frozen, self.consistency_lost, self.frozen_since = True, False, now
+                self.frozen_mounts = res.mount
                 self.counters["freezes"] += 1
+                self.histograms["freeze"].observe(tx.timings["freeze"])
+                if tx.kernel_deadline is not None and now > tx.kernel_deadline:
+                    # FreeBSD drops a late ack without a word (hv_vss_notified finds no
+                    # msgid) and has failed the FREEZE already: nobody will snapshot.
+                    log.warning("FREEZE finished after the kernel stopped waiting: thawing now")
+                    late = self._finish(tx, now, False, "frozen too late: the kernel had given up")
+                    if self.tx is None:  # unless _finish is already thawing (channel lost)
+                        late += self._start_internal(Kind.ABANDON, now)
+                    return late
                 return self._finish(tx, now, not tx.abandoned, why)
             self.counters["freeze_failures"] += 1
+            if res.status is wire.Status.REFUSED and res.errno == errno.EAGAIN:
+                self._event("cooldown", now, "FREEZE refused: the child is cooling down "
+                            "after the last thaw ([watchdog] cooldown_seconds)")
             return [ReleaseLogs(), *self._resume_subscribers(tx, now),
                     *self._finish(tx, now, False, why)]
         if res.op is wire.Op.THAW:
             if self.frozen and self.frozen_since is not None:
-                self.frozen_durations.append(now - self.frozen_since)
-            self.frozen, self.frozen_since = False, None
+                self.histograms["frozen"].observe(now - self.frozen_since)
+            self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
             actions: list[Action] = [ReleaseLogs()]
             if tx.kind is Kind.THAW:
                 if self.consistency_lost:
@@ -217,12 +256,13 @@ class Engine:
         if not self.frozen:
             return []
         if self.frozen_since is not None:
-            self.frozen_durations.append(now - self.frozen_since)
-        self.frozen, self.frozen_since = False, None
+            self.histograms["frozen"].observe(now - self.frozen_since)
+        self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
         self.consistency_lost = True
         self.counters["auto_thaws"] += 1
         reason = "watchdog" if ev.reason is wire.Reason.WATCHDOG else "signal"
         log.warning("the child thawed %d filesystem(s) by itself (%s)", ev.count, reason)
+        self._event(reason, now, f"the child thawed {ev.count} filesystem(s) by itself")
         actions: list[Action] = [ReleaseLogs()]
         if self.notify.enabled:
             actions.append(Notify("thaw", 0, now + self.notify.budget))
@@ -233,29 +273,49 @@ class Engine:
         self.resync_needed = True
         return actions
 
-    def on_notify_done(self, txid: int, ok: bool, subscribers: list[dict[str, object]],
+    def on_notify_done(self, event: str, txid: int, results: Sequence[SubscriberResult],
                        now: float) -> list[Action]:
+        """The frontend's report on one event: who answered what."""
+        subs = [{"event": event, **r.as_dict()} for r in results]
         tx = self.tx
-        if tx is None or tx.id != txid or self.waiting_notify is None:
-            for old in self.history:  # a thaw notification, reported after the reply
+        if tx is None or tx.id != txid or self.waiting_notify != event:
+            # THAW is reported after the reply; anything else here came too late.
+            for r in results:
+                if r.outcome is not Outcome.OK:
+                    log.warning("subscriber %s (uid %d, pid %d): %s on %s%s", r.name, r.uid,
+                                r.pid, r.outcome.label, event.upper(),
+                                f": {r.reason}" if r.reason else "")
+            for old in self.history:
                 if old.id == txid:
-                    old.subscribers.extend(subscribers)
+                    old.subscribers.extend(subs)
             return []
-        tx.subscribers.extend(subscribers)
-        return self._after_notify(tx, ok, now, "")
+        tx.subscribers.extend(subs)
+        ok, why = self._judge(event, results)
+        return self._after_notify(tx, ok, now, why)
 
     def on_timer(self, now: float) -> list[Action]:
         tx = self.tx
         if tx is None or self.notify_deadline is None or now < self.notify_deadline:
             return []
         ok = self.notify.policy == "skip"
-        log.warning("subscribers did not answer %s within the budget: %s", self.waiting_notify,
-                    "going on without them" if ok else "failing")
-        return self._after_notify(tx, ok, now, "subscribers missed the deadline")
+        event = (self.waiting_notify or "").upper()
+        log.warning("the agent's own deadline ([notify] budget = %.1f s from the kernel's "
+                    "request) passed before the subscribers answered %s: %s", self.notify.budget,
+                    event, "going on without them ([notify] policy = skip)" if ok
+                    else "failing it ([notify] policy = fail)")
+        self._event("budget", now, f"subscribers did not answer {event} within the budget")
+        return self._after_notify(tx, ok, now, "subscribers missed the agent's deadline")
+
+    def record_timing(self, txid: int, stage: str, seconds: float) -> None:
+        for tx in reversed(self.history):
+            if tx.id == txid:
+                tx.timings[stage] = seconds
+                return
 
     def on_kernel_lost(self, now: float) -> list[Action]:
         self.kernel_lost = True
         self.counters["kernel_reconnects"] += 1
+        self._event("kernel", now, "the kernel channel was lost: reopening it")
         if self.tx is not None:
             self.tx.abandoned = True
             return []  # the transaction ends first; _finish then recovers
@@ -286,6 +346,8 @@ class Engine:
             return self._after_notify(tx, True, now, "")
         self.waiting_notify = event
         self.notify_deadline = tx.started + self.notify.budget
+        if tx.kernel_deadline is not None:
+            self.notify_deadline = min(self.notify_deadline, tx.kernel_deadline)
         self.stage_started = now
         return [Notify(event, tx.id, self.notify_deadline)]
 
@@ -295,7 +357,7 @@ class Engine:
         self.waiting_notify, self.notify_deadline = None, None
         if not ok:
             self.counters["subscriber_failures"] += 1
-            detail = why or _subscriber_failure(tx)
+            detail = why or "a subscriber failed"
             if tx.kind is Kind.FREEZE:
                 return [*self._resume_subscribers(tx, now), *self._finish(tx, now, False, detail)]
             return self._finish(tx, now, False, detail)
@@ -303,7 +365,8 @@ class Engine:
             return self._finish(tx, now, False, "kernel channel lost")
         if tx.kind is Kind.CHECK:
             return self._ask_child(tx, wire.Op.CHECK, now)
-        if now > tx.started + self.notify.budget:
+        if now > tx.started + self.notify.budget and self.notify.policy == "fail":
+            # Answers that came in after the deadline, in the same wakeup as the timer.
             return [*self._resume_subscribers(tx, now),
                     *self._finish(tx, now, False, "the budget for this FREEZE ran out")]
         return [HoldLogs(), *self._ask_child(tx, wire.Op.FREEZE, now)]
@@ -320,14 +383,14 @@ class Engine:
         tx.timings["total"] = now - tx.started
         self.tx = None
         self.history.append(tx)
-        if tx.kind in (Kind.RESYNC, Kind.RECOVER):
+        if tx.kind in (Kind.RESYNC, Kind.RECOVER, Kind.ABANDON):
             self.counters[f"{tx.kind.value}s"] += 1
         else:
             self.counters[f"replies_{tx.result}"] += 1
         actions: list[Action] = []
         if tx.request is not None and not tx.abandoned:
             tx.replied = True
-            actions.append(ReplyKernel(tx.request, ok))
+            actions.append(ReplyKernel(tx.request, ok, tx.id))
             if not ok:
                 log.warning("%s answered failure: %s", tx.kind.value.upper(), detail)
         if tx.kind is Kind.RECOVER:
@@ -338,6 +401,32 @@ class Engine:
             self.resync_needed = False
             return actions + self._start_internal(Kind.RESYNC, now)
         return actions
+
+    def _judge(self, event: str, results: Sequence[SubscriberResult]) -> tuple[bool, str]:
+        """A veto fails CHECK whatever the policy; any other failure is the policy's."""
+        for r in results:
+            if r.outcome is Outcome.VETO and event == "check":
+                log.warning("CHECK vetoed by subscriber %s (uid %d, pid %d): %s", r.name, r.uid,
+                            r.pid, r.reason or "no reason given")
+                return False, f"vetoed by subscriber {r.name}: {r.reason or 'no reason given'}"
+        failed = [r for r in results if r.outcome is not Outcome.OK]
+        fail = self.notify.policy == "fail"
+        for r in failed:
+            log.warning("subscriber %s (uid %d, pid %d): %s on %s%s: %s", r.name, r.uid, r.pid,
+                        r.outcome.label, event.upper(), f" ({r.reason})" if r.reason else "",
+                        "failing it ([notify] policy = fail)" if fail
+                        else "going on without it ([notify] policy = skip)")
+        if failed and fail:
+            r = failed[0]
+            return False, (f"subscriber {r.name}: {r.outcome.label} on {event.upper()}"
+                           + (f" ({r.reason})" if r.reason else ""))
+        if failed:
+            self.counters["subscribers_skipped"] += len(failed)
+        return True, ""
+
+    def _event(self, kind: str, now: float, detail: str) -> None:
+        self.events.append({"kind": kind, "time": now, "detail": detail})
+        self.counters[f"events_{kind}"] += 1
 
     def _recover(self, now: float) -> list[Action]:
         self.kernel_lost = False
@@ -354,10 +443,3 @@ def _explain(res: wire.Result) -> str:
     where = f" on {res.mount}" if res.mount else ""
     verb = "refused" if res.status is wire.Status.REFUSED else "failed"
     return f"{res.op.name} {verb}{where}: {err}"
-
-
-def _subscriber_failure(tx: Transaction) -> str:
-    for s in tx.subscribers:
-        if s.get("result") not in ("ok", "skipped"):
-            return f"subscriber {s.get('name')}: {s.get('result')} {s.get('reason') or ''}".strip()
-    return "a subscriber failed"

@@ -2,13 +2,13 @@
 
 OpenSSH's StrictModes, applied to the install: the code root runs (privileged/,
 and agent/ which runs as root until the drop), the interpreter, its prefix,
-its shared library and its standard library, a virtualenv's pyvenv.cfg (its
-"home" says where that standard library is), the site-packages directory and
-its .pth files (site.py executes them), every module already imported (root
-runs them until the drop), and the config file must all be owned by root and
-writable by nobody else, and so must every directory above them.  Otherwise
-the unprivileged account, or any other, could make root run its code (the
-mistake behind CVE-2020-26880).
+its shared library and its standard library (bytecode caches included), a
+virtualenv's pyvenv.cfg (its "home" says where that standard library is), the
+site-packages directory and its .pth files (site.py executes them), every
+module file root has imported by the time of the check, and the config file
+must all be owned by root and writable by nobody else, and so must every
+directory above them.  Otherwise the unprivileged account, or any other, could
+make root run its code (the mistake behind CVE-2020-26880).
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ import agent
 import privileged
 from agent.errors import StartupError
 from privileged.trust import untrusted_reason, untrusted_tree_reason
+
+# Never imported by either process; the child runs with -S, so the interpreter's
+# own site-packages (which pyenv keeps inside the stdlib directory) is not on its
+# path, and the parent's imports from there are covered module by module.
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "idlelib", "tkinter",
+                         "turtledemo", "ensurepip", "lib2to3"})
 
 
 def paths_to_check() -> tuple[list[str], list[str]]:
@@ -40,9 +46,11 @@ def paths_to_check() -> tuple[list[str], list[str]]:
         if os.path.isdir(sp):
             singles.append(sp)
             singles += [os.path.join(sp, n) for n in sorted(os.listdir(sp)) if n.endswith(".pth")]
-    singles += sorted({f for m in list(sys.modules.values())
-                       if isinstance(f := getattr(m, "__file__", None), str)
-                       and os.path.exists(f)})
+    # Everything root has imported so far (third-party modules included).
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and os.path.exists(path):
+            singles.append(os.path.abspath(path))
     return trees, singles
 
 
@@ -50,11 +58,11 @@ def check_install(config_path: str | None) -> None:
     trees, singles = paths_to_check()
     if config_path:
         singles.append(config_path)
-    for path in singles:
+    for path in dict.fromkeys(singles):
         reason = untrusted_reason(path)
         if reason:
             raise StartupError(f"refusing to run as root: {reason}")
     for top in trees:
-        reason = untrusted_tree_reason(top)
+        reason = untrusted_tree_reason(top, STDLIB_SKIP)
         if reason:
             raise StartupError(f"refusing to run as root: {reason}")

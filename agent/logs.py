@@ -27,6 +27,8 @@ class FreezeGate(logging.Handler):
     def __init__(self, target: logging.Handler, capacity: int = 10000) -> None:
         super().__init__(target.level)
         self.target = target
+        # multiprocessing-logging's wrapper copies our formatter onto the target: keep it.
+        self.formatter = target.formatter
         self.held: deque[logging.LogRecord] = deque()
         self.capacity = capacity
         self.dropped = 0

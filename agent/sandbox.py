@@ -21,7 +21,7 @@ PR_SET_DUMPABLE = 4
 
 _capsicum: list[sandbox_freebsd.LibcCapsicum] = []
 
-__all__ = ["SandboxError", "confine_parent", "limit_device"]
+__all__ = ["SandboxError", "confine_frontend", "confine_parent", "limit_device", "parent_roles"]
 
 
 def no_core_dumps() -> None:
@@ -33,6 +33,11 @@ def no_core_dumps() -> None:
             raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+def parent_roles(*, frontend: bool, metrics: bool) -> tuple[str, ...]:
+    """The roles of agent/sandbox_linux.py the parent plays with this configuration."""
+    return ("service", *(("frontend",) if frontend else ()), *(("metrics",) if metrics else ()))
+
+
 def confine_parent(device_fd: int, roles: tuple[str, ...] = ("service",)) -> None:
     no_core_dumps()
     if sys.platform.startswith("linux"):
@@ -40,6 +45,14 @@ def confine_parent(device_fd: int, roles: tuple[str, ...] = ("service",)) -> Non
     elif sys.platform.startswith("freebsd"):
         _capsicum.append(sandbox_freebsd.LibcCapsicum())  # libc resolved before cap_enter
         sandbox_freebsd.enter_capability_mode(device_fd, _capsicum[0])
+
+
+def confine_frontend() -> None:
+    """The frontend process, once it holds only its sockets (Linux; FreeBSD: see SECURITY.md).
+    It was forked before the parent confined itself: it does both steps itself."""
+    no_core_dumps()
+    if sys.platform.startswith("linux"):
+        seccomp.confine(sandbox_linux.FRONTEND, all_threads=True)
 
 
 def limit_device(fd: int) -> None:

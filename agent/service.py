@@ -6,7 +6,9 @@ send one request at a time, and the next one waits in the kernel.
 
 The child dying ends the service: a pending kernel request is answered
 HV_E_FAIL, and we exit non-zero so the service manager restarts the pair
-(the new child thaws whatever its predecessor's crash record names).
+(the new child thaws whatever its predecessor's crash record names).  The
+frontend dying, or breaking its protocol, ends it the same way: it faces
+untrusted clients, so we do not guess what state it was left in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Protocol
 
 from agent import engine as E
 from agent.child_link import ChildGone, ChildLink
+from agent.frontend_wire import Done
+from agent.kernel.messages import KernelRequest
 from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
 from agent.logs import FreezeGate
 from agent.sandbox import limit_device
@@ -31,23 +35,31 @@ log = logging.getLogger("hv-vss-agent")
 
 EXIT_OK = 0
 EXIT_CHILD_DIED = 3
+EXIT_FRONTEND_DIED = 4
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
 
 
+class FrontendGone(Exception):
+    """The frontend closed its link, died, or sent something malformed."""
+
+
 class Notifier(Protocol):
-    """The frontend that speaks to subscribers (agent/frontend.py)."""
+    """The frontend that speaks to subscribers (agent/frontend_link.py).
+
+    Its methods raise FrontendGone when the frontend can no longer be trusted."""
 
     def fileno(self) -> int: ...
     def notify(self, event: str, txid: int, deadline: float) -> None: ...
-    def receive(self) -> list[tuple[int, bool, list[dict[str, object]]]]: ...
+    def receive(self) -> list[Done]: ...
     def publish(self, status: dict[str, object]) -> None: ...
 
 
 class Service:
     def __init__(self, engine: E.Engine, child: ChildLink, gate: FreezeGate, *, protocol: str,
                  kernel: KernelChannel | None = None, notifier: Notifier | None = None,
+                 kernel_timeout: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.child = child
@@ -55,6 +67,7 @@ class Service:
         self.protocol = protocol
         self.kernel = kernel
         self.notifier = notifier
+        self.kernel_timeout = kernel_timeout
         self.clock = clock
         self.pending_child: wire.Op | None = None
         self.reconnect_at: float | None = None if kernel else clock()
@@ -81,6 +94,10 @@ class Service:
         self._poller.register(self._wake_r, select.POLLIN)
         if self.notifier is not None:
             self._poller.register(self.notifier.fileno(), select.POLLIN)
+        try:
+            self._changed()  # the first status and metrics
+        except FrontendGone as e:
+            self._frontend_died(str(e))
         while self.exit_code is None:
             self._watch_kernel()
             ready = dict(self._poller.poll(self._timeout_ms()))
@@ -94,6 +111,8 @@ class Service:
                 self._dispatch(ready)
             except ChildGone as e:
                 self._child_died(str(e))
+            except FrontendGone as e:
+                self._frontend_died(str(e))
         return self.exit_code if self.exit_code is not None else EXIT_OK
 
     def _watch_kernel(self) -> None:
@@ -112,8 +131,12 @@ class Service:
         if self.child.fileno() in ready:
             self._on_child()
         if self.notifier is not None and self.notifier.fileno() in ready:
-            for txid, ok, subs in self.notifier.receive():
-                self._run(self.engine.on_notify_done(txid, ok, subs, self.clock()))
+            reports = self.notifier.receive()
+            for done in reports:
+                self._run(self.engine.on_notify_done(done.event.name.lower(), done.txid,
+                                                     done.results, self.clock()))
+            if reports:
+                self._changed()  # a THAW report changes the history, not the state
         if self._kernel_fd is not None and self._kernel_fd in ready and self._can_read_kernel():
             self._on_kernel()
         self._run(self.engine.on_timer(self.clock()))
@@ -144,13 +167,24 @@ class Service:
             log.debug("woken with nothing pending (the request timed out before we read it)")
             return
         log.debug("kernel request %s (%d)", req.op.value, req.code)
-        self._run(self.engine.on_kernel(req, self.clock()))
+        now = self.clock()
+        self._run(self.engine.on_kernel(req, now, self._kernel_deadline(req, now)))
+
+    def _kernel_deadline(self, req: KernelRequest, now: float) -> float | None:
+        """FreeBSD's msgid is nanotime() when the request was made (hv_vss_init_req),
+        and one callout of kernel_timeout covers the whole chain from then."""
+        if self.protocol != "freebsd" or not req.msgid:
+            return None
+        age = time.time() - req.msgid / 1e9
+        return now + self.kernel_timeout - age
 
     def _reply(self, act: E.ReplyKernel) -> None:
         if self.kernel is None:
             return
         try:
+            started = self.clock()
             self.kernel.reply(act.request, act.ok)
+            self.engine.record_timing(act.txid, "reply", self.clock() - started)
         except KernelLost as e:
             log.warning("kernel channel: %s (late reply?)", e)
             self._run(self.engine.on_kernel_lost(self.clock()))
@@ -213,15 +247,29 @@ class Service:
         self._run(self.engine.on_child_result(msg, self.clock()))
 
     def _child_died(self, why: str) -> None:
-        tx = self.engine.tx
-        if tx is not None and tx.request is not None and not tx.replied and self.kernel:
-            with contextlib.suppress(KernelLost):
-                self.kernel.reply(tx.request, False)
+        self._fail_pending()
         self.gate.resume()
         status = self.child.exit_status(2.0)
         log.error("the root child is gone (%s; exit status %s): exiting so that the service "
                   "manager restarts us", why, status)
         self.exit_code = EXIT_CHILD_DIED
+
+    def _frontend_died(self, why: str) -> None:
+        self._fail_pending()
+        frozen = self.engine.frozen
+        # Closing the link is the child's cue to thaw (if frozen) and exit.
+        self.child.close()
+        self.child.exit_status(10.0)
+        self.gate.resume()
+        log.error("the frontend is gone (%s): %sexiting so that the service manager restarts us",
+                  why, "the child thawed; " if frozen else "")
+        self.exit_code = EXIT_FRONTEND_DIED
+
+    def _fail_pending(self) -> None:
+        tx = self.engine.tx
+        if tx is not None and tx.request is not None and not tx.replied and self.kernel:
+            with contextlib.suppress(KernelLost):
+                self.kernel.reply(tx.request, False)
 
     # --- actions ----------------------------------------------------------------------------
 
@@ -253,10 +301,7 @@ class Service:
 
     def _stop(self, why: str) -> None:
         log.info("stopping (%s)", why)
-        tx = self.engine.tx
-        if tx is not None and tx.request is not None and not tx.replied and self.kernel:
-            with contextlib.suppress(KernelLost):
-                self.kernel.reply(tx.request, False)
+        self._fail_pending()
         if self.engine.frozen or self.pending_child is not None:
             # Closing the link is the child's cue to thaw everything and exit.
             self.child.close()

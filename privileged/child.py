@@ -33,7 +33,7 @@ from privileged.channel import Channel, FrameLogHandler, ProtocolViolation
 from privileged.config import ChildConfig, ConfigError, load_child_config
 from privileged.device import open_device
 from privileged.freezer import FreezeFailed, Freezer, Held
-from privileged.hardening import close_std_streams, harden_child, thread_count
+from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.sandbox import confine_child
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
@@ -134,18 +134,21 @@ class Child:
 
     def selection(self) -> Selection:
         sel = select_targets(self.freezer.mounts(), self.cfg, self.freezer.platform)
+        crash_only: dict[str, list[str]] = {}  # one line per reason, however many datasets
         for d in sel.decisions:
             if d.verdict is Verdict.CRASH_ONLY:
-                log.info("%s: %s", d.mount.mountpoint, d.reason)
+                crash_only.setdefault(d.reason, []).append(d.mount.mountpoint)
             elif d.verdict is not Verdict.IGNORE:
                 log.debug("%s: %s", d.mount.mountpoint, d.verdict.value)
+        for reason, mountpoints in crash_only.items():
+            log.info("%s: %s", reason, ", ".join(mountpoints))
         return sel
 
     def blocker(self, sel: Selection) -> tuple[str, str] | None:
         veto = sel.veto_reason()
         if veto:
             return veto
-        for m in sel.targets:
+        for m in sel.targets if self.statedir.enabled else ():
             if under(self.statedir.path, m.mountpoint):
                 return m.mountpoint, (f"holds the state directory {self.statedir.path}; "
                                       "set [state] dir to a path on tmpfs such as /run")
@@ -199,7 +202,9 @@ class Child:
         self.held = held
         self.state = State.FROZEN
         self.frozen_since = self.clock()
-        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us)
+        # The mount field names what is frozen, for the parent's status (clipped by the wire).
+        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us,
+                    mount=", ".join(h.mountpoint for h in held))
         for h in held:
             if h.fd is None:
                 log.warning("%s was already frozen by someone else: counted, and left to them",
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [FrameLogHandler(channel)]
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    close_std_streams()  # from here on, errors travel as LOG frames
+    quiet_stdio()  # from here on, errors travel as LOG frames
 
     stop: list[int] = []
 
@@ -353,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_child_config(args.config)
-        statedir = StateDir(cfg.state.dir)
-        statedir.ensure()
         freezer = pick_freezer(args.memory)
+        statedir = StateDir(cfg.state.dir, enabled=freezer.platform.freeze_outlives_holder)
+        statedir.ensure()
     except (ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR

@@ -42,13 +42,16 @@ LINUX = Platform(
 )
 
 
+_OCTAL = frozenset("01234567")
+
+
 def unescape(field: str) -> str:
     r"""mountinfo escapes space, tab, newline and backslash as \ooo."""
     if "\\" not in field:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and i + 3 < len(field) and set(field[i + 1:i + 4]) <= _OCTAL:
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:

@@ -15,7 +15,9 @@ Rules, in order, for each mount:
      only (logged) in the default mode, vetoes in strict mode;
   5. any other read-write local filesystem cannot be frozen: it vetoes.
 Strict mode ([check] mode = "strict") restores the stock FreeBSD daemon's rule:
-every read-write non-freezable filesystem vetoes.
+every read-write non-freezable filesystem vetoes; on FreeBSD (whose daemon it
+is) pseudo and network filesystems too, unless the operator left them out with
+[freeze] only or exclude.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Platform:
     crash_consistent: frozenset[str]  # FAT: harmless to leave unfrozen by default
     zfs: frozenset[str] = frozenset({"zfs"})
     ignored_prefixes: tuple[str, ...] = ()  # FreeBSD: /dev, on a path boundary
+    # Strict mode is the stock hv_vss_daemon's rule: pseudo and network filesystems veto too.
+    strict_vetoes_every_writable: bool = False
+    # Linux: a freeze outlives its holder, so the child keeps a crash record (statefile.py);
+    # FreeBSD: closing the /dev/ufssuspend descriptor resumes, so there is nothing to record.
+    freeze_outlives_holder: bool = True
 
 
 class Verdict(enum.Enum):
@@ -111,6 +118,13 @@ def classify(m: Mount, cfg: ChildConfig, plat: Platform) -> Decision:
         return d(Verdict.IGNORE, "device filesystem")
     if m.readonly:
         return d(Verdict.IGNORE, "read-only")
+    left_out = (cfg.freeze.only and m.mountpoint not in cfg.freeze.only) or _excluded(
+        m.mountpoint, cfg.freeze.exclude)
+    if strict and plat.strict_vetoes_every_writable and m.fstype not in plat.freezable \
+            and not left_out:
+        only = ", ".join(sorted(plat.freezable))
+        return d(Verdict.VETO, f"read-write {m.fstype} filesystem ([check] mode = \"strict\": "
+                               f"only {only} may be mounted read-write, as in the stock daemon)")
     if not m.local:
         return d(Verdict.IGNORE, f"network filesystem ({m.fstype})")
     if m.pseudo:
@@ -124,8 +138,8 @@ def classify(m: Mount, cfg: ChildConfig, plat: Platform) -> Decision:
     if m.fstype in plat.zfs:
         if cfg.check.zfs == "veto" or strict:
             return d(Verdict.VETO, "ZFS cannot be suspended ([check] zfs = \"veto\")")
-        return d(Verdict.CRASH_ONLY,
-                 "ZFS dataset: crash-consistent only (copy-on-write keeps it intact)")
+        return d(Verdict.CRASH_ONLY, "ZFS datasets get crash consistency only "
+                                     "(copy-on-write keeps them intact)")
     if m.fstype in plat.crash_consistent and not strict:
         return d(Verdict.CRASH_ONLY, f"{m.fstype} cannot be frozen: crash-consistent only")
     return d(Verdict.VETO, f"read-write local {m.fstype} filesystem cannot be frozen")

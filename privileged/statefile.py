@@ -14,6 +14,12 @@ The cooldown record: after each thaw of ours, the CLOCK_MONOTONIC time
 (shared by every process, reset at boot like /run) before which no FREEZE
 is accepted.  The next child honours it, so a parent cannot skip the
 cooldown by making its child exit and the service manager restart the pair.
+
+FreeBSD keeps no record (StateDir(enabled=False)): a UFS suspension lasts
+only as long as the /dev/ufssuspend descriptor that made it, and the kernel
+closes a dead child's descriptors, which resumes its filesystems
+(ffs_susp_dtor).  There is nothing a successor could have to thaw, and no
+directory to keep off the frozen filesystems ([state] dir is not used).
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ def _escape(path: str) -> str:
 
 
 class StateDir:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, enabled: bool = True) -> None:
         self.path = path
         self.record = os.path.join(path, RECORD)
         self.cooldown = os.path.join(path, COOLDOWN)
+        self.enabled = enabled
 
     def ensure(self) -> None:
+        if not self.enabled:
+            return
         try:
             os.mkdir(self.path, 0o700)
         except FileExistsError:
@@ -51,26 +60,32 @@ class StateDir:
                           f"uid {st.st_uid})")
 
     def write(self, entries: list[tuple[str, str]]) -> None:
-        _replace(self.record, "".join(f"{k} {_escape(p)}\n" for k, p in entries))
+        if self.enabled:
+            _replace(self.record, "".join(f"{k} {_escape(p)}\n" for k, p in entries))
 
     def write_cooldown(self, until: float) -> None:
-        _replace(self.cooldown, f"{until:.6f}\n")
+        if self.enabled:
+            _replace(self.cooldown, f"{until:.6f}\n")
 
     def read_cooldown(self) -> float:
         """The recorded end of the cooldown, 0.0 if there is none or it is unreadable."""
         try:
-            until = float(_read(self.cooldown))
+            until = float(_read(self.cooldown)) if self.enabled else 0.0
         except ValueError:
             return 0.0
         return until if math.isfinite(until) else 0.0
 
     def clear(self) -> None:
+        if not self.enabled:
+            return
         try:
             os.unlink(self.record)
         except FileNotFoundError:
             pass
 
     def read(self) -> list[tuple[str, str]]:
+        if not self.enabled:
+            return []
         entries = []
         for line in _read(self.record).splitlines():
             key, sep, path = line.partition(" ")

@@ -51,13 +51,14 @@ def untrusted_reason(path: str) -> str | None:
         parent = os.path.dirname(parent)
 
 
-def untrusted_tree_reason(top: str) -> str | None:
-    """Like untrusted_reason, for a directory and everything below it."""
+def untrusted_tree_reason(top: str, skip: frozenset[str] = frozenset()) -> str | None:
+    """Like untrusted_reason, for a directory and everything below it but `skip` names."""
     reason = untrusted_reason(top)
     if reason:
         return reason
     owners = _trusted_owners()
     for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = [d for d in dirnames if d not in skip]
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             st = os.lstat(p)

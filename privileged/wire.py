@@ -16,6 +16,9 @@ Layouts (little endian):
                           recovered                                      12 bytes
   LOG      <BBBBH + text version, kind, level, reserved=0, length,
                           then exactly `length` bytes of UTF-8 (1..1024)
+
+RESULT's mount names the filesystem a request failed on; after a successful
+FREEZE it lists what is frozen (comma-separated, clipped to the field).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ import psutil
 from agent.simulator.server import Simulator
 
 PY = sys.executable
+# For processes under other uids: the venv's interpreter may live where only root can
+# reach it (pyenv under /root).  What they run needs only the standard library.
+USER_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else PY
 EXT4_IOC_SHUTDOWN = 0x8004587D
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,9 +78,37 @@ def shutdown_ext4(mountpoint: str) -> None:
         os.close(fd)
 
 
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def toml_section(name: str, values: dict[str, object]) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+
+
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
-                 max_frozen: float = 30, cooldown: float = 0, extra: str = "") -> str:
+                 max_frozen: float = 30, cooldown: float = 0, presync: bool = True,
+                 kernel_timeout: float = 15.0, extra: str = "",
+                 frontend: bool = True, notify: dict[str, object] | None = None,
+                 control: dict[str, object] | None = None,
+                 metrics: dict[str, object] | None = None) -> str:
+    """The agent's config; by default with the frontend (subscriber and control sockets)."""
     only = ", ".join(f'"{m}"' for m in mounts)
+    if frontend:
+        extra += toml_section("notify", {"socket": os.path.join(workdir, "notify.sock"),
+                                         **(notify or {})})
+        extra += toml_section("control", {"socket": os.path.join(workdir, "control.sock"),
+                                          **(control or {})})
+    if metrics:
+        extra += toml_section("metrics", metrics)
     chroot = os.path.join(workdir, "empty")
     os.makedirs(chroot, mode=0o755, exist_ok=True)
     text = f"""
@@ -86,8 +117,10 @@ user = "hvvss"
 chroot = "{chroot}"
 [device]
 protocol = "{protocol}"
+kernel_timeout = {kernel_timeout}
 [freeze]
 only = [{only}]
+presync = {"true" if presync else "false"}
 [watchdog]
 max_frozen_seconds = {max_frozen}
 cooldown_seconds = {cooldown}
@@ -153,6 +186,20 @@ class Agent:
         assert len(kids) == 1, kids
         return kids[0]
 
+    @property
+    def frontend(self) -> psutil.Process:
+        kids = [p for p in self.parent.children() if p.uids().real != 0]
+        assert len(kids) == 1, kids
+        return kids[0]
+
+    @property
+    def notify_socket(self) -> str:
+        return os.path.join(self.workdir, "notify.sock")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.workdir, "control.sock")
+
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
@@ -188,3 +235,90 @@ def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> boo
             return True
         time.sleep(step)
     return False
+
+
+# --- subscribers -----------------------------------------------------------------------
+
+SUBSCRIBER = """\
+import socket, sys, time
+path, name, rules, out = sys.argv[1:5]
+actions = dict(r.split("=", 1) for r in rules.split(",") if r)
+def note(*words):
+    with open(out, "a") as f:
+        f.write(" ".join(str(w) for w in words) + "\\n")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+f = s.makefile("rwb", buffering=0)
+note("greeting", f.readline().decode().strip())
+f.write(("HELLO 1 %s\\n" % name).encode())
+note("welcome", f.readline().decode().strip())
+for line in f:
+    words = line.decode().split()
+    if words[0] not in ("CHECK", "FREEZE", "THAW"):
+        note("other", line.decode().strip())
+        continue
+    event, txid, ms = words
+    note("event", event, txid, ms, time.monotonic())
+    action = actions.get(event, "ok")
+    if action.startswith("slow:"):
+        time.sleep(float(action[5:]))
+        action = "ok"
+    if action == "ok":
+        f.write(("OK %s %s\\n" % (event, txid)).encode())
+    elif action == "veto":
+        f.write(("VETO %s %s backup window closed\\n" % (event, txid)).encode())
+    elif action == "fail":
+        f.write(("FAIL %s %s could not flush\\n" % (event, txid)).encode())
+    elif action == "die":
+        note("dying")
+        sys.exit(0)
+    elif action == "garbage":
+        f.write(b"MAYBE later\\n")
+    elif action == "oversized":
+        f.write(b"OK " + b"x" * 600 + b"\\n")
+    note("answered", event, txid, action)
+note("agent closed")
+"""
+
+
+class Subscriber:
+    """A scripted subscriber process: `rules` say how it answers each event."""
+
+    def __init__(self, path: str, workdir: str, *, name: str = "sub", rules: str = "",
+                 user: str | int | None = None, group: str | int | None = None,
+                 extra_groups: list[str | int] | None = None) -> None:
+        self.out = os.path.join(workdir, f"{name}.events")
+        with open(self.out, "w"):
+            pass
+        os.chmod(self.out, 0o666)
+        self.proc = subprocess.Popen(
+            [USER_PY, "-I", "-c", SUBSCRIBER, path, name, rules, self.out],
+            user=user, group=group, extra_groups=extra_groups, cwd="/",
+            stderr=subprocess.DEVNULL)
+
+    def lines(self) -> list[str]:
+        with open(self.out, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    def wait_welcome(self, timeout: float = 10) -> str:
+        assert wait_for(lambda: len(self.lines()) >= 2 or self.proc.poll() is not None,
+                        timeout), "the subscriber never heard back"
+        return "\n".join(self.lines())
+
+    def events(self) -> list[str]:
+        return [line.split()[1] for line in self.lines() if line.startswith("event ")]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def cli(*args: str, user: str | None = None, group: str | None = None,
+        extra_groups: list[str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`hv-vss-agent ARGS` as a separate process, optionally as another user."""
+    return subprocess.run([USER_PY if user else PY, "-m", "agent", *args], cwd=REPO,
+                          capture_output=True, text=True,
+                          user=user, group=group, extra_groups=extra_groups, timeout=timeout,
+                          check=False)

@@ -42,7 +42,7 @@ def test_agent_installed_on_a_filesystem_it_freezes(workdir, make_fs):
             for op in ("check", "freeze", "thaw"):
                 req = agent.sim.request(op, timeout=20)
                 assert req.status == 0, f"cycle {i}: {op} answered {req.status:#x}"
-        # the child logs THAWED after its answer: the last line may still be on its way
+        # the child logs THAWED just after it answers: the last line may trail the reply
         assert wait_for(lambda: agent.log().count("THAWED 2 filesystem(s)") == CYCLES)
         for fs in (home, other):
             assert_writable(fs.mountpoint)

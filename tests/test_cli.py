@@ -8,7 +8,7 @@ import subprocess
 import psutil
 import pytest
 
-from tests.helpers import PY, REPO, Agent, write_config
+from tests.helpers import PY, REPO, Agent, assert_blocked, write_config
 
 
 def run(*args: str, user: str | None = None,
@@ -87,16 +87,20 @@ def test_bad_chroot_directory(workdir):
     one_line_error(run("--config", cfg, "-n"), 1, "is not empty")
 
 
-def test_second_daemon_is_told_the_device_is_busy(workdir, make_fs):
+def test_second_daemon_is_refused_before_its_child_can_touch_anything(workdir, make_fs):
+    """Same config, same state directory: a child of the second daemon would start by
+    thawing what the crash record names, the first daemon's freeze included."""
     fs = make_fs("ext4")
     first = Agent(workdir, [fs.mountpoint]).start()
     try:
+        assert first.sim.request("freeze").status == 0
+        probe = assert_blocked(fs.mountpoint, 0.3)
         proc = run("-n", "--config", first.config, "--device", first.socket)
-        assert proc.returncode == 1
-        assert "busy: another VSS daemon has it open" in proc.stderr
-        assert "Traceback" not in proc.stderr
+        one_line_error(proc, 1, "busy: another VSS daemon has it open")
         assert first.sim.refused == 1
-        assert first.sim.request("check").status == 0  # the first one is unharmed
+        assert not probe.done_within(0.5), "the second daemon thawed the first one's freeze"
+        assert first.sim.request("thaw").status == 0
+        assert probe.done_within(5)
     finally:
         first.stop()
 

@@ -84,3 +84,14 @@ def test_root_refuses_a_config_others_could_change(workdir):
     os.chmod(workdir, 0o777)  # the directory above: anyone could swap the file
     with pytest.raises(ConfigError, match="is writable by group or others"):
         config.load(path)
+
+
+def test_the_shipped_example_config_parses_to_the_defaults(workdir):
+    import shutil
+
+    from tests.helpers import REPO
+
+    path = os.path.join(workdir, "example.toml")
+    shutil.copy(os.path.join(REPO, "etc", "hv-vss-agent.toml"), path)
+    os.chmod(path, 0o600)
+    assert config.load(path) == config.AgentConfig(path=path)

@@ -16,7 +16,18 @@ import signal
 import subprocess
 import textwrap
 
-from tests.helpers import PY, REPO, assert_blocked, running_agent, write_config
+import psutil
+
+from privileged.syscall_table import SYSCALLS
+from tests.helpers import (
+    PY,
+    REPO,
+    Subscriber,
+    assert_blocked,
+    running_agent,
+    wait_for,
+    write_config,
+)
 
 O_CLOEXEC = 0o2000000
 
@@ -42,43 +53,84 @@ def descriptors(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
-def seccomp_records(pids: set[int]) -> list[str]:
-    """Audit records of refused or killed syscalls for `pids`, from the kernel log."""
+def seccomp_records(pids: set[int], answered: tuple[str, ...] = ()) -> list[str]:
+    """Audit records of refused or killed syscalls for `pids`, from the kernel log, but
+    for the syscalls named in `answered` (a Refuse rule: an errno the caller copes with)."""
     log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    expected = {f"syscall={SYSCALLS['x86_64'][name]} " for name in answered}
     return [line for line in log.splitlines() if "type=1326" in line
-            and int(re.search(r" pid=(\d+)", line).group(1)) in pids]  # type: ignore[union-attr]
+            and int(re.search(r" pid=(\d+)", line).group(1)) in pids  # type: ignore[union-attr]
+            and not any(e in line and "sig=0" in line for e in expected)]
+
+
+def _same_for_parent_and_frontend(pid: int, chroot: str) -> None:
+    hvvss = pwd.getpwnam("hvvss")
+    proc = psutil.Process(pid)
+    assert tuple(proc.uids()) == (hvvss.pw_uid,) * 3
+    assert tuple(proc.gids()) == (hvvss.pw_gid,) * 3
+    st = status(pid)
+    assert st["Groups"] == ""
+    assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+    assert int(st["CapPrm"], 16) == int(st["CapEff"], 16) == 0  # no capability left
+    assert os.readlink(f"/proc/{pid}/root") == chroot
+    assert os.readlink(f"/proc/{pid}/cwd") == chroot
+    assert os.listdir(f"/proc/{pid}/root/") == []  # all it can see: nothing
+    assert core_limit(pid) == ["0", "0"]
+    # not dumpable: its /proc files belong to root, not to hvvss, so another process
+    # of that uid cannot ptrace it or read its memory
+    assert os.stat(f"/proc/{pid}/fd").st_uid == 0
+
+
+def kinds(pid: int) -> list[str]:
+    """What each descriptor above stdio is: socket, pipe, or a path."""
+    return sorted(re.sub(r":\[\d+\]", "", target)
+                  for fd, (target, _) in descriptors(pid).items() if fd > 2)
 
 
 def test_parent_seen_from_outside(workdir, ext4_xfs):
-    hvvss = pwd.getpwnam("hvvss")
-    chroot = os.path.join(workdir, "empty")
-    with running_agent(workdir, [ext4_xfs[0].mountpoint]) as agent:
+    with running_agent(workdir, [ext4_xfs[0].mountpoint], frontend=False) as agent:
         parent = agent.parent
-        assert tuple(parent.uids()) == (hvvss.pw_uid,) * 3
-        assert tuple(parent.gids()) == (hvvss.pw_gid,) * 3
-        st = status(parent.pid)
-        assert st["Groups"] == ""
-        assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
-        assert int(st["CapPrm"], 16) == int(st["CapEff"], 16) == 0  # no capability left
-        assert os.readlink(f"/proc/{parent.pid}/root") == chroot
-        assert os.readlink(f"/proc/{parent.pid}/cwd") == chroot
-        assert os.listdir(f"/proc/{parent.pid}/root/") == []  # all it can see: nothing
-        assert core_limit(parent.pid) == ["0", "0"]
-        # not dumpable: its /proc files belong to root, not to hvvss, so another process
-        # of that uid cannot ptrace it or read its memory
-        assert os.stat(f"/proc/{parent.pid}/fd").st_uid == 0
-        # no file or directory held open: sockets and the signal pipe only, besides stdio
-        kinds = sorted(re.sub(r":\[\d+\]", "", target)
-                       for fd, (target, _) in descriptors(parent.pid).items() if fd > 2)
-        assert kinds == ["pipe", "pipe", "socket", "socket"]
+        _same_for_parent_and_frontend(parent.pid, os.path.join(workdir, "empty"))
+        # no file or directory held open: the kernel channel, the child, the signal pipe
+        assert kinds(parent.pid) == ["pipe", "pipe", "socket", "socket"]
         assert agent.sim.request("freeze").status == 0
         assert agent.sim.request("thaw").status == 0
         assert seccomp_records({parent.pid}) == []
 
 
+def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
+    """With [notify], [control] and [metrics]: two unprivileged processes, each confined."""
+    metrics = os.path.join(workdir, "metrics")
+    os.mkdir(metrics, 0o755)
+    os.chown(metrics, pwd.getpwnam("hvvss").pw_uid, -1)
+    with running_agent(workdir, [ext4_xfs[0].mountpoint], metrics={"dir": metrics}) as agent:
+        parent = agent.parent
+        (frontend,) = [p for p in parent.children() if p.uids().real != 0]
+        chroot = os.path.join(workdir, "empty")
+        for pid in (parent.pid, frontend.pid):
+            _same_for_parent_and_frontend(pid, chroot)
+        assert frontend.num_threads() <= 2  # itself, and the log queue's feeder
+        sub = Subscriber(agent.notify_socket, workdir)
+        try:
+            assert "welcome WELCOME" in sub.wait_welcome()
+            for op in ("check", "freeze", "thaw"):
+                assert agent.sim.request(op).status == 0
+            assert wait_for(lambda: sub.events() == ["CHECK", "FREEZE", "THAW"])
+        finally:
+            sub.stop()
+        # the parent: sockets, pipes, and the one directory outside its chroot it was
+        # given, the metrics directory; the frontend: sockets and its log queue's pipe
+        assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
+        assert kinds(parent.pid).count(metrics) == 1
+        assert set(kinds(frontend.pid)) == {"pipe", "socket"}
+        assert kinds(frontend.pid).count("socket") == 3  # the link, notify, control
+        # clone3 is answered ENOSYS on purpose: glibc starts the feeder thread with clone
+        assert seccomp_records({parent.pid, frontend.pid}, answered=("clone3",)) == []
+
+
 def test_child_seen_from_outside(workdir, ext4_xfs):
     mounts = sorted(fs.mountpoint for fs in ext4_xfs)
-    with running_agent(workdir, mounts) as agent:
+    with running_agent(workdir, mounts, frontend=False) as agent:
         child = agent.child
         assert tuple(child.uids()) == (0, 0, 0)
         st = status(child.pid)
@@ -160,7 +212,7 @@ def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
 def test_child_still_thaws_at_once_on_a_signal_without_a_wakeup_pipe(workdir, ext4_xfs):
     """The signal pipe is gone (one descriptor only): the loop's tick sees the flag."""
     mounts = [fs.mountpoint for fs in ext4_xfs]
-    with running_agent(workdir, mounts, max_frozen=60) as agent:
+    with running_agent(workdir, mounts, max_frozen=60, frontend=False) as agent:
         assert agent.sim.request("freeze").status == 0
         probes = [assert_blocked(m, 0.3) for m in mounts]
         child = agent.child

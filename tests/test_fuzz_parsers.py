@@ -28,7 +28,7 @@ from privileged import wire
 from privileged.config import CHILD_SECTIONS, ConfigError
 from privileged.mounts_linux import parse_mountinfo, unescape
 from privileged.statefile import StateDir
-from tests.helpers import PY, REPO, running_agent, write_config
+from tests.helpers import PY, REPO, running_agent, wait_for, write_config
 
 FAST = settings(max_examples=1500, deadline=None)
 SLOW = settings(max_examples=15, deadline=None,
@@ -118,7 +118,7 @@ def test_the_agent_survives_garbage_on_its_kernel_channel(workdir, make_fs):
             agent.wait_registered(connections=n)
             assert agent.sim.request("check").status == 0
         assert agent.proc is not None and agent.proc.poll() is None
-        assert agent.log().count("kernel channel:") == len(sizes)
+        assert wait_for(lambda: agent.log().count("kernel channel:") == len(sizes))
 
 
 # --- the child's records, as the parent reads them ------------------------------------------------

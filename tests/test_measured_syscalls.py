@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from agent.sandbox_linux import parent_policy
+from agent.sandbox_linux import FRONTEND, ROLES, parent_policy
 from privileged.sandbox import ROOT_CHILD
 from privileged.syscall_table import SYSCALLS
 from tests.unit_file import syscall_filter
@@ -31,9 +31,13 @@ def trace(tmp_path_factory) -> Trace:
 def test_every_syscall_made_once_sandboxed_is_allowed(trace):
     lines = report(trace)
     assert lines[-1] == "every syscall made is allowed", "\n".join(lines)
-    # and the measurement saw the work, not an idle process
+    # and the measurement saw the work of each role, not an idle process
     assert {"ioctl", "syncfs", "recvmsg", "restart_syscall"} <= set(trace.calls["child"])
-    assert {"recvfrom", "sendto", "wait4", "restart_syscall"} <= set(trace.calls["parent"])
+    assert {"recvfrom", "sendto", "wait4", "restart_syscall"} <= \
+        set(trace.calls["parent[service]"])
+    assert {"futex", "openat", "renameat", "fchmod"} <= \
+        set(trace.calls["parent[service+frontend+metrics]"])
+    assert {"accept4", "getsockopt", "rseq"} <= set(trace.calls["frontend"])
 
 
 def test_the_unit_allows_every_syscall_the_agent_makes(trace):
@@ -42,5 +46,5 @@ def test_the_unit_allows_every_syscall_the_agent_makes(trace):
 
 
 def test_the_unit_allows_everything_our_own_filters_allow():
-    ours = (ROOT_CHILD.allowed() | parent_policy(("service",)).allowed()) & set(SYSCALLS["x86_64"])
-    assert sorted(ours - syscall_filter()) == []
+    ours = ROOT_CHILD.allowed() | FRONTEND.allowed() | parent_policy(tuple(ROLES)).allowed()
+    assert sorted((ours & set(SYSCALLS["x86_64"])) - syscall_filter()) == []

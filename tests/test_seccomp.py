@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.sandbox_linux import FIONBIO, ROLES, parent_policy
+from agent.sandbox_linux import FIONBIO, FRONTEND, METRICS_OPEN, ROLES, parent_policy
 from privileged import seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
 from privileged.sandbox import ROOT_CHILD
@@ -30,7 +30,8 @@ X86_HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
 GENERIC_HEADER = "/usr/include/asm-generic/unistd.h"
 SIGSYS = 31
 ALL_ROLES = tuple(ROLES)
-POLICIES = [ROOT_CHILD, parent_policy(ALL_ROLES)]
+POLICIES = [ROOT_CHILD, FRONTEND, parent_policy(ALL_ROLES),
+            *(parent_policy((role,)) for role in ALL_ROLES)]
 
 
 def _header_numbers(path: str) -> dict[str, int]:
@@ -134,6 +135,19 @@ def test_key_decisions_of_the_child_filter():
     assert bpf.run(prog, nr["read"], 0x40000003) == eperm  # i386: never kills the child
 
 
+def test_roles_merge_to_what_any_of_them_allows():
+    arch, nr = AUDIT_ARCH["x86_64"], SYSCALLS["x86_64"]
+    service = seccomp.compile_policy(parent_policy(("service",)), "x86_64")
+    full = seccomp.compile_policy(parent_policy(("service", "frontend", "metrics")), "x86_64")
+    eacces = refuse_with(errno.EACCES)
+    assert bpf.run(service, nr["openat"], arch, (5, 0, METRICS_OPEN)) == eacces
+    assert bpf.run(full, nr["openat"], arch, (5, 0, METRICS_OPEN)) == ALLOW
+    assert bpf.run(full, nr["openat"], arch, (5, 0, os.O_RDONLY)) == eacces  # nothing read
+    assert bpf.run(service, nr["kill"], arch) == KILL_PROCESS
+    assert bpf.run(full, nr["kill"], arch) == ALLOW
+    assert bpf.run(full, 57, arch) == KILL_PROCESS  # fork: the parent never starts a process
+
+
 def test_key_decisions_of_the_parent_filter():
     prog, nr = seccomp.compile_policy(parent_policy(("service",)), "x86_64"), SYSCALLS["x86_64"]
     arch = AUDIT_ARCH["x86_64"]
@@ -207,6 +221,18 @@ def test_parent_filter_answers_what_python_copes_with():
         print(os.isatty(0))  # TCGETS: ENOTTY, "not a terminal"
         """)
     assert (proc.returncode, proc.stdout.split()) == (0, ["EACCES", "EAFNOSUPPORT", "False"])
+
+
+def test_frontend_filter_starts_threads_and_nothing_else():
+    proc = confined("FRONTEND", setup="from agent.sandbox_linux import FRONTEND\n", body="""
+        t = threading.Thread(target=lambda: print("thread ran", flush=True))
+        t.start()
+        t.join()
+        print(fails(open, "/etc/hostname"), flush=True)
+        os.fork()
+        print("forked", flush=True)
+        """)
+    assert (proc.returncode, proc.stdout.split("\n")) == (-SIGSYS, ["thread ran", "EACCES", ""])
 
 
 def test_tsync_puts_the_filter_on_threads_that_already_run():

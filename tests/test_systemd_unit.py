@@ -13,11 +13,13 @@ tests/test_measured_syscalls.py; the exposure score is systemd's own.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import subprocess
 
-from tests.helpers import PY, REPO, Agent, assert_blocked, assert_writable
+from agent.metrics import FILENAME
+from tests.helpers import PY, REPO, Agent, assert_blocked, assert_writable, wait_for
 from tests.unit_file import UNIT, directives
 
 PR_SET_MDWE, MDWE_REFUSE_EXEC_GAIN = 65, 1
@@ -76,8 +78,13 @@ def test_the_child_freezes_under_the_unit_s_restrictions(workdir, ext4_xfs):
     mounts = [fs.mountpoint for fs in ext4_xfs]
     state = os.path.join(workdir, "state")
     os.mkdir(state, 0o700)
-    agent = Agent(workdir, mounts)
-    agent.python = _confined_python(workdir, writable=[state], readonly=["/", *mounts])
+    run = os.path.join(workdir, "run")  # RuntimeDirectory-like: sockets and metrics
+    os.makedirs(os.path.join(run, "metrics"), 0o755)
+    os.chown(os.path.join(run, "metrics"), pwd.getpwnam("hvvss").pw_uid, -1)
+    agent = Agent(workdir, mounts, notify={"socket": os.path.join(run, "notify.sock")},
+                  control={"socket": os.path.join(run, "control.sock")},
+                  metrics={"dir": os.path.join(run, "metrics")})
+    agent.python = _confined_python(workdir, writable=[state, run], readonly=["/", *mounts])
     try:
         agent.start()
         child, parent = agent.child, agent.parent
@@ -96,6 +103,8 @@ def test_the_child_freezes_under_the_unit_s_restrictions(workdir, ext4_xfs):
         for p in probes:
             assert p.done_within(5)
         assert parent.uids().real != 0
+        assert len(parent.children()) == 2  # the root child and the frontend
+        assert wait_for(lambda: os.path.exists(os.path.join(run, "metrics", FILENAME)))
     finally:
         agent.stop()
     for m in mounts:

@@ -18,6 +18,11 @@ cover what the daemon does in service:
               signal path), and the parent's exit when its child is gone
   stop-frozen SIGTERM to the parent while frozen (the link is closed: the
               child thaws on EOF)
+  frontend    [notify], [control] and [metrics]: a subscriber answering every
+              event, a status request, SIGSTOP/SIGCONT, cycles, SIGTERM; the
+              parent then also runs multiprocessing-logging's threads and
+              writes the metrics file, and the frontend process has its own
+              filter
 
 It prints, per role, each syscall and how often it was made, and compares
 with the policies (privileged/sandbox.py, agent/sandbox_linux.py): what was
@@ -29,6 +34,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -43,8 +49,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from agent import scratch
-from agent.sandbox_linux import parent_policy
+from agent import scratch, status_client
+from agent.notify_client import AgentGone, Subscription
+from agent.sandbox import parent_roles
+from agent.sandbox_linux import FRONTEND, parent_policy
 from agent.simulator.server import Simulator
 from privileged import seccomp
 from privileged.sandbox import ROOT_CHILD
@@ -66,36 +74,69 @@ from agent.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-_CALL = re.compile(r"^(\d+) +([a-z_0-9]+)\(")
+_LINE = re.compile(r"^(\d+) +(?:<\.\.\. )?([a-z_0-9]+)(\(| resumed>)")
+_RETURNED = re.compile(r"= (\d+)$")
+_CLONES = ("clone", "clone3", "fork", "vfork")
 
 
 @dataclass
 class Trace:
-    """Syscalls per process after that process's own seccomp() call, and every syscall
-    any process made from its exec on (what a unit's SystemCallFilter must allow)."""
+    """Syscalls per role after the process's own seccomp() call (TSYNC: its threads'
+    too), and every syscall any process made from exec on (what a unit's
+    SystemCallFilter must allow).  Roles: "child", "frontend", and
+    "parent[<roles>]" with the roles its filter was built from."""
 
     calls: dict[str, collections.Counter[str]] = field(
         default_factory=lambda: collections.defaultdict(collections.Counter))
     everything: set[str] = field(default_factory=set)
 
-    def add(self, path: str) -> None:
-        role: dict[str, str] = {}
-        confined: set[str] = set()
+    def add(self, path: str, parent_roles: tuple[str, ...]) -> None:
+        # Two passes: a new thread's first calls are printed before its creator's clone
+        # returns, so which process a thread belongs to is known only at the end.
+        calls: list[tuple[int, str, str]] = []  # (line, thread id, syscall)
+        leader: dict[str, str] = {}  # thread id -> the thread that created it (CLONE_THREAD)
+        forked_by: dict[str, str] = {}  # process -> the thread that forked it
+        role: dict[str, str] = {}  # process -> "child" (exec'd -S) or "parent" (chroot)
+        confined_at: dict[str, int] = {}  # thread id -> line of its seccomp()
+        cloning: dict[str, bool] = {}  # thread id -> its clone in progress makes a thread
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                m = _CALL.match(line)
+            for n, line in enumerate(f):
+                m = _LINE.match(line)
                 if not m:
                     continue
-                pid, name = m.groups()
-                self.everything.add(name)
-                if name == "execve" and '"-I", "-B", "-S"' in line:
-                    role[pid] = "child"
-                elif name == "chroot":
-                    role[pid] = "parent"
-                if pid in confined:
-                    self.calls[role.get(pid, "?")][name] += 1
-                elif name == "seccomp" and pid in role:
-                    confined.add(pid)
+                tid, name, how = m.groups()
+                if how == "(":
+                    self.everything.add(name)
+                    calls.append((n, tid, name))
+                    if name == "execve" and '"-I", "-B", "-S"' in line:
+                        role[tid] = "child"
+                    elif name == "chroot":
+                        role[tid] = "parent"
+                    elif name == "seccomp":
+                        confined_at.setdefault(tid, n)
+                    if name in _CLONES:
+                        cloning[tid] = "CLONE_THREAD" in line
+                if name in _CLONES and tid in cloning and (r := _RETURNED.search(line.rstrip())):
+                    (leader if cloning.pop(tid) else forked_by)[r.group(1)] = tid
+
+        def process(tid: str) -> str:
+            while tid in leader:
+                tid = leader[tid]
+            return tid
+
+        def label(proc: str) -> str:
+            r = role.get(proc)
+            if r is None and proc in forked_by and role.get(process(forked_by[proc])) == "parent":
+                return "frontend"  # forked by the parent, never exec'd
+            return f"parent[{'+'.join(parent_roles)}]" if r == "parent" else r or "?"
+
+        start: dict[str, int] = {}
+        for tid, n in confined_at.items():
+            start[process(tid)] = min(n, start.get(process(tid), n))
+        for n, tid, name in calls:
+            proc = process(tid)
+            if proc in start and n > start[proc]:
+                self.calls[label(proc)][name] += 1
 
 
 def _agent_argv(config: str, device: str, foreground: bool) -> list[str]:
@@ -120,6 +161,20 @@ class Scene:
     sim: Simulator
     parent: int
     syslog: socket.socket
+    run: str
+
+    def subscriber(self) -> threading.Thread:
+        """A subscriber that answers every event; it ends when the agent goes away."""
+        sub = Subscription(os.path.join(self.run, "notify.sock"), "measure")
+
+        def serve() -> None:
+            with contextlib.suppress(AgentGone, OSError):
+                sub.serve()
+            sub.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        return t
 
     def syslog_goes_away(self) -> None:
         self.syslog.shutdown(socket.SHUT_RDWR)  # wakes the drain thread
@@ -127,8 +182,8 @@ class Scene:
 
 
 @contextlib.contextmanager
-def _scene(work: str, name: str, fs: scratch.ScratchFS, foreground: bool,
-           trace: Trace) -> Iterator[Scene]:
+def _scene(work: str, name: str, fs: scratch.ScratchFS, trace: Trace, *, foreground: bool = True,
+           frontend: bool = False, metrics: bool = False) -> Iterator[Scene]:
     """One traced run of the agent."""
     run = os.path.join(work, name)
     os.makedirs(run, mode=0o755)
@@ -136,8 +191,12 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, foreground: bool,
     syslog.bind(os.path.join(run, "log.sock"))
     # Read and drop: a full datagram queue would block the daemon's next log line.
     threading.Thread(target=_drain, args=(syslog,), daemon=True).start()
+    metrics_dir = os.path.join(run, "metrics")
+    os.mkdir(metrics_dir, 0o755)
+    os.chown(metrics_dir, pwd.getpwnam("hvvss").pw_uid, -1)
     config = write_config(os.path.join(run, "agent.toml"), [fs.mountpoint], run, max_frozen=1.0,
-                          cooldown=0.1, extra=f'[log]\nsyslog_socket = "{run}/log.sock"\n')
+                          cooldown=0.1, extra=f'[log]\nsyslog_socket = "{run}/log.sock"\n',
+                          frontend=frontend, metrics={"dir": metrics_dir} if metrics else None)
     sim = Simulator(os.path.join(run, "vss.sock"), util_timeout=2.0).start()
     out = os.path.join(run, "trace")
     argv = [out if a == "TRACE" else a for a in _agent_argv(config, sim.path, foreground)]
@@ -146,7 +205,7 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, foreground: bool,
     try:
         parent = _pid_of(lambda argv: config in argv and "strace" not in argv)
         sim.wait_registered(30)
-        yield Scene(sim, parent, syslog)
+        yield Scene(sim, parent, syslog, run)
         strace.wait(30)
     finally:
         if strace.poll() is None:
@@ -154,7 +213,7 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, foreground: bool,
         sim.stop()
         syslog.close()
         scratch.thaw(fs.mountpoint)
-    trace.add(out)
+    trace.add(out, parent_roles(frontend=frontend, metrics=metrics))
 
 
 def _drain(sock: socket.socket) -> None:
@@ -179,7 +238,7 @@ def _cycle(sim: Simulator) -> None:
 def measure(work: str) -> Trace:
     trace = Trace()
     with scratch.filesystems(work, ["ext4"]) as (fs,):
-        with _scene(work, "foreground", fs, True, trace) as scene:
+        with _scene(work, "foreground", fs, trace) as scene:
             sim = scene.sim
             _cycle(sim)
             time.sleep(0.2)
@@ -196,7 +255,7 @@ def measure(work: str) -> Trace:
             time.sleep(0.2)
             _cycle(sim)
             os.kill(scene.parent, signal.SIGTERM)
-        with _scene(work, "daemon", fs, False, trace) as scene:
+        with _scene(work, "daemon", fs, trace, foreground=False) as scene:
             _cycle(scene.sim)
             scene.syslog_goes_away()  # SysLogHandler then reconnects at each record
             scene.sim.request("check", timeout=20)
@@ -204,27 +263,46 @@ def measure(work: str) -> Trace:
             scene.sim.request("freeze", timeout=20)
             (child,) = psutil.Process(scene.parent).children()
             child.send_signal(signal.SIGTERM)  # the child's signal path, then the parent's
-        with _scene(work, "stop-frozen", fs, True, trace) as scene:
+        with _scene(work, "stop-frozen", fs, trace) as scene:
             scene.sim.request("freeze", timeout=20)
             os.kill(scene.parent, signal.SIGTERM)
+        with _scene(work, "frontend", fs, trace, frontend=True, metrics=True) as scene:
+            subscriber = scene.subscriber()
+            _cycle(scene.sim)
+            status_client.fetch(os.path.join(scene.run, "control.sock"))
+            _stop_and_continue(scene.parent)
+            _cycle(scene.sim)
+            os.kill(scene.parent, signal.SIGTERM)
+        subscriber.join(10)
     return trace
 
 
 def report(trace: Trace) -> list[str]:
     """The measured sets, and every syscall made that a policy does not allow."""
     arch = seccomp.native_arch()
-    policies = {"child": ROOT_CHILD, "parent": parent_policy(("service",))}
     lines, problems = [], []
-    for role in ("parent", "child"):
-        calls = trace.calls.get(role, collections.Counter())
-        allowed = policies[role].allowed()
-        lines.append(f"{role} ({policies[role].role}): {len(calls)} syscalls after seccomp()")
+    for label, calls in sorted(trace.calls.items()):
+        policy = _policy_of(label)
+        allowed = policy.allowed()
+        lines.append(f"{label}: {len(calls)} syscalls after seccomp()")
         lines += [f"  {name:16} {n:6}" for name, n in sorted(calls.items())]
         unused = sorted(n for n in allowed if n not in calls and n in SYSCALLS[arch])
         lines.append(f"  allowed, not seen here: {', '.join(unused) or 'none'}")
-        problems += [f"{role}: {name} made but not allowed" for name in sorted(calls)
-                     if name not in allowed]
+        answered = sorted(n for n in calls if n in policy.names() and n not in allowed)
+        if answered:  # a Refuse rule: the caller copes with the errno (see its reason)
+            lines.append(f"  answered with an errno: {', '.join(answered)}")
+        problems += [f"{label}: {name} made but not allowed" for name in sorted(calls)
+                     if name not in policy.names()]
     return lines + (problems or ["every syscall made is allowed"])
+
+
+def _policy_of(label: str) -> seccomp.Policy:
+    if label == "child":
+        return ROOT_CHILD
+    if label == "frontend":
+        return FRONTEND
+    roles = tuple(label.removeprefix("parent[").removesuffix("]").split("+"))
+    return parent_policy(roles)
 
 
 def main(argv: list[str]) -> int:

@@ -38,11 +38,10 @@ import errno
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from agent.kernel import linux_wire as lw
+from agent.simulator.host import VSS_HBU_NO_AUTO_RECOVERY, HostRequest
 
-VSS_HBU_NO_AUTO_RECOVERY = 5
 DAEMON_OPS = (lw.VSS_OP_HOT_BACKUP, lw.VSS_OP_FREEZE, lw.VSS_OP_THAW)
 
 
@@ -52,26 +51,6 @@ class DevState(enum.IntEnum):
     HOSTMSG_RECEIVED = 2
     USERSPACE_REQ = 3
     USERSPACE_RECV = 4
-
-
-@dataclass
-class HostRequest:
-    op: int
-    id: int
-    sent_at: float
-    status: int | None = None  # what the host received
-    flags: int = 0
-    answered_by: str = ""  # "daemon", "kernel", "timeout", "reset"
-    daemon_reply: bytes | None = None  # the exact bytes the daemon wrote
-    answered_at: float | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status is not None
-
-    @property
-    def latency(self) -> float:
-        return (self.answered_at or self.sent_at) - self.sent_at
 
 
 class LinuxDriver:

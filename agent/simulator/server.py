@@ -7,6 +7,11 @@ because a socket cannot refuse a connection with EBUSY.  Where the real driver
 would make the daemon's write fail, the simulator closes the connection, which
 the daemon sees as a failed read or write, as it would on the device.
 
+Two models: Linux's drivers/hv/hv_snapshot.c (12-byte read/write records,
+linux_driver.py) and FreeBSD's hv_snapshot.c (64-byte ioctl structures, where
+a READ is a record the simulator sends and a WRITE one it receives,
+freebsd_driver.py).
+
 A thread runs the I/O; the host side (tests, the demo, the benchmark) calls
 request()/send()/wait() from its own thread.  Driver timeouts are parameters,
 so tests can shorten them.
@@ -24,12 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.kernel import linux_wire as lw
-from agent.simulator.linux_driver import HostRequest, LinuxDriver
+from agent.simulator import freebsd_driver
+from agent.simulator.host import OPS, HostRequest
+from agent.simulator.linux_driver import LinuxDriver
 
 OPEN_STATUS = struct.Struct("<i")
-
-LINUX_OPS = {"check": lw.VSS_OP_HOT_BACKUP, "freeze": lw.VSS_OP_FREEZE, "thaw": lw.VSS_OP_THAW}
 
 
 class Driver(Protocol):
@@ -48,8 +52,11 @@ class Driver(Protocol):
 
 def make_driver(protocol: str, **timeouts: float) -> tuple[Driver, dict[str, int]]:
     if protocol == "freebsd":
-        raise NotImplementedError("the FreeBSD driver model is not there yet")
-    return LinuxDriver(**timeouts), LINUX_OPS
+        unknown = sorted(set(timeouts) - {"chain_timeout"})
+        if unknown:
+            raise TypeError(f"the FreeBSD driver has no timeout {unknown[0]!r}")
+        return freebsd_driver.FreeBSDDriver(timeouts.get("chain_timeout", 15.0)), OPS
+    return LinuxDriver(**timeouts), OPS
 
 
 class Simulator:
@@ -84,6 +91,8 @@ class Simulator:
         return self
 
     def stop(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         self._wake()
         if self._thread:
@@ -151,6 +160,14 @@ class Simulator:
             self._wake()
             if not self.cond.wait_for(lambda: not self._drop, timeout):
                 raise TimeoutError("the simulator did not drop the connection")
+
+    def nothing_pending(self) -> None:
+        """FreeBSD only: send what IOCHVVSSREAD returns when the request it was woken
+        for has already timed out (status VSS_FAIL), a race the socket cannot produce
+        by itself (see agent.simulator.freebsd_driver)."""
+        if self.protocol != "freebsd":
+            raise ValueError("only the FreeBSD driver has a READ that finds nothing")
+        self.inject(freebsd_driver.NOTHING_PENDING)
 
     def inject(self, record: bytes) -> None:
         """Send a raw record to the daemon (fault injection)."""

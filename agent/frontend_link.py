@@ -1,0 +1,97 @@
+"""The engine's end of the link to the frontend: the Notifier the service loop uses.
+
+The frontend is a multiprocessing child (so that multiprocessing-logging can
+carry its records), but nothing crosses this link as a pickle: NOTIFY and
+STATUS go down, DONE comes up, all in agent/frontend_wire.py's fixed layouts.
+Everything the frontend sends is decoded strictly; a record that does not
+decode, carries descriptors or is truncated means the frontend is not what
+we started, and FrontendGone ends the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing.process
+import socket
+import time
+from collections.abc import Callable
+
+from agent import frontend_wire as fw
+from agent.service import FrontendGone
+
+log = logging.getLogger("hv-vss-agent")
+
+EVENTS = {"check": fw.WireEvent.CHECK, "freeze": fw.WireEvent.FREEZE, "thaw": fw.WireEvent.THAW}
+
+
+class FrontendLink:
+    def __init__(self, sock: socket.socket, proc: multiprocessing.process.BaseProcess,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sock = sock
+        self.proc = proc
+        self.clock = clock
+        self.sock.setblocking(False)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def notify(self, event: str, txid: int, deadline: float) -> None:
+        ms = int((deadline - self.clock()) * 1000)
+        self._send(fw.encode_notify(fw.Notify(EVENTS[event], txid, ms)), must=True)
+
+    def publish(self, status: dict[str, object]) -> None:
+        data = json.dumps(status, separators=(",", ":"), default=str).encode()
+        while len(data) > fw.MAX_STATUS:  # the oldest transactions go first
+            txs = status.get("transactions")
+            if not isinstance(txs, list) or not txs:
+                log.warning("a status of %d bytes is too large to publish", len(data))
+                return
+            status = {**status, "transactions": txs[len(txs) // 2 + 1:],
+                      "transactions_trimmed": True}
+            data = json.dumps(status, separators=(",", ":"), default=str).encode()
+        self._send(fw.encode_status(data), must=False)
+
+    def receive(self) -> list[fw.Done]:
+        out: list[fw.Done] = []
+        while True:
+            try:
+                # No room for ancillary data: descriptors sent to us are closed by the
+                # kernel and flagged with MSG_CTRUNC.
+                data, _, flags, _ = self.sock.recvmsg(fw.MAX_RECORD + 1)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                raise FrontendGone(f"reading from the frontend failed: {e.strerror}") from None
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise FrontendGone("the frontend sent an oversized record or descriptors")
+            if not data:
+                raise FrontendGone("the frontend closed its link")
+            try:
+                out.append(fw.decode_done(data))
+            except fw.WireError as e:
+                raise FrontendGone(f"malformed record from the frontend: {e}") from None
+
+    def _send(self, record: bytes, must: bool) -> None:
+        try:
+            self.sock.send(record)
+        except BlockingIOError:
+            # The frontend is not reading.  A status can wait for the next one; an event
+            # cannot, and the engine's own deadline then applies the policy.
+            log.warning("the frontend is not reading: %s dropped",
+                        "an event" if must else "a status update")
+        except OSError as e:
+            raise FrontendGone(f"cannot write to the frontend: {e.strerror}") from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Closing the link is the frontend's cue to exit."""
+        self.sock.close()
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(1.0)
+

@@ -1,0 +1,201 @@
+"""Engine <-> frontend records: declared once, fixed layouts, no I/O, never pickle.
+
+The frontend talks to untrusted local clients, so the engine decodes what it
+sends as strictly as the root child decodes the engine: exact lengths,
+bounded counts, known codes, names from a closed alphabet, reasons clipped
+and printable.  Any deviation is a WireError, and the engine then treats the
+frontend as compromised (it stops; see agent/service.py).
+
+Layouts (little endian), one SOCK_SEQPACKET record each:
+
+  NOTIFY  <BBBBII   version, kind=1, event, reserved=0, txid, ms          12 bytes
+  STATUS  <BBH      version, kind=2, reserved=0, then 1..MAX_STATUS bytes of
+                    UTF-8 JSON (engine -> frontend only: the trusted direction)
+  DONE    <BBBBIH   version, kind=0x81, event, reserved=0, txid, count    10 bytes
+          then `count` (<= MAX_SUBSCRIBERS) entries:
+  ENTRY   <BBHIII   outcome, name_len (1..64), reason_len (0..200), uid, pid,
+                    elapsed_ms; then the name, then the reason
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import TypeVar
+
+from agent.notify_wire import MAX_NAME, MAX_REASON, NAME, clean_reason
+
+VERSION = 1
+MAX_SUBSCRIBERS = 64
+MAX_STATUS = 200_000
+MAX_RECORD = 4 + MAX_STATUS  # the largest record either side sends
+
+NOTIFY = struct.Struct("<BBBBII")
+STATUS_HEADER = struct.Struct("<BBH")
+DONE = struct.Struct("<BBBBIH")
+ENTRY = struct.Struct("<BBHIII")
+
+
+class WireError(Exception):
+    """A record that is not exactly one of the messages above."""
+
+
+class Kind(enum.IntEnum):
+    NOTIFY = 1
+    STATUS = 2
+    DONE = 0x81
+
+
+class WireEvent(enum.IntEnum):
+    CHECK = 1
+    FREEZE = 2
+    THAW = 3
+
+
+class Outcome(enum.IntEnum):
+    """What became of one subscriber for one event."""
+
+    OK = 0
+    VETO = 1  # CHECK: the subscriber refuses this backup
+    FAILED = 2  # it answered FAIL (a hook failed)
+    TIMEOUT = 3  # no answer within its deadline
+    DISCONNECTED = 4  # it went away before answering
+    GARBAGE = 5  # it broke the protocol and was disconnected
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    event: WireEvent
+    txid: int
+    ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberResult:
+    name: str
+    uid: int
+    pid: int
+    outcome: Outcome
+    reason: str = ""
+    elapsed_ms: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "uid": self.uid, "pid": self.pid,
+                "result": self.outcome.label, "reason": self.reason,
+                "seconds": self.elapsed_ms / 1000}
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    event: WireEvent
+    txid: int
+    results: tuple[SubscriberResult, ...]
+
+
+# --- engine -> frontend -------------------------------------------------------------------
+
+def encode_notify(n: Notify) -> bytes:
+    return NOTIFY.pack(VERSION, Kind.NOTIFY, n.event, 0, n.txid & 0xFFFFFFFF,
+                       max(0, min(n.ms, 0xFFFFFFFF)))
+
+
+def encode_status(json_text: bytes) -> bytes:
+    if not 1 <= len(json_text) <= MAX_STATUS:
+        raise WireError(f"status of {len(json_text)} bytes")
+    return STATUS_HEADER.pack(VERSION, Kind.STATUS, 0) + json_text
+
+
+def decode_engine(frame: bytes) -> Notify | bytes:
+    """NOTIFY, or the status JSON (bytes)."""
+    kind = _header(frame)
+    if kind is Kind.NOTIFY:
+        if len(frame) != NOTIFY.size:
+            raise WireError(f"NOTIFY of {len(frame)} bytes")
+        _, _, event, reserved, txid, ms = NOTIFY.unpack(frame)
+        if reserved:
+            raise WireError("reserved field is not zero")
+        return Notify(_code(WireEvent, event), txid, ms)
+    if kind is Kind.STATUS:
+        body = frame[STATUS_HEADER.size:]
+        if not 1 <= len(body) <= MAX_STATUS or frame[2:4] != b"\0\0":
+            raise WireError("bad STATUS record")
+        return body
+    raise WireError(f"{kind.name} is not sent by the engine")
+
+
+# --- frontend -> engine ------------------------------------------------------------------
+
+def encode_done(d: Done) -> bytes:
+    if len(d.results) > MAX_SUBSCRIBERS:
+        raise WireError(f"{len(d.results)} subscribers")
+    parts = [DONE.pack(VERSION, Kind.DONE, d.event, 0, d.txid, len(d.results))]
+    for r in d.results:
+        name = r.name.encode("ascii")
+        reason = clean_reason(r.reason).encode("utf-8")[:MAX_REASON]
+        reason = reason.decode("utf-8", "ignore").encode("utf-8")
+        parts.append(ENTRY.pack(r.outcome, len(name), len(reason), r.uid, r.pid,
+                                min(r.elapsed_ms, 0xFFFFFFFF)))
+        parts += [name, reason]
+    return b"".join(parts)
+
+
+def decode_done(frame: bytes) -> Done:
+    kind = _header(frame)
+    if kind is not Kind.DONE:
+        raise WireError(f"{kind.name} is not sent by the frontend")
+    if len(frame) < DONE.size:
+        raise WireError("DONE too short")
+    _, _, event, reserved, txid, count = DONE.unpack_from(frame)
+    if reserved:
+        raise WireError("reserved field is not zero")
+    if count > MAX_SUBSCRIBERS:
+        raise WireError(f"DONE with {count} subscribers")
+    pos, results = DONE.size, []
+    for _ in range(count):
+        if len(frame) < pos + ENTRY.size:
+            raise WireError("DONE entry truncated")
+        outcome, name_len, reason_len, uid, pid, ms = ENTRY.unpack_from(frame, pos)
+        pos += ENTRY.size
+        if not 1 <= name_len <= MAX_NAME or reason_len > MAX_REASON:
+            raise WireError("DONE entry lengths out of range")
+        if len(frame) < pos + name_len + reason_len:
+            raise WireError("DONE entry truncated")
+        name = _text(frame[pos:pos + name_len])
+        reason = _text(frame[pos + name_len:pos + name_len + reason_len])
+        pos += name_len + reason_len
+        if not NAME.match(name) or clean_reason(reason) != reason:
+            raise WireError("DONE entry with a bad name or reason")
+        results.append(SubscriberResult(name, uid, pid, _code(Outcome, outcome), reason, ms))
+    if pos != len(frame):
+        raise WireError(f"{len(frame) - pos} trailing bytes after DONE")
+    return Done(_code(WireEvent, event), txid, tuple(results))
+
+
+def _header(frame: bytes) -> Kind:
+    if len(frame) < 4:
+        raise WireError(f"record of {len(frame)} bytes")
+    if frame[0] != VERSION:
+        raise WireError(f"version {frame[0]}, expected {VERSION}")
+    return _code(Kind, frame[1])
+
+
+E = TypeVar("E", bound=enum.IntEnum)
+
+
+def _code(cls: type[E], value: int) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise WireError(f"unknown {cls.__name__} {value}") from None
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("text is not UTF-8") from None

@@ -1,0 +1,126 @@
+"""Prometheus metrics in node_exporter's textfile format ([metrics] dir).
+
+The file is written by the engine only when nothing is frozen and no
+transaction is open, atomically (a temporary file, then rename(2) in the same
+directory), so node_exporter never reads half a file.  At start-up the
+directory is refused if it is on a filesystem the freeze selection includes:
+a write there could block on a frozen filesystem.
+
+The directory is opened by root before the chroot and the descriptor is kept
+for the process's lifetime.  Be clear about what that means: a descriptor to
+a directory outside the chroot is a way out of it.  openat(fd, "..") walks
+up from there to the real root, so the engine can reach every file that the
+unprivileged account may read or write, chroot or not; the chroot no longer
+limits the engine's file access, only the account's permissions do (and the
+seccomp filter, issue 4).  The frontend, which faces untrusted clients, never
+holds this descriptor.  Leave [metrics] dir unset to keep the chroot whole.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from agent.errors import StartupError
+
+FILENAME = "hv_vss_agent.prom"
+PREFIX = "hv_vss_agent"
+
+COUNTERS = {
+    "requests": ("Kernel requests received, by operation.", "op", "requests_"),
+    "replies": ("Replies sent to the kernel, by result.", "result", "replies_"),
+}
+SINGLE_COUNTERS = {
+    "freezes": "Successful freezes.",
+    "freeze_failures": "FREEZE requests the child could not carry out.",
+    "auto_thaws": "Thaws the child did by itself (watchdog or signal).",
+    "subscriber_failures": "Transactions failed because of a subscriber.",
+    "subscribers_skipped": "Subscriber failures left behind under [notify] policy = skip.",
+    "kernel_reconnects": "Times the kernel channel was lost and reopened.",
+}
+HISTOGRAMS = {
+    "frozen": ("frozen_seconds", "How long the filesystems stayed frozen."),
+    "freeze": ("freeze_seconds", "How long the child took to freeze the filesystems."),
+}
+
+
+def render(status: dict[str, object]) -> str:
+    counters = status.get("counters") or {}
+    assert isinstance(counters, dict)
+    out: list[str] = []
+    out += _help("up", "gauge", "1 while the agent runs (the file is left as it was at exit).")
+    out.append(f"{PREFIX}_up 1")
+    agent = status.get("agent") or {}
+    assert isinstance(agent, dict)
+    out += _help("start_time_seconds", "gauge", "When the agent started, in Unix time.")
+    out.append(f"{PREFIX}_start_time_seconds {agent.get('started', 0)}")
+    for name, (text, label, prefix) in COUNTERS.items():
+        out += _help(f"{name}_total", "counter", text)
+        values = {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
+        for key in sorted(values):
+            out.append(f'{PREFIX}_{name}_total{{{label}="{key}"}} {values[key]}')
+    for name, text in SINGLE_COUNTERS.items():
+        out += _help(f"{name}_total", "counter", text)
+        out.append(f"{PREFIX}_{name}_total {counters.get(name, 0)}")
+    histograms = status.get("histograms") or {}
+    assert isinstance(histograms, dict)
+    for key, (name, text) in HISTOGRAMS.items():
+        h = histograms.get(key)
+        if not isinstance(h, dict):
+            continue
+        out += _help(name, "histogram", text)
+        for le, n in h["buckets"].items():
+            out.append(f'{PREFIX}_{name}_bucket{{le="{le}"}} {n}')
+        out.append(f"{PREFIX}_{name}_sum {h['sum']}")
+        out.append(f"{PREFIX}_{name}_count {h['count']}")
+    return "\n".join(out) + "\n"
+
+
+def _help(name: str, kind: str, text: str) -> list[str]:
+    return [f"# HELP {PREFIX}_{name} {text}", f"# TYPE {PREFIX}_{name} {kind}"]
+
+
+class MetricsWriter:
+    def __init__(self, dirfd: int) -> None:
+        self.dirfd = dirfd
+
+    def write(self, text: str) -> None:
+        tmp = f".{FILENAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=self.dirfd)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask, node_exporter must read it
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, FILENAME, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+
+
+def open_metrics_dir(path: str, uid: int | None, gid: int | None,
+                     frozen_devices: dict[int, str]) -> int:
+    """Root, before the chroot: check the directory and keep a descriptor to it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StartupError(f"[metrics] dir {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_dev in frozen_devices:
+        os.close(fd)
+        raise StartupError(f"[metrics] dir {path} is on {frozen_devices[st.st_dev]}, which the "
+                           "agent freezes: choose a directory on a filesystem it does not "
+                           "freeze, such as one under /run")
+    if uid is not None and not _writable_by(st, uid, gid):
+        os.close(fd)
+        raise StartupError(f"[metrics] dir {path} is not writable by uid {uid}: "
+                           f"chown {uid} {path}")
+    return fd
+
+
+def _writable_by(st: os.stat_result, uid: int, gid: int | None) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IWUSR)
+    if gid is not None and st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IWGRP)
+    return bool(st.st_mode & stat.S_IWOTH)

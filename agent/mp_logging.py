@@ -1,0 +1,109 @@
+"""multiprocessing-logging for the frontend's records, unpickling nothing but LogRecords.
+
+multiprocessing-logging carries the frontend's log records to the engine
+through a multiprocessing.Queue, whose get() unpickles whatever arrives
+(multiprocessing.queues._ForkingPickler.loads).  The frontend talks to
+untrusted local clients; the engine holds the kernel device and the link to
+the root child.  A plain unpickler would let code running in the frontend
+run code in the engine.  So the engine's queues unpickle with a pickler
+whose loads() resolves no global but logging.LogRecord (the pickle
+documentation's "restricting globals"), and the record is then rebuilt from
+the fields a LogRecord has, each of a plain type; anything else becomes a
+warning that says so.  Pickling (in the frontend) is unchanged.
+
+This is the one place the engine unpickles, and the engine creates no other
+multiprocessing queue: its link to the frontend is a closed protocol of its
+own (agent/frontend_wire.py).  Left open: a frontend can still send a huge
+record (Queue.get reads a message whole before we see it), which is a denial
+of service against the engine, not a way into it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import multiprocessing.popen_fork  # Process.start() imports it lazily: after the chroot
+import multiprocessing.queues
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import multiprocessing_logging
+
+ALLOWED_GLOBALS = frozenset({("logging", "LogRecord")})
+MAX_PICKLE = 64 << 10
+
+_STR_FIELDS = ("name", "levelname", "pathname", "filename", "module", "funcName",
+               "threadName", "processName", "exc_text", "stack_info", "taskName")
+_INT_FIELDS = ("levelno", "lineno", "thread", "process")
+_FLOAT_FIELDS = ("created", "msecs", "relativeCreated")
+
+
+class _OnlyLogRecords(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed here")
+        return logging.LogRecord
+
+
+class LogRecordPickler(ForkingPickler):
+    """ForkingPickler for the engine's queues: loads() yields LogRecords or refuses."""
+
+    @classmethod
+    def loads(cls, data: bytes | bytearray | memoryview, /, **_: object) -> logging.LogRecord:  # type: ignore[override]
+        return safe_record(data)
+
+
+def safe_record(data: bytes | bytearray | memoryview) -> logging.LogRecord:
+    """The LogRecord in `data`, rebuilt from plain fields; a warning record if none."""
+    if len(data) > MAX_PICKLE:
+        return _refused(f"{len(data)} bytes")
+    try:
+        obj = _OnlyLogRecords(io.BytesIO(bytes(data))).load()
+    except Exception as e:
+        return _refused(f"{type(e).__name__}: {e}")
+    if not isinstance(obj, logging.LogRecord):
+        return _refused(f"a {type(obj).__name__}")
+    return _rebuild(vars(obj))
+
+
+def _rebuild(fields: dict[str, object]) -> logging.LogRecord:
+    clean: dict[str, object] = {}
+    for key in _STR_FIELDS:
+        v = fields.get(key)
+        clean[key] = v if isinstance(v, str) or v is None else str(v)
+    for key in _INT_FIELDS:
+        v = fields.get(key)
+        clean[key] = v if isinstance(v, int) and not isinstance(v, bool) else None
+    for key in _FLOAT_FIELDS:
+        v = fields.get(key)
+        clean[key] = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+    msg, args = fields.get("msg"), fields.get("args")
+    # multiprocessing-logging renders msg % args before sending; render again to be sure.
+    if args:
+        try:
+            msg = str(msg) % args
+        except (TypeError, ValueError):
+            msg = f"{msg!s} {args!r}"
+    clean["msg"], clean["args"] = str(msg), None
+    level = clean["levelno"]
+    if not isinstance(level, int) or not 0 <= level <= 50:
+        level = logging.WARNING
+    clean["levelno"], clean["levelname"] = level, logging.getLevelName(level)
+    return logging.makeLogRecord(clean)
+
+
+def _refused(what: str) -> logging.LogRecord:
+    return logging.makeLogRecord({
+        "name": "hv-vss-agent", "levelno": logging.WARNING, "levelname": "WARNING",
+        "msg": "refused a log message from the frontend that is not a plain log record (%s)",
+        "args": (what[:200],)})
+
+
+def install() -> None:
+    """Root, before the drop: the fork start method, the handler, the restricted loads."""
+    # multiprocessing-logging checks the start method; set it first (3.14 defaults to
+    # forkserver, which would also start helper processes while we are root).
+    multiprocessing.set_start_method("fork", force=True)
+    multiprocessing_logging.install_mp_handler()
+    multiprocessing.queues._ForkingPickler = LogRecordPickler  # type: ignore[attr-defined]

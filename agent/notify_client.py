@@ -1,0 +1,165 @@
+"""A small Python API for applications that subscribe to the agent directly.
+
+    from agent.notify_client import Subscription, Veto
+
+    def on_freeze(notice):          # notice.ms: how long we have to answer
+        db.execute("CHECKPOINT")
+
+    with Subscription("/run/hv-vss-agent/notify.sock", "mydb") as sub:
+        sub.serve(on_freeze=on_freeze)
+
+A handler that returns answers OK; one that raises Veto (CHECK only) vetoes
+the backup; any other exception answers FAIL with its message, and the
+agent's [notify] policy decides what that means.  The protocol is in
+docs/notify-protocol.md; this module only speaks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from agent import notify_wire as nw
+from agent.notify_wire import Event, Notice, NotifyProtocolError
+
+Handler = Callable[[Notice], None]
+
+
+class SubscribeError(Exception):
+    """Cannot subscribe: no agent, refused, or it speaks another protocol."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused  # the agent said no: waiting will not change that
+
+
+class AgentGone(Exception):
+    """The agent closed the connection."""
+
+
+class _Refused(NotifyProtocolError):
+    pass
+
+
+class Veto(Exception):
+    """Raised by a CHECK handler: do not take this backup (the message is the reason)."""
+
+
+class Subscription:
+    def __init__(self, path: str, name: str, timeout: float | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self.path = path
+        self.name = name
+        self.timeout = timeout  # seconds we ask the agent to give us per event
+        self.sub_id = 0
+        self._buffer = nw.LineBuffer()
+        self._lines: list[bytes] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(connect_timeout)
+        try:
+            self.sock.connect(path)
+            self._handshake()
+        except (OSError, NotifyProtocolError, AgentGone) as e:
+            self.sock.close()
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise SubscribeError(f"cannot subscribe at {path}: {why}",
+                                 refused=isinstance(e, _Refused)) from None
+        self.sock.settimeout(None)
+
+    def _handshake(self) -> None:
+        first = self._read_message()
+        if isinstance(first, nw.Refused):
+            raise _Refused(f"refused: {first.reason}")
+        if not isinstance(first, nw.Greeting) or first.version != nw.VERSION:
+            raise NotifyProtocolError(f"unexpected greeting {first}")
+        ms = int(self.timeout * 1000) if self.timeout else None
+        self.sock.sendall(nw.encode_hello(nw.Hello(nw.VERSION, self.name, ms)))
+        welcome = self._read_message()
+        if not isinstance(welcome, nw.Welcome):
+            raise NotifyProtocolError(f"not welcomed: {welcome}")
+        self.sub_id = welcome.sub_id
+
+    # --- events -----------------------------------------------------------------------------
+
+    def next_event(self, timeout: float | None = None) -> Notice | None:
+        """The next event, or None if `timeout` passed first.  Raises AgentGone."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self._lines:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([self.sock], [], [], left)
+                if not ready:
+                    return None
+            msg = self._read_message()
+            if isinstance(msg, Notice):
+                return msg
+            if isinstance(msg, nw.Error):
+                raise AgentGone(f"the agent reported an error: {msg.reason}")
+
+    def ok(self, notice: Notice) -> None:
+        self._answer(nw.Answer(nw.Verdict.OK, notice.event, notice.txid))
+
+    def veto(self, notice: Notice, reason: str) -> None:
+        self._answer(nw.Answer(nw.Verdict.VETO, notice.event, notice.txid, reason))
+
+    def fail(self, notice: Notice, reason: str) -> None:
+        self._answer(nw.Answer(nw.Verdict.FAIL, notice.event, notice.txid, reason))
+
+    def serve(self, on_check: Handler | None = None, on_freeze: Handler | None = None,
+              on_thaw: Handler | None = None) -> None:
+        """Answer events until the agent goes away (AgentGone)."""
+        handlers = {Event.CHECK: on_check, Event.FREEZE: on_freeze, Event.THAW: on_thaw}
+        while True:
+            notice = self.next_event()
+            if notice is None:
+                continue
+            handler = handlers[notice.event]
+            try:
+                if handler is not None:
+                    handler(notice)
+            except Veto as e:
+                if notice.event is Event.CHECK:
+                    self.veto(notice, str(e) or "vetoed")
+                else:
+                    self.fail(notice, str(e) or "vetoed")
+            except Exception as e:  # an application's failure is an answer, not a crash
+                self.fail(notice, f"{type(e).__name__}: {e}")
+            else:
+                self.ok(notice)
+
+    def _answer(self, answer: nw.Answer) -> None:
+        try:
+            self.sock.sendall(nw.encode_answer(answer))
+        except OSError as e:
+            raise AgentGone(f"cannot answer the agent: {e.strerror}") from None
+
+    def _read_message(self) -> nw.AgentMessage:
+        while not self._lines:
+            try:
+                data = self.sock.recv(4096)
+            except OSError as e:
+                raise AgentGone(f"reading from the agent failed: {e.strerror}") from None
+            if not data:
+                raise AgentGone("the agent closed the connection")
+            self._lines += self._buffer.feed(data)
+        return nw.decode_agent_line(self._lines.pop(0))
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,170 @@
+"""The real root child process running the FreeBSD freezer, with the ffs_suspend.c model
+as its kernel (tests/ufs_model.py child_main).
+
+The model counts the child's real threads (/proc/self/task) and looks at its
+real descriptors (/proc/self/fd) at the moment of every UFSSUSPEND, exactly
+where FreeBSD's kernel would, and refuses with EDEADLK as the kernel would.
+So these tests prove, of the real child: one thread when it suspends, and no
+file open for writing on the filesystem it suspends, even when the parent
+gave it a stderr that is such a file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from agent.child_link import ChildLink
+from privileged import wire
+from privileged.child import Child
+from privileged.config import parse_child_sections
+from privileged.freeze_freebsd import FreeBSDFreezer
+from privileged.statefile import StateDir
+from privileged.wire import Op
+from tests.helpers import REPO, write_config
+from tests.ufs_model import ModelMount, UfsModel
+
+pytestmark = pytest.mark.freebsd_model
+
+BOOT = (f"import sys; sys.path.insert(0, {REPO!r}); "
+        "from tests.ufs_model import child_main; sys.exit(child_main(sys.argv[1:]))")
+
+
+def spawn(workdir: str, *, release_stdio: bool = True) -> tuple[ChildLink, str]:
+    data = os.path.join(workdir, "data")  # stands for the contents of /ufs/data
+    os.makedirs(data, exist_ok=True)
+    events = os.path.join(workdir, "events.jsonl")
+    spec = {
+        "mounts": [
+            {"mountpoint": "/", "fsid": "01000000" "35000000", "source": "/dev/ada0p2"},
+            {"mountpoint": "/ufs/data", "fsid": "02000000" "35000000", "realdir": data},
+            {"mountpoint": "/ufs/home", "fsid": "03000000" "35000000"},
+            {"mountpoint": "/tmp", "fsid": "04000000" "90000000", "fstype": "tmpfs"},
+        ],
+        "events": events,
+        "release_stdio": release_stdio,
+    }
+    spec_path = os.path.join(workdir, "model.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    cfg = write_config(os.path.join(workdir, "child.toml"), ["/ufs/data", "/ufs/home"], workdir)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.set_inheritable(False)
+    fd = theirs.fileno()
+    # The parent's stderr is a log file on the filesystem the child will suspend.
+    with open(os.path.join(data, "agent.log"), "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-S", "-c", BOOT, "--model", spec_path,
+             "--fd", str(fd), "--ppid", str(os.getpid()), "--config", cfg],
+            pass_fds=(fd,), env={}, cwd="/", close_fds=True, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err)
+    theirs.close()
+    link = ChildLink(ours, proc)
+    link.wait_hello()
+    return link, events
+
+
+def events_of(path: str) -> list[dict[str, object]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_one_thread_at_every_suspension_and_stderr_released(workdir):
+    link, events = spawn(workdir, release_stdio=True)
+    assert link.hello is not None and link.hello.targets == 2
+    try:
+        check, _ = link.request(Op.CHECK)
+        assert (check.status, check.count) == (wire.Status.OK, 2)
+        freeze, _ = link.request(Op.FREEZE)
+        assert (freeze.status, freeze.count) == (wire.Status.OK, 2), freeze
+        suspends = [e for e in events_of(events) if e["call"] == "suspend"]
+        assert [(e["mount"], e["errno"], e["threads"]) for e in suspends] == [
+            ("/ufs/home", 0, 1), ("/ufs/data", 0, 1)]
+        assert not os.path.exists(os.path.join(workdir, "state"))  # no crash record on FreeBSD
+        thaw, _ = link.request(Op.THAW)
+        assert (thaw.status, thaw.count) == (wire.Status.OK, 2)
+        closes = [e["mount"] for e in events_of(events) if e["call"] == "close"]
+        assert closes == ["/ufs/data", "/ufs/home"]  # thawed in reverse
+        link.request(Op.QUIT)
+        assert link.exit_status(10) == 0
+    finally:
+        link.close()
+        link.exit_status(10)
+
+
+def test_without_releasing_stderr_the_kernel_refuses_and_all_is_rolled_back(workdir):
+    """The control: the same child, its stderr left a file on /ufs/data, gets EDEADLK."""
+    link, events = spawn(workdir, release_stdio=False)
+    try:
+        freeze, _ = link.request(Op.FREEZE)
+        assert (freeze.status, freeze.errno, freeze.mount) == (
+            wire.Status.FAILED, errno.EDEADLK, "/ufs/data")
+    finally:
+        link.close()
+        link.exit_status(10)
+    assert [(e["call"], e["mount"], e["errno"]) for e in events_of(events)] == [
+        ("sync", "-", 0),
+        ("suspend", "/ufs/home", 0),
+        ("suspend", "/ufs/data", errno.EDEADLK),
+        ("close", "-", 0),  # the refused descriptor
+        ("close", "/ufs/home", 0),  # the rollback resumes /ufs/home
+    ]
+
+
+
+
+# --- the child's CHECK handler in-process, on the model: nothing here is a process ----------
+
+
+class Sent:
+    """Stands in for the child's channel: keeps what it would have sent."""
+
+    def __init__(self) -> None:
+        self.results: list[wire.ChildMessage] = []
+
+    def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+        self.results.append(wire.decode_child(frame))
+
+
+def check_on(mounts: list[ModelMount], **sections: dict[str, object]) -> wire.ChildMessage:
+    freezer = FreeBSDFreezer(UfsModel(mounts, threads=lambda: 1))
+    child = Child(Sent(), freezer, parse_child_sections(sections), None,  # type: ignore[arg-type]
+                  StateDir("/nonexistent", enabled=False))
+    child.handle_check(wire.Request(Op.CHECK, 1))
+    (res,) = child.channel.results  # type: ignore[attr-defined]
+    return res
+
+
+TYPICAL = [
+    ModelMount("/", bytes([1]) + bytes(7)),
+    ModelMount("/tmp", bytes([2]) + bytes(7), "tmpfs"),
+    ModelMount("/zroot", bytes([3]) + bytes(7), "zfs"),
+    ModelMount("/zroot/usr/home", bytes([4]) + bytes(7), "zfs"),
+    ModelMount("/zroot/var/log", bytes([5]) + bytes(7), "zfs"),
+]
+
+
+def test_zfs_datasets_get_one_log_line_per_check(caplog):
+    caplog.set_level(logging.INFO, "hv-vss-agent.child")
+    res = check_on(TYPICAL)
+    assert (res.status, res.count) == (wire.Status.OK, 1)
+    lines = [r.getMessage() for r in caplog.records if "ZFS" in r.getMessage()]
+    assert lines == ["ZFS datasets get crash consistency only (copy-on-write keeps them "
+                     "intact): /zroot, /zroot/usr/home, /zroot/var/log"]
+
+
+def test_strict_check_vetoes_and_the_log_says_which_and_why(caplog):
+    res = check_on(TYPICAL, check={"mode": "strict"})
+    assert (res.status, res.errno, res.mount) == (wire.Status.REFUSED, errno.EPERM, "/tmp")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        'CHECK vetoed by /tmp: read-write tmpfs filesystem ([check] mode = "strict": only ufs '
+        "may be mounted read-write, as in the stock daemon)"]
+    res = check_on(TYPICAL, check={"zfs": "veto"})
+    assert (res.status, res.mount) == (wire.Status.REFUSED, "/zroot")

@@ -1,0 +1,106 @@
+"""How the engine judges what subscribers answered, and keeps its own deadline (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import engine as E
+from agent.frontend_wire import Outcome, SubscriberResult
+from agent.kernel.messages import KernelRequest, Operation
+from privileged import wire
+
+CHECK = KernelRequest(Operation.CHECK, 2, bytes(12))
+FREEZE = KernelRequest(Operation.FREEZE, 5, bytes(12))
+THAW = KernelRequest(Operation.THAW, 6, bytes(12))
+
+
+def engine(policy: str = "fail", budget: float = 12.0) -> E.Engine:
+    return E.Engine("linux", E.NotifyPolicy(enabled=True, budget=budget, policy=policy))
+
+
+def result(outcome: Outcome, name: str = "db", reason: str = "") -> SubscriberResult:
+    return SubscriberResult(name, 101, 4242, outcome, reason, 100)
+
+
+def replies(actions):
+    return [a.ok for a in actions if isinstance(a, E.ReplyKernel)]
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_veto_fails_check_whatever_the_policy(policy, caplog):
+    e = engine(policy)
+    [notify] = e.on_kernel(CHECK, 0.0)
+    assert notify == E.Notify("check", 1, 12.0)
+    actions = e.on_notify_done("check", 1, [result(Outcome.OK, "a"),
+                                            result(Outcome.VETO, "b", "window closed")], 0.1)
+    assert replies(actions) == [False]
+    assert e.history[-1].detail == "vetoed by subscriber b: window closed"
+    assert "CHECK vetoed by subscriber b (uid 101, pid 4242): window closed" in caplog.text
+
+
+@pytest.mark.parametrize("outcome", [Outcome.FAILED, Outcome.TIMEOUT, Outcome.DISCONNECTED,
+                                     Outcome.GARBAGE])
+def test_other_failures_follow_the_policy(outcome, caplog):
+    e = engine("fail")
+    e.on_kernel(FREEZE, 0.0)
+    actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
+    assert replies(actions) == [False]
+    assert E.Notify("thaw", 1, 12.1) in actions  # those that quiesced resume
+    assert not any(isinstance(a, E.AskChild) for a in actions)
+    assert f"db (uid 101, pid 4242): {outcome.label} on FREEZE (why): failing it" in caplog.text
+
+    e = engine("skip")
+    e.on_kernel(FREEZE, 0.0)
+    actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
+    assert actions[:2] == [E.HoldLogs(), E.AskChild(wire.Op.FREEZE)]
+    assert e.counters["subscribers_skipped"] == 1
+    assert "going on without it ([notify] policy = skip)" in caplog.text
+
+
+@pytest.mark.parametrize(("policy", "froze"), [("fail", False), ("skip", True)])
+def test_the_engines_own_deadline(policy, froze, caplog):
+    e = engine(policy, budget=2.0)
+    e.on_kernel(FREEZE, 10.0)
+    assert e.deadline() == 12.0
+    assert e.on_timer(11.9) == []
+    actions = e.on_timer(12.0)
+    assert any(isinstance(a, E.AskChild) for a in actions) is froze
+    assert replies(actions) == ([] if froze else [False])
+    assert "the agent's own deadline ([notify] budget = 2.0 s" in caplog.text
+    assert [ev["kind"] for ev in e.events] == ["budget"]
+    # the frontend's report, when it finally comes, only joins the history
+    assert e.on_notify_done("freeze", 1, [result(Outcome.OK)], 13.0) == []
+
+
+def test_answers_after_the_budget_fail_under_policy_fail():
+    e = engine("fail", budget=1.0)
+    e.on_kernel(FREEZE, 0.0)
+    actions = e.on_notify_done("freeze", 1, [result(Outcome.OK)], 1.5)
+    assert replies(actions) == [False]
+    assert e.history[-1].detail == "the budget for this FREEZE ran out"
+
+
+def test_thaw_reports_join_the_transaction_after_the_reply():
+    e = engine()
+    e.on_kernel(FREEZE, 0.0)
+    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.1)
+    e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1,
+                                  mount="/srv/db"), 0.2)
+    assert e.frozen_mounts == "/srv/db"
+    e.on_kernel(THAW, 5.0)
+    actions = e.on_child_result(wire.Result(wire.Op.THAW, wire.Status.OK, 2, count=1), 5.1)
+    assert replies(actions) == [True] and actions[-1] == E.Notify("thaw", 2, 17.1)
+    assert e.on_notify_done("thaw", 2, [result(Outcome.FAILED, reason="hook")], 5.5) == []
+    assert [(s["event"], s["result"]) for s in e.history[-1].subscribers] == [("thaw", "failed")]
+    assert e.histograms["frozen"].count == 1
+    assert e.histograms["freeze"].count == 1
+
+
+def test_reply_timing_is_recorded_on_the_transaction():
+    e = engine()
+    e.on_kernel(CHECK, 0.0)
+    e.on_notify_done("check", 1, [], 0.1)
+    actions = e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
+    [reply] = [a for a in actions if isinstance(a, E.ReplyKernel)]
+    e.record_timing(reply.txid, "reply", 0.001)
+    assert set(e.history[-1].timings) == {"subscribers", "check", "reply", "total"}

@@ -1,0 +1,238 @@
+"""The FreeBSD UFS freezer against the model of ffs_suspend.c (tests/ufs_model.py).
+
+Several UFS mounts, one descriptor each; every refusal ffs_susp_ioctl can
+give, with the rollback it must cause; the mount table through getfsstat's
+records, refused when their layout is not the one we know.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+
+from privileged.freeze_freebsd import FreeBSDFreezer
+from privileged.freezer import FreezeFailed
+from privileged.selection import Mount
+from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
+from privileged.ufs_kernel import read_fsstat
+from tests.ufs_model import MNT_LOCAL, MNT_RDONLY, UFSRESUME, ModelMount, UfsModel
+
+pytestmark = pytest.mark.freebsd_model
+
+
+def fsid(n: int) -> bytes:
+    return bytes([n, 0x8A, 0x3B, 0x5C, 0x35, 0, 0, 0])  # val[0] random, val[1] = ufs type 53
+
+
+def table() -> list[ModelMount]:
+    return [
+        ModelMount("/", fsid(1), source="/dev/ada0p2"),
+        ModelMount("/dev", fsid(2), "devfs", "devfs"),
+        ModelMount("/usr/home", fsid(3), source="/dev/ada1p1"),
+        ModelMount("/tmp", fsid(4), "tmpfs", "tmpfs"),
+        ModelMount("/var", fsid(5), source="/dev/ada0p3"),
+        ModelMount("/cdrom", fsid(6), "cd9660", "/dev/cd0", flags=MNT_LOCAL | MNT_RDONLY),
+    ]
+
+
+def model(mounts: list[ModelMount] | None = None, **kw: object) -> UfsModel:
+    kw.setdefault("threads", lambda: 1)
+    return UfsModel(table() if mounts is None else mounts, **kw)  # type: ignore[arg-type]
+
+
+def ufs_targets(freezer: FreeBSDFreezer) -> list[Mount]:
+    return [m for m in freezer.mounts() if m.fstype == "ufs" and not m.readonly]
+
+
+def test_mount_table_from_getfsstat_records():
+    mounts = FreeBSDFreezer(model()).mounts()
+    assert [(m.mountpoint, m.fstype, m.source, m.readonly, m.pseudo, m.local) for m in mounts] == [
+        ("/", "ufs", "/dev/ada0p2", False, False, True),
+        ("/dev", "devfs", "devfs", False, True, True),
+        ("/usr/home", "ufs", "/dev/ada1p1", False, False, True),
+        ("/tmp", "tmpfs", "tmpfs", False, True, True),
+        ("/var", "ufs", "/dev/ada0p3", False, False, True),
+        ("/cdrom", "cd9660", "/dev/cd0", True, False, True),
+    ]
+    assert mounts[0].fs_key == "018a3b5c35000000"
+
+
+def test_three_ufs_filesystems_one_descriptor_each_and_thaw_closes_them_all():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    targets = ufs_targets(freezer)
+    held = freezer.freeze(targets, presync=False)
+    assert m.suspended() == {"/", "/usr/home", "/var"}
+    assert len({h.fd for h in held}) == 3 and all(m.fds[h.fd] for h in held if h.fd)
+    assert freezer.thaw(held) == []
+    assert m.suspended() == set() and m.fds == {}
+    assert all(h.fd is None for h in held)
+    assert [c for c, _, _ in m.calls] == ["suspend"] * 3 + ["close"] * 3
+
+
+def test_the_stock_daemons_single_descriptor_leaves_one_suspended_and_fails():
+    """What hv_vss_daemon does, against the model: the reason we open one per filesystem."""
+    m = model()
+    fd = m.open_suspend()
+    m.suspend(fd, fsid(1))
+    with pytest.raises(OSError) as e:
+        m.suspend(fd, fsid(3))
+    assert e.value.errno == errno.EBUSY
+    assert m.suspended() == {"/"}  # the second was suspended and resumed again
+    m.close(fd)
+    assert m.suspended() == set()  # close resumes
+
+
+def test_presync_runs_before_the_first_suspension():
+    m = model()
+    FreeBSDFreezer(m).freeze(ufs_targets(FreeBSDFreezer(m)), presync=True)
+    assert m.calls[0][0] == "sync" and m.calls[1][0] == "suspend"
+
+
+REFUSALS = {
+    "EPERM: jailed": (dict(jailed=True), "/", errno.EPERM),
+    "EACCES: no access to the device": ({"/var": dict(device_access=errno.EACCES)}, "/var",
+                                        errno.EACCES),
+    "ENOENT: being unmounted": ({"/var": dict(unmounting=True)}, "/var", errno.ENOENT),
+    "EBUSY: suspended by someone else": ({"/var": dict(writesuspended=True)}, "/var",
+                                         errno.EBUSY),
+    "EIO: vfs_write_suspend failed": ({"/var": dict(suspend_error=errno.EIO)}, "/var",
+                                      errno.EIO),
+}
+
+
+@pytest.mark.parametrize("setup,where,err", REFUSALS.values(), ids=REFUSALS.keys())
+def test_a_refusal_rolls_back_every_descriptor_opened_so_far(setup, where, err):
+    mounts = table()
+    model_kw = {}
+    for key, change in setup.items():
+        if key.startswith("/"):
+            for mm in mounts:
+                if mm.mountpoint == key:
+                    for attr, value in change.items():
+                        setattr(mm, attr, value)
+        else:
+            model_kw[key] = change
+    m = model(mounts, **model_kw)
+    freezer = FreeBSDFreezer(m)
+    already = m.suspended()
+    with pytest.raises(FreezeFailed) as e:
+        freezer.freeze(ufs_targets(freezer), presync=False)
+    assert (e.value.mountpoint, e.value.errno) == (where, err)
+    assert m.suspended() == already  # ours resumed; someone else's left alone
+    assert m.fds == {}  # every descriptor we opened is closed
+
+
+def test_enoent_when_the_filesystem_went_away_between_reading_and_freezing():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    targets = ufs_targets(freezer)
+    m.mounts = [mm for mm in m.mounts if mm.mountpoint != "/usr/home"]  # umount meanwhile
+    with pytest.raises(FreezeFailed) as e:
+        freezer.freeze(targets, presync=False)
+    assert (e.value.mountpoint, e.value.errno) == ("/usr/home", errno.ENOENT)
+    assert "no mounted filesystem has this fsid" in e.value.why
+    assert m.suspended() == set() and m.fds == {}
+
+
+def test_einval_for_a_filesystem_that_is_not_ufs():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    tmp = next(mm for mm in freezer.mounts() if mm.mountpoint == "/tmp")
+    with pytest.raises(FreezeFailed) as e:
+        freezer.freeze([tmp], presync=False)
+    assert (e.value.errno, e.value.why) == (errno.EINVAL, "UFSSUSPEND: not a UFS filesystem")
+
+
+def test_edeadlk_for_a_second_thread_counted_by_the_kernel():
+    m = UfsModel(table())  # the real thread count of this process
+    freezer = FreeBSDFreezer(m)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with pytest.raises(FreezeFailed) as e:
+            freezer.freeze(ufs_targets(freezer), presync=False)
+        assert e.value.errno == errno.EDEADLK
+    finally:
+        stop.set()
+        t.join()
+    assert m.fds == {} and m.suspended() == set()
+
+
+def test_edeadlk_for_a_file_open_for_writing_on_the_filesystem(tmp_path):
+    mounts = table()
+    mounts[4].realdir = str(tmp_path)  # /var's contents
+    m = model(mounts)
+    freezer = FreeBSDFreezer(m)
+    with open(tmp_path / "log", "a", encoding="utf-8"):
+        with pytest.raises(FreezeFailed) as e:
+            freezer.freeze(ufs_targets(freezer), presync=False)
+        assert (e.value.mountpoint, e.value.errno) == ("/var", errno.EDEADLK)
+    with open(tmp_path / "log", encoding="utf-8"):  # open for reading is fine
+        held = freezer.freeze(ufs_targets(freezer), presync=False)
+    assert "/var" in m.suspended()
+    freezer.thaw(held)
+
+
+def test_ufsresume_without_a_suspension_is_enoent_other_commands_enxio():
+    m = model()
+    fd = m.open_suspend()
+    with pytest.raises(OSError) as e:
+        m.ioctl(fd, UFSRESUME)
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as e:
+        m.ioctl(fd, 0x20005503)
+    assert e.value.errno == errno.ENXIO
+    m.ioctl(fd, 0x80085501, fsid(1))
+    m.ioctl(fd, UFSRESUME)
+    assert m.suspended() == set()
+    m.close(fd)
+
+
+def test_process_exit_resumes_everything_so_no_crash_record_is_needed():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    freezer.freeze(ufs_targets(freezer), presync=False)
+    m.exit_process()  # SIGKILL: the kernel closes the descriptors
+    assert m.suspended() == set()
+    assert freezer.recover([("018a3b5c35000000", "/")]) == []
+    assert freezer.platform.freeze_outlives_holder is False
+
+
+def test_no_ufssuspend_device_is_a_clear_failure():
+    m = model(has_device=False)
+    freezer = FreeBSDFreezer(m)
+    with pytest.raises(FreezeFailed) as e:
+        freezer.freeze(ufs_targets(freezer), presync=False)
+    assert e.value.why == "open /dev/ufssuspend: No such file or directory"
+
+
+def test_refuses_a_statfs_layout_it_does_not_know():
+    with pytest.raises(StatfsError) as e:
+        FreeBSDFreezer(model(version=FREEBSD11_STATFS_VERSION))
+    assert str(e.value) == ("struct statfs version 0x20030518, expected 0x20140518 (FreeBSD 12 "
+                            "or later): refusing to read the mount table with the wrong layout")
+
+
+def test_refuses_zeroed_fsids_of_an_unprivileged_caller():
+    with pytest.raises(StatfsError, match="fsid is zero"):
+        FreeBSDFreezer(model(privileged=False))
+
+
+def test_read_fsstat_sizes_the_buffer_and_retries_when_mounts_appear():
+    records = [bytes([n]) * 2344 for n in range(1, 20)]
+    counts = iter([3, 10, 10, 19, 19, 19])  # the table grows twice while we read it
+
+    def getfsstat(buf, size, mode):
+        n = next(counts)
+        assert mode == 2  # MNT_NOWAIT: never wait on a hung filesystem
+        if buf is None:
+            return n
+        fit = min(n, size // 2344)
+        buf[:fit * 2344] = b"".join(records[:fit])
+        return fit
+
+    assert read_fsstat(getfsstat) == b"".join(records)
