@@ -1,12 +1,13 @@
 """The unprivileged parent's seccomp filter, one allowlist per role it plays.
 
-The parent's filter is the union of the roles the process plays; today that
-is SERVICE, the event loop of agent/service.py and everything it calls.  A
-process that takes on more (a thread, a forked frontend) adds a role here
-and passes it to confine_parent(); a forked process may stack a narrower
-filter of its own on top, never a wider one.  SECCOMP_FILTER_FLAG_TSYNC puts
-the filter on every thread the parent already has, so a thread started
-before the drop (a log receiver) is covered too.
+The parent's filter is the union of the roles the process plays (ROLES,
+picked from the config by agent.sandbox.parent_roles): SERVICE, the event
+loop of agent/service.py and everything it calls; FRONTEND_LINK when it runs
+a frontend; METRICS when it writes the metrics file.  A new duty is a new
+role here, measured with `make syscalls`.  SECCOMP_FILTER_FLAG_TSYNC puts the
+filter on every thread the parent already has (multiprocessing-logging's
+receiver and feeder).  The frontend process, forked before the parent loads
+its filter, loads its own: FRONTEND, at the end of this file.
 
 Anything not listed kills the process: the parent holds no freeze, and its
 death is what the root child answers by thawing and exiting (EOF on the

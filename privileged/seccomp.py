@@ -15,10 +15,11 @@ Facts this relies on (seccomp(2), Documentation/userspace-api/seccomp_filter.rst
   endian here: the low word first);
 - on x86_64 a syscall number with bit 30 set is the x32 ABI under the same
   AUDIT_ARCH value: it must be refused explicitly;
-- ioctl(2) takes `unsigned int cmd` and the kernel truncates the register
-  to 32 bits, so the request is compared on its low word only: comparing
-  all 64 bits would not be stricter, it would only refuse a caller that
-  sign-extends the request;
+- every argument a filter here tests is one the kernel reads as 32 bits:
+  ioctl's `unsigned int cmd`, socket's `int family`, openat's `int flags`,
+  clone's flags (kernel/fork.c takes lower_32_bits()).  So only the low word
+  is compared: comparing all 64 bits would not be stricter, it would only
+  refuse a caller that sign-extends, as some do with ioctl requests;
 - SECCOMP_FILTER_FLAG_TSYNC applies the filter to every thread of the
   process at once (or fails, naming the thread that cannot take it);
   SECCOMP_FILTER_FLAG_LOG makes the kernel log every action but ALLOW, so a
