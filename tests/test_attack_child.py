@@ -82,46 +82,41 @@ STEP = st.integers(0, 199).flatmap(lambda dial: (
     st.tuples(st.just("verify"), st.just(0), st.just(0))))
 
 
-def adversarial(kind: str, arg: object, seq: int) -> Frame:
+def adversarial(kind: str, arg: int | bytes, seq: int) -> Frame:
     good = request(PING, seq)
-    if kind == "truncated":
-        return Frame(good[:arg])  # type: ignore[misc]
-    if kind == "long":
-        return Frame(good + bytes(int(arg) - len(good)))  # type: ignore[call-overload]
-    if kind == "oversized":
-        return Frame(bytes([1]) * int(arg))  # type: ignore[call-overload]
-    if kind == "empty":
-        return Frame(b"")
-    if kind == "version":
-        return Frame(request(PING, seq, version=int(arg)))  # type: ignore[call-overload]
-    if kind == "reserved":
-        return Frame(request(PING, seq, reserved=int(arg)))  # type: ignore[call-overload]
-    if kind == "op":
-        return Frame(struct.pack("<BBHI", 1, int(arg), 0, seq))  # type: ignore[call-overload]
-    if kind == "seq":
-        return Frame(request(PING, seq + int(arg)))  # type: ignore[call-overload]
-    if kind == "random":
-        return Frame(bytes(arg))  # type: ignore[call-overload]
-    return Frame(request(int(arg), seq), pass_fd=True)  # type: ignore[call-overload]
+    if isinstance(arg, bytes):  # "random"
+        return Frame(arg)
+    frames = {
+        "truncated": lambda: Frame(good[:arg]),
+        "long": lambda: Frame(good + bytes(arg - len(good))),
+        "oversized": lambda: Frame(bytes([1]) * arg),
+        "empty": lambda: Frame(b""),
+        "version": lambda: Frame(request(PING, seq, version=arg)),
+        "reserved": lambda: Frame(request(PING, seq, reserved=arg)),
+        "op": lambda: Frame(struct.pack("<BBHI", 1, arg, 0, seq)),
+        "seq": lambda: Frame(request(PING, seq + arg)),
+        "fd": lambda: Frame(request(arg, seq), pass_fd=True),
+    }
+    return frames[kind]()
 
 
-def run_step(p: HostileParent, step: tuple[str, object, object]) -> None:
+def run_step(p: HostileParent, step: tuple) -> None:  # (kind, a, b), as STEP draws them
     kind, a, b = step
     p.ensure_child()
     seq, state = p.model.next_seq, p.model.state
     if kind == "burst":  # PINGs, and CHECKs where the state permits them
         ops = [CHECK if b and state == "thawed" and i % 16 == 0 else PING
-               for i in range(int(a))]  # type: ignore[call-overload]
+               for i in range(a)]
         p.send([Frame(request(op, seq + i)) for i, op in enumerate(ops)])
     elif kind == "op":  # well formed; maybe not permitted now (THAW without FREEZE...)
-        p.send([Frame(request(int(a), seq))])  # type: ignore[call-overload]
+        p.send([Frame(request(a, seq))])
     elif kind == "bad":  # a few good frames, then the bad one, then more that never count
-        frames = [Frame(request(PING, seq + i)) for i in range(int(b))]  # type: ignore[call-overload]
-        frames.append(adversarial(*a, seq=seq + len(frames)))  # type: ignore[misc]
+        frames = [Frame(request(PING, seq + i)) for i in range(b)]
+        frames.append(adversarial(*a, seq=seq + len(frames)))
         frames += [Frame(request(PING, seq + len(frames) + i)) for i in range(3)]
         p.send(frames)
     elif kind == "flood":
-        p.send([Frame(request(FREEZE, seq + i)) for i in range(int(a))])  # type: ignore[call-overload]
+        p.send([Frame(request(FREEZE, seq + i)) for i in range(a)])
     elif kind == "watchdog":  # freeze (if the state permits) and never THAW
         if state == "thawed":
             p.send([Frame(request(FREEZE, seq))])
