@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 USER_NAME := hvvss
 ROOT    := $(shell id -u)
 
-.PHONY: demo test lint bench deps account venv clean
+.PHONY: demo test lint bench syscalls deps account venv clean
 
 demo: deps account venv
 	$(VENV)/bin/hv-vss-agent --simulate
@@ -17,9 +17,13 @@ test: deps account venv
 	$(VPY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check agent privileged tests bench
+	$(VENV)/bin/ruff check agent privileged tests tools bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
+
+# The syscalls the sandboxed agent makes, measured with strace (see SECURITY.md).
+syscalls: deps account venv
+	$(VPY) -m tools.measure_syscalls
 
 bench: deps account venv
 	$(VPY) -m pip install -q -e '.[bench]'
@@ -42,6 +46,7 @@ deps:
 	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	  done; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	  [ -e /usr/include/asm-generic/unistd.h ] || missing="$$missing linux-libc-dev"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing:$$missing"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \

@@ -181,8 +181,9 @@ def _passed_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
             a = array.array("i")
             a.frombytes(data[: len(data) - len(data) % a.itemsize])
             fds.extend(a)
-    for fd in fds:
-        os.set_inheritable(fd, False)
+    if not _RECV_FLAGS:  # else the kernel made them close-on-exec already
+        for fd in fds:
+            os.set_inheritable(fd, False)
     return fds
 
 

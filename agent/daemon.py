@@ -43,7 +43,7 @@ from agent.kernel.transport import (
 from agent.listeners import listen_unix
 from agent.metrics import MetricsWriter, open_metrics_dir, render
 from agent.peercred import Allowlist, group_id
-from agent.sandbox import confine_parent
+from agent.sandbox import SandboxError, confine_parent, parent_roles
 from agent.service import Service
 from agent.status import snapshot
 from privileged.child import pick_freezer
@@ -144,7 +144,11 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
                  f" subscribers on {cfg.notify.socket}" if cfg.notify.socket else "",
                  f" control on {cfg.control.socket}" if cfg.control.socket else "")
     if account is not None:
-        confine_parent(endpoint.fileno())
+        try:
+            confine_parent(endpoint.fileno(), parent_roles(frontend=link is not None,
+                                                           metrics=metrics_fd is not None))
+        except SandboxError as e:
+            raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
     return serve(cfg, register(endpoint, cfg.protocol), child, gate, link=link,
                  metrics_fd=metrics_fd)
 

@@ -42,6 +42,7 @@ from agent import frontend_wire as fw
 from agent import notify_wire as nw
 from agent.frontend_wire import Outcome
 from agent.peercred import Allowlist, PeerCred, describe, peer_credentials
+from agent.sandbox import confine_frontend
 from agent.subscribers import FROM_WIRE, Garbage, Heard, Registry, Subscriber
 
 log = logging.getLogger("hv-vss-agent.frontend")
@@ -85,6 +86,7 @@ def main(plan: Plan, close_in_child: list[Callable[[], None]]) -> None:
     close_inherited(plan)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when we stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    confine_frontend()  # its own seccomp filter (agent/sandbox_linux.py FRONTEND)
     Frontend(plan).serve()
 
 

@@ -1,13 +1,14 @@
 """Before root starts anything: is what root will run and read safe from tampering?
 
 OpenSSH's StrictModes, applied to the install: the code root runs (privileged/,
-and agent/ which runs as root until the drop), the interpreter and its standard
-library (bytecode caches included), the site-packages directory and its .pth
-files (site.py executes them), every module file root has imported by the time
-of the check, and the config file must all be owned by root and writable by
-nobody else, and so must every directory above them.  Otherwise the unprivileged
-account, or any other, could make root run its code (the mistake behind
-CVE-2020-26880).
+and agent/ which runs as root until the drop), the interpreter, its prefix,
+its shared library and its standard library (bytecode caches included), a
+virtualenv's pyvenv.cfg (its "home" says where that standard library is), the
+site-packages directory and its .pth files (site.py executes them), every
+module file root has imported by the time of the check, and the config file
+must all be owned by root and writable by nobody else, and so must every
+directory above them.  Otherwise the unprivileged account, or any other, could
+make root run its code (the mistake behind CVE-2020-26880).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ def paths_to_check() -> tuple[list[str], list[str]]:
     trees = [os.path.dirname(os.path.abspath(privileged.__file__)),
              os.path.dirname(os.path.abspath(agent.__file__)),
              sysconfig.get_paths()["stdlib"]]
-    singles = [os.path.realpath(sys.executable), sys.executable]
+    singles = [os.path.realpath(sys.executable), sys.executable,
+               sys.prefix, sys.base_prefix, sys.exec_prefix]
+    optional = [os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "pyvenv.cfg")]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        optional.append(os.path.join(sysconfig.get_config_var("LIBDIR"),
+                                     sysconfig.get_config_var("INSTSONAME")))
+    singles += [p for p in optional if os.path.isfile(p)]
     for sp in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}:
         if os.path.isdir(sp):
             singles.append(sp)

@@ -28,6 +28,7 @@ from agent.frontend_wire import Done
 from agent.kernel.messages import KernelRequest
 from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
 from agent.logs import FreezeGate
+from agent.sandbox import limit_device
 from privileged import wire
 
 log = logging.getLogger("hv-vss-agent")
@@ -207,6 +208,7 @@ class Service:
             self._retry_later()
             return
         try:
+            limit_device(fds[0])
             kernel = KernelChannel(attach(fds[0], self.protocol), self.protocol)
             kernel.register()
         except (OSError, KernelLost, KernelProtocolError) as e:

@@ -45,6 +45,10 @@ EXIT_OK = 0
 EXIT_VIOLATION = 2
 EXIT_ERROR = 3
 
+# The loop wakes at least this often to see a signal's flag: a signal wake-up
+# pipe would be two more descriptors, and the socket is to be the only one.
+TICK_MS = 250
+
 
 class State(enum.Enum):
     THAWED = "thawed"
@@ -80,18 +84,15 @@ class Child:
 
     # --- the loop ------------------------------------------------------------
 
-    def serve(self, wakeup_fd: int) -> None:
+    def serve(self) -> None:
         poller = select.poll()
         poller.register(self.channel.fileno(), select.POLLIN)
-        poller.register(wakeup_fd, select.POLLIN)
         while True:
-            timeout_ms = None
+            timeout_ms = TICK_MS
             if self.state is State.FROZEN:
                 left = self.frozen_since + self.cfg.watchdog.max_frozen_seconds - self.clock()
-                timeout_ms = max(0, int(left * 1000) + 1)
+                timeout_ms = min(TICK_MS, max(0, int(left * 1000) + 1))
             ready = dict(poller.poll(timeout_ms))
-            if wakeup_fd in ready:
-                _drain(wakeup_fd)
             if self.signals:
                 self.auto_thaw(wire.Reason.SIGNAL)
                 log.info("stopping on signal %d", self.signals[0])
@@ -217,6 +218,7 @@ class Child:
         self.statedir.clear()
         if ours:
             self.cooldown_until = self.clock() + self.cfg.watchdog.cooldown_seconds
+            self.statedir.write_cooldown(self.cooldown_until)
         return len(held), problems
 
     def handle_thaw(self, req: wire.Request) -> None:
@@ -298,12 +300,11 @@ HANDLERS: dict[Op, Callable[[Child, wire.Request], None]] = {
 }
 
 
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 64):
-            pass
-    except BlockingIOError:
-        pass
+def inherited_cooldown(statedir: StateDir, cfg: ChildConfig, recovered: int) -> float:
+    """A predecessor's cooldown still runs (never more than one cooldown from now), and
+    thawing what a crashed predecessor left frozen starts one."""
+    longest = time.monotonic() + cfg.watchdog.cooldown_seconds
+    return longest if recovered else min(statedir.read_cooldown(), longest)
 
 
 def pick_freezer(memory: bool = False) -> Freezer:
@@ -345,11 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [FrameLogHandler(channel)]
     root.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    quiet_stdio()
+    quiet_stdio()  # from here on, errors travel as LOG frames
 
     stop: list[int] = []
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.append(signum)  # only a flag; the loop does the work
@@ -375,12 +374,17 @@ def main(argv: list[str] | None = None) -> int:
             recovered += note.startswith("thawed")
         statedir.clear()
 
-    child = Child(channel, freezer, cfg, args.device, statedir, signals=stop)
+    child = Child(channel, freezer, cfg, args.device, statedir, signals=stop,
+                  cooldown_until=inherited_cooldown(statedir, cfg, recovered))
     try:
         confine_child()
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ERROR
+    try:
         targets = len(child.selection().targets)
         channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, recovered)))
-        child.serve(wake_r)
+        child.serve()
         return EXIT_OK
     except ProtocolViolation as e:
         child.shutdown()

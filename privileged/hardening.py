@@ -40,14 +40,30 @@ def harden_child(parent_pid: int) -> None:
 
 
 def quiet_stdio() -> None:
-    """stdin, stdout and stderr become /dev/null, once the log channel is up.
+    """Let go of the stdin, stdout and stderr the parent gave, once the log channel is up.
 
     Whatever the parent gave us (a terminal, a pipe, a log file) could be on a
     frozen filesystem or stop being read; a write there (Python's own last-resort
     messages) would then block the only process that can thaw.  On FreeBSD a
     file open for writing on a filesystem also makes UFSSUSPEND refuse us
     (EDEADLK, descrip_check_write_mp).  Start-up failures before this point
-    still reach the parent's stderr."""
+    still reach the parent's stderr.
+
+    Linux: closed, so that the socket is the child's only descriptor; sys.std*
+    go first, so that nothing in Python writes through them to whatever is
+    opened next on 0-2 (a read-only directory, briefly a state record).
+    FreeBSD: /dev/null instead, so that 0-2 stay taken: a /dev/ufssuspend
+    descriptor there would turn a stray write into a raw write to the disk
+    while suspended (ffs_susp_rdwr)."""
+    if sys.platform.startswith("linux"):
+        for name in ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__"):
+            setattr(sys, name, None)
+        for fd in (0, 1, 2):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        return
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         if fd != null:

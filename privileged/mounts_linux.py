@@ -3,6 +3,12 @@
 mountinfo (proc(5)) rather than /proc/mounts because it carries the
 superblock's device number (field 3): bind mounts and btrfs subvolumes of one
 filesystem share it, while stat() gives each btrfs subvolume its own st_dev.
+
+Read-only means the superblock's options say so ("ro" after the separator),
+not this mount's: systemd's ProtectSystem=strict makes every mount in the
+service's namespace read-only while the filesystems stay writable elsewhere,
+and a filesystem someone can write to is one to freeze.  FIFREEZE needs no
+write access to the mount it is issued on.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import stat
 from privileged.selection import Mount, Platform
 
 MOUNTINFO = "/proc/self/mountinfo"
+# An explicit buffer size: open() then skips its isatty() probe, an ioctl
+# (TCGETS) that the child's seccomp filter refuses (privileged/sandbox.py).
+_BUFFERING = 1 << 16
 LOOP_MAJOR = 7
 
 # Filesystems whose superblock implements freeze (FIFREEZE would otherwise
@@ -33,13 +42,16 @@ LINUX = Platform(
 )
 
 
+_OCTAL = frozenset("01234567")
+
+
 def unescape(field: str) -> str:
     r"""mountinfo escapes space, tab, newline and backslash as \ooo."""
     if "\\" not in field:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+        if field[i] == "\\" and i + 3 < len(field) and set(field[i + 1:i + 4]) <= _OCTAL:
             out.append(chr(int(field[i + 1:i + 4], 8)))
             i += 4
         else:
@@ -54,7 +66,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields = line.split(" ")
         try:
             sep = fields.index("-", 6)
-            majmin, mountpoint, mount_opts = fields[2], fields[4], fields[5]
+            majmin, mountpoint = fields[2], fields[4]
             fstype, source, super_opts = fields[sep + 1], fields[sep + 2], fields[sep + 3]
             major = int(majmin.split(":")[0])
         except (ValueError, IndexError):
@@ -65,7 +77,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
             mountpoint=unescape(mountpoint),
             fstype=fstype,
             source=source,
-            readonly="ro" in mount_opts.split(",") or "ro" in super_opts.split(","),
+            readonly="ro" in super_opts.split(","),
             local=fstype not in NETWORK and not fstype.startswith("nfs"),
             pseudo=not block,
             fs_key=majmin,
@@ -95,7 +107,7 @@ def _loop_backing_file(source: str) -> str | None:
         return None
     name = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
     try:
-        with open(name, encoding="utf-8", errors="replace") as f:
+        with open(name, encoding="utf-8", errors="replace", buffering=_BUFFERING) as f:
             path = f.read().rstrip("\n")
     except OSError:
         return None
@@ -103,5 +115,5 @@ def _loop_backing_file(source: str) -> str | None:
 
 
 def read_mounts() -> list[Mount]:
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape", buffering=_BUFFERING) as f:
         return parse_mountinfo(f.read())

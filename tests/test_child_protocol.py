@@ -148,13 +148,13 @@ def test_parent_sees_malformed_child_records_as_fatal():
         link.receive()
 
 
-def test_child_stdio_is_dev_null_once_it_runs(workdir, make_fs):
+def test_child_lets_go_of_its_stdio_once_it_runs(workdir, make_fs):
     """Whatever stdio the parent handed over (here a log file) is let go: a write to it
-    while frozen would block the one process that can thaw."""
+    while frozen would block the one process that can thaw.  On Linux 0-2 are closed
+    (the socket is its only descriptor); FreeBSD puts /dev/null there."""
     fs = make_fs("ext4")
     link = spawn(workdir, fs.mountpoint)
     try:
-        for fd in (0, 1, 2):
-            assert os.readlink(f"/proc/{link.pid}/fd/{fd}") == "/dev/null"
+        assert not {"0", "1", "2"} & set(os.listdir(f"/proc/{link.pid}/fd"))
     finally:
         link.request(Op.QUIT)

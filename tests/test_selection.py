@@ -112,7 +112,9 @@ def test_parse_mountinfo_fields():
                            "/mnt/ro", "/mnt/sbro", "/srv/share"}
     assert mounts["/tmp/kt/m"].fs_key == mounts["/tmp/kt/s"].fs_key == "0:39"
     assert mounts["/mnt/with space"].fstype == "ext4"  # optional field "shared:5" skipped
-    assert mounts["/mnt/ro"].readonly and mounts["/mnt/sbro"].readonly
+    # read-only is the superblock's word: a read-only view (a bind mount, or systemd's
+    # ProtectSystem=strict namespace) of a writable filesystem must still be frozen
+    assert not mounts["/mnt/ro"].readonly and mounts["/mnt/sbro"].readonly
     assert mounts["/proc"].pseudo
     assert not mounts["/srv/share"].local
 

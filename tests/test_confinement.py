@@ -1,0 +1,253 @@
+"""Confinement of both processes, checked from outside: psutil and /proc.
+
+The real agent runs against the simulator on scratch filesystems; these
+tests read what the kernel says about its two processes, and what the
+kernel logged about them (a refused syscall is an audit record, type 1326,
+because both filters are loaded with SECCOMP_FILTER_FLAG_LOG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import re
+import signal
+import subprocess
+import textwrap
+
+import psutil
+
+from privileged.syscall_table import SYSCALLS
+from tests.helpers import (
+    PY,
+    REPO,
+    Subscriber,
+    assert_blocked,
+    running_agent,
+    wait_for,
+    write_config,
+)
+
+O_CLOEXEC = 0o2000000
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
+def core_limit(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+        line = next(x for x in f if x.startswith("Max core file size"))
+    return line.split()[4:6]
+
+
+def descriptors(pid: int) -> dict[int, tuple[str, int]]:
+    """fd -> (what it points at, open flags)."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
+            flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
+        out[int(name)] = (os.readlink(f"/proc/{pid}/fd/{name}"), flags)
+    return out
+
+
+def seccomp_records(pids: set[int], answered: tuple[str, ...] = ()) -> list[str]:
+    """Audit records of refused or killed syscalls for `pids`, from the kernel log, but
+    for the syscalls named in `answered` (a Refuse rule: an errno the caller copes with)."""
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    expected = {f"syscall={SYSCALLS['x86_64'][name]} " for name in answered}
+    return [line for line in log.splitlines() if "type=1326" in line
+            and int(re.search(r" pid=(\d+)", line).group(1)) in pids  # type: ignore[union-attr]
+            and not any(e in line and "sig=0" in line for e in expected)]
+
+
+def _same_for_parent_and_frontend(pid: int, chroot: str) -> None:
+    hvvss = pwd.getpwnam("hvvss")
+    proc = psutil.Process(pid)
+    assert tuple(proc.uids()) == (hvvss.pw_uid,) * 3
+    assert tuple(proc.gids()) == (hvvss.pw_gid,) * 3
+    st = status(pid)
+    assert st["Groups"] == ""
+    assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+    assert int(st["CapPrm"], 16) == int(st["CapEff"], 16) == 0  # no capability left
+    assert os.readlink(f"/proc/{pid}/root") == chroot
+    assert os.readlink(f"/proc/{pid}/cwd") == chroot
+    assert os.listdir(f"/proc/{pid}/root/") == []  # all it can see: nothing
+    assert core_limit(pid) == ["0", "0"]
+    # not dumpable: its /proc files belong to root, not to hvvss, so another process
+    # of that uid cannot ptrace it or read its memory
+    assert os.stat(f"/proc/{pid}/fd").st_uid == 0
+
+
+def kinds(pid: int) -> list[str]:
+    """What each descriptor above stdio is: socket, pipe, or a path."""
+    return sorted(re.sub(r":\[\d+\]", "", target)
+                  for fd, (target, _) in descriptors(pid).items() if fd > 2)
+
+
+def test_parent_seen_from_outside(workdir, ext4_xfs):
+    with running_agent(workdir, [ext4_xfs[0].mountpoint], frontend=False) as agent:
+        parent = agent.parent
+        _same_for_parent_and_frontend(parent.pid, os.path.join(workdir, "empty"))
+        # no file or directory held open: the kernel channel, the child, the signal pipe
+        assert kinds(parent.pid) == ["pipe", "pipe", "socket", "socket"]
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("thaw").status == 0
+        assert seccomp_records({parent.pid}) == []
+
+
+def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
+    """With [notify], [control] and [metrics]: two unprivileged processes, each confined."""
+    metrics = os.path.join(workdir, "metrics")
+    os.mkdir(metrics, 0o755)
+    os.chown(metrics, pwd.getpwnam("hvvss").pw_uid, -1)
+    with running_agent(workdir, [ext4_xfs[0].mountpoint], metrics={"dir": metrics}) as agent:
+        parent = agent.parent
+        (frontend,) = [p for p in parent.children() if p.uids().real != 0]
+        chroot = os.path.join(workdir, "empty")
+        for pid in (parent.pid, frontend.pid):
+            _same_for_parent_and_frontend(pid, chroot)
+        assert frontend.num_threads() <= 2  # itself, and the log queue's feeder
+        sub = Subscriber(agent.notify_socket, workdir)
+        try:
+            assert "welcome WELCOME" in sub.wait_welcome()
+            for op in ("check", "freeze", "thaw"):
+                assert agent.sim.request(op).status == 0
+            assert wait_for(lambda: sub.events() == ["CHECK", "FREEZE", "THAW"])
+        finally:
+            sub.stop()
+        # the parent: sockets, pipes, and the one directory outside its chroot it was
+        # given, the metrics directory; the frontend: sockets and its log queue's pipe
+        assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
+        assert kinds(parent.pid).count(metrics) == 1
+        assert set(kinds(frontend.pid)) == {"pipe", "socket"}
+        assert kinds(frontend.pid).count("socket") == 3  # the link, notify, control
+        # clone3 is answered ENOSYS on purpose: glibc starts the feeder thread with clone
+        assert seccomp_records({parent.pid, frontend.pid}, answered=("clone3",)) == []
+
+
+def test_child_seen_from_outside(workdir, ext4_xfs):
+    mounts = sorted(fs.mountpoint for fs in ext4_xfs)
+    with running_agent(workdir, mounts, frontend=False) as agent:
+        child = agent.child
+        assert tuple(child.uids()) == (0, 0, 0)
+        st = status(child.pid)
+        assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
+        assert st["Umask"] == "0077"
+        assert child.cmdline()[1:4] == ["-I", "-B", "-S"]
+        assert os.readlink(f"/proc/{child.pid}/cwd") == "/"
+        with open(f"/proc/{child.pid}/environ", "rb") as f:
+            assert f.read() == b""
+        assert core_limit(child.pid) == ["0", "0"]
+
+        def held() -> list[str]:
+            fds = descriptors(child.pid)
+            assert all(flags & O_CLOEXEC for _, flags in fds.values()), fds
+            return sorted(re.sub(r":\[\d+\]", "", target) for target, _ in fds.values())
+
+        assert child.num_threads() == 1
+        assert held() == ["socket"]
+        assert agent.sim.request("freeze").status == 0
+        assert child.num_threads() == 1
+        assert held() == sorted(["socket", *mounts])
+        assert agent.sim.request("thaw").status == 0
+        assert held() == ["socket"]
+        assert seccomp_records({child.pid}) == []
+
+
+def test_child_is_not_dumpable():
+    """PR_GET_DUMPABLE can only be asked by the process itself: harden_child, then ask."""
+    code = textwrap.dedent(f"""\
+        import ctypes, os, sys
+        sys.path.insert(0, {REPO!r})
+        from privileged.hardening import harden_child
+        harden_child(os.getppid())
+        print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+        """)
+    out = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                         check=True)
+    assert out.stdout.split() == ["0"]
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1  # and this process still is
+
+
+def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
+    """The drop and the sandbox as the daemon does them, then try to escape (and to
+    become root again).
+
+    Two layers: the chroot alone turns the path into nothing (ENOENT), and the
+    seccomp filter refuses open() outright (EACCES)."""
+    secret = write_config(os.path.join(workdir, "outside.toml"), [], workdir)
+    code = textwrap.dedent(f"""\
+        import errno, os, sys
+        sys.path.insert(0, {REPO!r})
+        from agent import privdrop, sandbox
+        r, w = os.pipe()
+        privdrop.drop(privdrop.lookup_account("hvvss"), {os.path.join(workdir, "empty")!r})
+        def attempt(path):
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                return "opened"
+            except OSError as e:
+                return errno.errorcode[e.errno]
+        paths = [{secret!r}, "/etc/passwd", "../../../../etc/passwd", "/proc/1/root/etc/passwd"]
+        print(*[attempt(p) for p in paths])
+        for regain in (os.setuid, os.setgid, os.seteuid):
+            try:
+                regain(0)
+                print("regained root")
+            except PermissionError:
+                pass
+        sandbox.confine_parent(w)
+        print(*[attempt(p) for p in paths])
+        """)
+    out = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["ENOENT ENOENT ENOENT ENOENT",
+                                       "EACCES EACCES EACCES EACCES"]
+
+
+def test_child_still_thaws_at_once_on_a_signal_without_a_wakeup_pipe(workdir, ext4_xfs):
+    """The signal pipe is gone (one descriptor only): the loop's tick sees the flag."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with running_agent(workdir, mounts, max_frozen=60, frontend=False) as agent:
+        assert agent.sim.request("freeze").status == 0
+        probes = [assert_blocked(m, 0.3) for m in mounts]
+        child = agent.child
+        child.send_signal(signal.SIGTERM)
+        for p in probes:
+            assert p.done_within(2), "not thawed within two seconds of SIGTERM"
+        assert agent.wait_exit(5) == 3  # the parent saw its child go, and exits for a restart
+        assert "exit status 0" in agent.log()  # the child's status, as its parent reaped it
+        assert "automatic THAW of 2 filesystem(s) (signal)" in agent.log()
+
+
+# (threading is there: logging imports it; test_child_seen_from_outside counts threads)
+FORBIDDEN = ("pickle", "_pickle", "multiprocessing", "multiprocessing_logging", "psutil",
+             "agent")
+
+
+def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_fs,
+                                                                   monkeypatch):
+    """The real child, a whole conversation (CHECK, FREEZE, THAW, REOPEN, QUIT); at its exit
+    it writes the names of every module it had loaded."""
+    from agent import child_link
+    from privileged import wire
+
+    fs = make_fs("ext4")
+    out = os.path.join(workdir, "modules")
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
+        f"import sys; sys.path.insert(0, {REPO!r}); from privileged.child import main; "
+        f"rc = main(); open({out!r}, 'w').write(' '.join(sorted(sys.modules))); sys.exit(rc)"))
+    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
+                                                   [fs.mountpoint], workdir), None)
+    link.wait_hello()
+    for op in (wire.Op.CHECK, wire.Op.FREEZE, wire.Op.THAW, wire.Op.REOPEN, wire.Op.QUIT):
+        assert link.request(op)[0].op is op
+    assert link.exit_status(10) == 0
+    with open(out, encoding="ascii") as f:
+        modules = f.read().split()
+    assert "privileged.child" in modules and "ctypes" in modules
+    assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []

@@ -1,0 +1,281 @@
+"""Fuzzing what parses untrusted input: kernel messages, child records, config, mountinfo.
+
+Every parser answers arbitrary input with a value or its own one-line error
+(KernelProtocolError, WireError, ConfigError), never another exception; the
+real agent survives malformed records on its kernel channel, and the command
+line answers a broken config file with one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import string
+import struct
+import subprocess
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import config
+from agent.child_link import ChildGone, ChildLink
+from agent.kernel import freebsd_wire as fw
+from agent.kernel import linux_wire as lw
+from agent.kernel.messages import KernelProtocolError, Operation
+from agent.kernel.transport import KernelChannel, KernelLost, SocketEndpoint
+from privileged import wire
+from privileged.config import CHILD_SECTIONS, ConfigError
+from privileged.mounts_linux import parse_mountinfo, unescape
+from privileged.statefile import StateDir
+from tests.helpers import PY, REPO, running_agent, wait_for, write_config
+
+FAST = settings(max_examples=1500, deadline=None)
+SLOW = settings(max_examples=15, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+# --- the kernel channel: Linux -------------------------------------------------------------
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=80), st.binary(min_size=12, max_size=12)))
+def test_linux_request_parser_takes_anything(frame):
+    try:
+        req = lw.decode_request(frame)
+    except KernelProtocolError as e:
+        assert len(frame) != lw.MSG_SIZE and str(e)
+        return
+    assert req.raw == frame and req.code == frame[0]
+    assert (req.op is Operation.OTHER) == (frame[0] not in (2, 5, 6))
+    for ok in (True, False):
+        reply = lw.encode_reply(req, ok)
+        assert reply[4:] == frame[4:] and len(reply) == lw.MSG_SIZE
+        assert struct.unpack_from("<I", reply)[0] == (lw.HV_S_OK if ok else lw.HV_E_FAIL)
+
+
+@FAST
+@given(st.binary(max_size=16))
+def test_linux_register_answer_parser_takes_anything(data):
+    try:
+        assert lw.decode_register_answer(data) == struct.unpack("<I", data)[0]
+    except KernelProtocolError:
+        assert len(data) != 4
+
+
+# --- the kernel channel: FreeBSD --------------------------------------------------------------
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=130), st.binary(min_size=64, max_size=64)))
+def test_freebsd_request_parser_takes_anything(frame):
+    try:
+        req = fw.decode_request(frame)
+    except KernelProtocolError:
+        assert len(frame) != fw.MSG_SIZE
+        return
+    opt, status, msgid, _ = fw.MSG.unpack(frame)
+    if status != fw.VSS_SUCCESS:
+        assert req is None  # nothing was pending
+        return
+    assert req is not None and (req.code, req.msgid) == (opt, msgid)
+    for ok in (True, False):
+        r_opt, r_status, r_msgid, reserved = fw.MSG.unpack(fw.encode_reply(req, ok))
+        assert (r_opt, r_msgid, reserved) == (opt, msgid, bytes(48))
+        assert r_status == (fw.VSS_SUCCESS if ok else fw.VSS_FAIL)
+
+
+@FAST
+@given(st.lists(st.binary(max_size=100), min_size=1, max_size=5),
+       st.sampled_from(["linux", "freebsd"]))
+def test_kernel_channel_turns_any_record_into_a_request_or_its_own_error(records, protocol):
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = KernelChannel(SocketEndpoint(ours.detach()), protocol)
+    try:
+        for record in records:
+            kernel.send(record)
+            size = fw.MSG_SIZE if protocol == "freebsd" else lw.MSG_SIZE
+            try:
+                channel.read_request()
+            except KernelProtocolError:
+                assert len(record) not in (0, size)
+            except KernelLost:
+                assert record == b""  # a zero-length record reads as EOF
+            else:
+                assert len(record) == size
+    finally:
+        channel.close()
+        kernel.close()
+
+
+def test_the_agent_survives_garbage_on_its_kernel_channel(workdir, make_fs):
+    """Records of every wrong size, from the simulator: each one costs the agent its
+    channel (it reopens and registers again), never its life."""
+    fs = make_fs("ext4")
+    sizes = [1, 4, 11, 13, 64, 256]
+    with running_agent(workdir, [fs.mountpoint]) as agent:
+        for n, size in enumerate(sizes, start=2):
+            agent.sim.inject(os.urandom(size))
+            agent.wait_registered(connections=n)
+            assert agent.sim.request("check").status == 0
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert wait_for(lambda: agent.log().count("kernel channel:") == len(sizes))
+
+
+# --- the child's records, as the parent reads them ------------------------------------------------
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=1100),
+                 st.tuples(st.sampled_from([0x81, 0x82, 0x83, 0x84]), st.binary(max_size=300))
+                 .map(lambda t: bytes([1, t[0]]) + t[1])))
+def test_child_record_parser_takes_anything(record):
+    try:
+        wire.decode_child(record)
+    except wire.WireError as e:
+        assert str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1100))
+def test_parent_link_turns_any_child_record_into_a_message_or_childgone(record):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    class NoProcess:
+        pid = 0
+
+    link = ChildLink(ours, NoProcess())  # type: ignore[arg-type]
+    try:
+        theirs.send(record)
+        try:
+            link.receive()
+        except ChildGone as e:
+            assert str(e)
+    finally:
+        link.close()
+        theirs.close()
+
+
+# --- the config file ----------------------------------------------------------------------------
+
+KNOWN = {
+    "agent": ["user", "chroot", "history"], "device": ["path", "protocol"],
+    "log": ["target", "buffer", "syslog_socket"], "freeze": ["only", "exclude", "presync"],
+    "check": ["mode", "zfs"], "watchdog": ["max_frozen_seconds", "cooldown_seconds"],
+    "state": ["dir"], "notify": ["socket", "allow_users", "allow_groups", "timeout", "policy",
+                                 "budget"],
+    "control": ["socket", "admin_group"], "metrics": ["dir"],
+}
+SCALARS = st.one_of(st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(),
+                    st.text(max_size=20), st.sampled_from(["/", "/x/../y", "", "\0", "syslog",
+                                                           "strict", "freebsd", "hvvss"]),
+                    st.datetimes(), st.dates(), st.times())
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8)
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, object]:
+    doc: dict[str, object] = {}
+    for section in draw(st.lists(st.sampled_from([*KNOWN, "bogus"]), max_size=5, unique=True)):
+        keys = draw(st.lists(st.sampled_from([*KNOWN.get(section, []), "nope"]), max_size=4,
+                             unique=True))
+        doc[section] = draw(st.one_of(
+            st.fixed_dictionaries({k: VALUES for k in keys}), SCALARS))
+    return doc
+
+
+@settings(max_examples=1500, deadline=None)
+@given(documents())
+def test_config_parser_takes_any_document(doc):
+    try:
+        cfg = config.parse(doc, "/etc/hv-vss-agent.toml")
+    except ConfigError as e:
+        text = str(e)
+        assert text and "\n" not in text
+        return
+    assert set(doc) <= set(KNOWN)  # accepted: then nothing unknown was in it
+    assert cfg.child.watchdog.max_frozen_seconds > 0
+
+
+VALID = """\
+[agent]
+user = "hvvss"
+chroot = "/var/empty"
+[freeze]
+only = ["/srv"]
+[watchdog]
+max_frozen_seconds = 30
+cooldown_seconds = 5
+[log]
+target = "stderr"
+"""
+
+
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.binary(max_size=300),
+    st.tuples(st.integers(0, len(VALID)), st.integers(0, 40),
+              st.text(string.printable + "\xff\u2028", max_size=12))
+    .map(lambda t: (VALID[:t[0]] + t[2] + VALID[t[0] + t[1]:]).encode("utf-8", "surrogatepass"))))
+def test_config_loader_takes_any_file(workdir, data):
+    path = os.path.join(workdir, "fuzz.toml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    try:
+        config.load(path)
+    except ConfigError as e:
+        text = str(e)
+        assert path in text and "\n" not in text
+
+
+@SLOW
+@given(st.tuples(st.integers(0, len(VALID)), st.integers(1, 30),
+                 st.text(string.printable, min_size=1, max_size=6)))
+def test_command_line_answers_a_broken_config_with_one_line(workdir, cut):
+    start, length, junk = cut
+    text = VALID[:start] + junk + VALID[start + length:]
+    path = write_config(os.path.join(workdir, "cli.toml"), [], workdir)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace('user = "hvvss"', 'user = "no-such-account"'))
+    proc = subprocess.run([PY, "-m", "agent", "-n", "--config", path, "--device", "/nonexistent"],
+                          capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- what the root child parses itself -----------------------------------------------------------
+
+FIELD = st.text(st.sampled_from(string.printable + "\\\t\u00e9"), max_size=12)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.one_of(st.lists(FIELD, max_size=14).map(" ".join), FIELD), max_size=8))
+def test_mountinfo_parser_takes_any_text(lines):
+    mounts = parse_mountinfo("\n".join(lines))
+    assert len(mounts) <= len(lines)  # a line it cannot read is skipped, never guessed at
+    for field in lines:
+        unescape(field)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=400))
+def test_crash_and_cooldown_records_take_any_content(workdir, data):
+    state = StateDir(os.path.join(workdir, "state"))
+    state.ensure()
+    for path in (state.record, state.cooldown):
+        with open(path, "wb") as f:
+            f.write(data)
+    for key, mountpoint in state.read():
+        assert mountpoint.startswith("/") and key
+    assert math.isfinite(state.read_cooldown())
+
+
+def test_child_sections_are_the_ones_the_fuzzer_knows():
+    assert set(CHILD_SECTIONS) <= set(KNOWN)

@@ -1,0 +1,52 @@
+"""SECURITY.md stays true: every test it names exists, and its figures are today's."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+
+from tests.helpers import PY, REPO
+
+with open(os.path.join(REPO, "SECURITY.md"), encoding="utf-8") as _f:
+    TEXT = _f.read()
+
+
+def test_every_test_named_in_security_md_exists():
+    named = set(re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", TEXT))
+    assert len(named) > 50
+    missing = []
+    for path, name in sorted(named):
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        if name not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}:
+            missing.append(f"{path}::{name}")
+    assert missing == []
+
+
+def test_root_lines_of_code_are_the_ones_the_tool_counts():
+    out = subprocess.run([PY, "-m", "tools.root_loc"], capture_output=True, text=True,
+                         cwd=REPO, check=True).stdout
+    counts = dict(re.findall(r"^(root child|parent before the drop|either): (\d+) code lines",
+                             out, re.MULTILINE))
+    stated = re.search(r"the root child runs \*\*(\d+)\*\* code lines.*?the parent runs "
+                       r"\*\*(\d+)\*\* code lines.*?together \*\*(\d+)\*\*", TEXT, re.DOTALL)
+    assert stated, "SECURITY.md does not state the counts"
+    assert stated.groups() == (counts["root child"], counts["parent before the drop"],
+                               counts["either"])
+
+
+def test_measured_syscall_table_names_only_what_the_filters_allow():
+    """The table of measured syscalls cannot claim a call the filter would kill."""
+    from agent.sandbox_linux import FRONTEND, parent_policy
+    from privileged.sandbox import ROOT_CHILD
+
+    rows = dict(re.findall(r"^\| ([^|]+) \| `([a-z_0-9 ]+)`", TEXT, re.MULTILINE))
+    policies = {"root child": ROOT_CHILD, "frontend": FRONTEND,
+                "parent, `service`": parent_policy(("service",)),
+                "parent, `service` + `frontend` + `metrics`":
+                    parent_policy(("service", "frontend", "metrics"))}
+    assert set(policies) <= set(rows)
+    for role, policy in policies.items():
+        assert set(rows[role].split()) <= set(policy.names()), role
