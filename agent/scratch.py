@@ -57,8 +57,9 @@ def _run(argv: list[str]) -> str:
 
 
 def make(workdir: str, fstype: str, name: str | None = None, size_mb: int | None = None,
-         backing_dir: str | None = None) -> ScratchFS:
-    """Create, attach and mount one scratch filesystem under `workdir`."""
+         backing_dir: str | None = None, *, options: str = "") -> ScratchFS:
+    """Create, attach and mount (with `options`, if any) one scratch filesystem under
+    `workdir`."""
     if fstype not in MKFS:
         raise ScratchError(f"no recipe for {fstype}")
     name = name or fstype
@@ -72,7 +73,8 @@ def make(workdir: str, fstype: str, name: str | None = None, size_mb: int | None
         _run([*MKFS[fstype], image])
         device = _attach(image)
         os.makedirs(mountpoint, exist_ok=True)
-        _run(["mount", "-t", fstype, device, mountpoint])
+        _run(["mount", "-t", fstype, *(["-o", options] if options else []), device,
+              mountpoint])
     except BaseException:
         if device:
             subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
@@ -125,13 +127,13 @@ def destroy(fs: ScratchFS) -> None:
 
 
 @contextlib.contextmanager
-def filesystems(workdir: str, fstypes: list[str], size_mb: int | None = None) -> Iterator[
-        list[ScratchFS]]:
+def filesystems(workdir: str, fstypes: list[str], size_mb: int | None = None,
+                options: str = "") -> Iterator[list[ScratchFS]]:
     made: list[ScratchFS] = []
     try:
         for i, t in enumerate(fstypes):
             made.append(make(workdir, t, name=f"{t}{i}" if fstypes.count(t) > 1 else t,
-                             size_mb=size_mb))
+                             size_mb=size_mb, options=options))
         yield made
     finally:
         for fs in reversed(made):

@@ -25,7 +25,7 @@ import time
 
 from agent import scratch
 from bench import measure
-from bench.common import machine, ms, ratio
+from bench.common import kib, machine, ms, ratio
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -47,7 +47,7 @@ def main() -> int:
         sections.append(_freeze(work, [1, 8] if args.quick else [1, 8, 32],
                                 64 if args.quick else 256, 2 if args.quick else 3))
         sections.append(_startup(work, 3 if args.quick else 10))
-        sections.append(_scale(work, 16 if args.quick else 256, 3 if args.quick else 5))
+        sections.append(_scale(work, 16 if args.quick else 256, 3))
     took = time.monotonic() - started
     doc = _document(sections, args, took)
     with open(args.output, "w", encoding="utf-8") as f:
@@ -67,11 +67,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _control(work: str, n: int) -> str:
     print(f"\n## 1. Control path ({n} CHECKs)", flush=True)
     with scratch.filesystems(work, ["ext4"]) as fss:
-        agent, bare = measure.control_path(work, fss[0].mountpoint, n)
-    rows = [["CHECK round trip, p50", ms(agent.p50), ms(bare.p50), ratio(agent.p50, bare.p50)],
-            ["CHECK round trip, p99", ms(agent.p99), ms(bare.p99), ratio(agent.p99, bare.p99)]]
+        agent, with_frontend, bare = measure.control_path(work, fss[0].mountpoint, n)
+    rows = []
+    for label, run in (("", agent), (", with frontend", with_frontend)):
+        rows += [[f"CHECK round trip{label}, p50", ms(run.p50), ms(bare.p50),
+                  ratio(run.p50, bare.p50)],
+                 [f"CHECK round trip{label}, p99", ms(run.p99), ms(bare.p99),
+                  ratio(run.p99, bare.p99)]]
     return "## 1. Control path\n\nBaseline: a bare SOCK_SEQPACKET ping-pong between two " \
-        "Python processes (12-byte messages).\n\n" + \
+        "Python processes (12-byte messages). \"With frontend\": `[notify]` and `[control]` " \
+        "configured, no subscriber, so each CHECK also crosses the engine-frontend link.\n\n" + \
         _table(["measure", "agent", "baseline", "ratio"], rows)
 
 
@@ -81,7 +86,8 @@ def _freeze(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
     rows = []
     for n in counts:
         size = max(64, 2 * dirty_mb // n + 32)
-        with scratch.filesystems(work, ["ext4"] * n, size_mb=size) as fss:
+        with scratch.filesystems(work, ["ext4"] * n, size_mb=size,
+                                options=measure.QUIET) as fss:
             mounts = [fs.mountpoint for fs in fss]
             for dirty in (0, dirty_mb):
                 for presync in (True, False):
@@ -94,21 +100,32 @@ def _freeze(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
     return "## 2. FREEZE latency and write stall\n\nLatency: host FREEZE sent to reply. " \
         "Stall: the longest any concurrent writer (one per filesystem, a 4 KiB write every " \
         "millisecond) waited, the host sending THAW as soon as FREEZE is answered. Baseline: " \
-        "the same syncfs/FIFREEZE/FITHAW sequence in-process, no agent.\n\n" + _table(
+        "the same syncfs/FIFREEZE/FITHAW sequence in-process, no agent, taking turns with " \
+        "it.\n\n" + _table(
             ["filesystems", "dirty", "presync", "agent latency", "baseline", "ratio",
              "agent stall", "baseline", "ratio"], rows)
 
 
 def _startup(work: str, reps: int) -> str:
     print(f"\n## 3. Memory and start-up (median of {reps})", flush=True)
+    rows = []
     with scratch.filesystems(work, ["ext4"]) as fss:
-        t, prss, crss, bt, brss = measure.startup(work, fss[0].mountpoint, reps)
-    rows = [["start to ready (registered)", f"{t * 1e3:.0f} ms", f"{bt * 1e3:.0f} ms",
-             ratio(t, bt)],
-            ["parent RSS", f"{prss >> 10} KiB", f"{brss >> 10} KiB", ratio(prss, brss)],
-            ["child RSS", f"{crss >> 10} KiB", f"{brss >> 10} KiB", ratio(crss, brss)]]
-    return "## 3. Memory and start-up\n\nBaseline: `python -I -c pass` for the time, and a " \
-        "bare `python -I` at rest for the RSS.\n\n" + \
+        for frontend in (False, True):
+            s, bt, brss = measure.startup(work, fss[0].mountpoint, reps, frontend)
+            label = ", with frontend" if frontend else ""
+            rows += [[f"start to ready{label}", f"{s.ready * 1e3:.0f} ms",
+                      f"{bt * 1e3:.0f} ms", ratio(s.ready, bt)],
+                     [f"parent RSS{label}", kib(s.parent_rss), kib(brss),
+                      ratio(s.parent_rss, brss)],
+                     [f"child RSS{label}", kib(s.child_rss), kib(brss),
+                      ratio(s.child_rss, brss)]]
+            if frontend:
+                rows.append(["frontend RSS", kib(s.frontend_rss), kib(brss),
+                             ratio(s.frontend_rss, brss)])
+    return "## 3. Memory and start-up\n\nStart to ready: from exec to registered with the " \
+        "kernel, the integrity check included. Baseline: `python -I -c pass` for the time, " \
+        "and a bare `python -I` at rest for the RSS. The frontend is forked from the parent, " \
+        "so much of its RSS is pages shared with it.\n\n" + \
         _table(["measure", "agent", "baseline", "ratio"], rows)
 
 
@@ -118,21 +135,28 @@ def _scale(work: str, most: int, reps: int) -> str:
     with measure.many_filesystems(work, most, 16) as fss:
         n = 1
         while n <= len(fss):
-            mounts = [fs.mountpoint for fs in fss[:n]]
-            fz, th, bfz, bth = measure.scale_point(work, mounts, reps)
-            points.append((n, fz, th, bfz, bth))
-            rows.append([str(n), ms(fz), ms(bfz), ratio(fz, bfz), ms(th), ms(bth),
-                         ratio(th, bth)])
+            p = measure.scale_point(work, [fs.mountpoint for fs in fss[:n]], reps)
+            points.append(p)
+            rows.append([str(n), ms(p.freeze), ms(p.bare_freeze), ratio(p.freeze, p.bare_freeze),
+                         ms(p.thaw), ms(p.bare_thaw), ratio(p.thaw, p.bare_thaw),
+                         ms(p.bare_freeze_expedited)])
             print("  " + " | ".join(rows[-1]), flush=True)
             n *= 2
     _plot(points)
     return "## 4. Scale\n\nClean ext4 filesystems (presync on). Baseline: the same ioctls " \
-        "in-process, no agent.\n\n" + _table(
+        "in-process, no agent, taking turns with it. Every FREEZE, the agent's and the " \
+        f"baseline's, comes {measure.IDLE} s after the last THAW, as in real use: a " \
+        "FIFREEZE takes the superblock's three percpu rw-semaphores for writing, and each " \
+        "waits for an RCU grace period unless that superblock was thawed a few milliseconds " \
+        "before. The last column is the baseline again with " \
+        "`/sys/kernel/rcu_expedited` set to 1 for that FREEZE only (restored at once): " \
+        "what the kernel's grace periods cost.\n\n" + _table(
             ["filesystems", "agent FREEZE", "baseline", "ratio", "agent THAW", "baseline",
-             "ratio"], rows) + "\n\n![latency against mount count](bench/out/scale.png)"
+             "ratio", "baseline FREEZE, expedited RCU"], rows) + \
+        "\n\n![latency against mount count](bench/out/scale.png)"
 
 
-def _plot(points: list[tuple[int, float, float, float, float]]) -> None:
+def _plot(points: list[measure.ScalePoint]) -> None:
     try:
         import matplotlib
 
@@ -141,18 +165,22 @@ def _plot(points: list[tuple[int, float, float, float, float]]) -> None:
     except ImportError:
         print("  (matplotlib not installed: no plot)", file=sys.stderr)
         return
-    n = [p[0] for p in points]
+    n = [p.mounts for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, label, style in ((1, "agent FREEZE", "o-"), (3, "bare FIFREEZE", "o--"),
-                            (2, "agent THAW", "s-"), (4, "bare FITHAW", "s--")):
-        ax.plot(n, [p[i] * 1e3 for p in points], style, label=label)
+    for series, label, style in (
+            ([p.freeze for p in points], "agent FREEZE", "o-"),
+            ([p.bare_freeze for p in points], "bare FIFREEZE", "o--"),
+            ([p.bare_freeze_expedited for p in points], "bare FIFREEZE, expedited RCU", "^:"),
+            ([p.thaw for p in points], "agent THAW", "s-"),
+            ([p.bare_thaw for p in points], "bare FITHAW", "s--")):
+        ax.plot(n, [x * 1e3 for x in series], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("filesystems frozen")
     ax.set_ylabel("latency (ms)")
     ax.set_title("FREEZE/THAW latency against mount count")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(os.path.join(OUT_DIR, "scale.png"), dpi=110)
 
@@ -162,7 +190,9 @@ def _document(sections: list[str], args: argparse.Namespace, took: float) -> str
     return (f"# Benchmarks\n\nProduced by `{cmd}` in {took:.0f} s on: {machine()}.\n\n"
             "Every figure is next to a baseline measured in the same run; the ratio is "
             "agent / baseline. The kernel side is the built-in simulator; the filesystems, "
-            "freezes and processes are real. Tests never assert on these numbers.\n\n"
+            "freezes and processes are real. The agent runs the shipped default config "
+            "(`etc/hv-vss-agent.toml`: no frontend) unless a row says \"with frontend\". "
+            "Tests never assert on these numbers.\n\n"
             + "\n\n".join(sections) + "\n")
 
 

@@ -109,3 +109,7 @@ def ms(seconds: float) -> str:
 
 def ratio(x: float, base: float) -> str:
     return f"{x / base:.2f}x" if base > 0 else "n/a"
+
+
+def kib(size: int) -> str:
+    return f"{size >> 10} KiB"

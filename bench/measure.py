@@ -19,6 +19,15 @@ from bench.common import StallMeter, Stats, stats
 from tests.helpers import Agent
 
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
+# No background inode-table zeroing (ext4lazyinit) on the new filesystems: it writes to them
+# for minutes after mkfs, and a freeze waits for it, whoever asks.
+QUIET = "noinit_itable"
+# FIFREEZE takes the superblock's three percpu rw-semaphores for writing; each waits for an
+# RCU grace period (~8 ms here) unless the same superblock was thawed in the last few ms.
+# Every timed FREEZE, the agent's and the baseline's, comes this long after the last THAW,
+# as a host's FREEZE does in real use.
+IDLE = 0.3
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 PINGPONG = r"""
@@ -54,19 +63,22 @@ class Row:
 
 # --- 1. control path ---------------------------------------------------------------------
 
-def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats]:
-    """CHECK through simulator, parent and child, against a bare socketpair ping-pong."""
+def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats, Stats]:
+    """CHECK through simulator, parent and child (without, then with the frontend and its
+    sockets, no subscriber), against a bare socketpair ping-pong."""
     out = subprocess.run([sys.executable, "-I", "-c", PINGPONG, str(n)], capture_output=True,
                          text=True, check=True)
     bare = stats([float(x) for x in out.stdout.split()])
-    agent = Agent(workdir, [mount]).start()
-    try:
-        for _ in range(50):  # warm up
-            agent.sim.request("check")
-        lat = [agent.sim.request("check").latency for _ in range(n)]
-    finally:
-        agent.stop()
-    return stats(lat), bare
+    runs = []
+    for frontend in (False, True):
+        agent = Agent(workdir, [mount], frontend=frontend).start()
+        try:
+            for _ in range(50):  # warm up
+                agent.sim.request("check")
+            runs.append(stats([agent.sim.request("check").latency for _ in range(n)]))
+        finally:
+            agent.stop()
+    return runs[0], runs[1], bare
 
 
 # --- 2. freeze latency and write stall ---------------------------------------------------
@@ -106,10 +118,11 @@ def bare_thaw(fds: list[int]) -> float:
 
 def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bool,
                      reps: int) -> tuple[float, float, float, float]:
-    """(agent FREEZE latency, agent stall, bare latency, bare stall), medians."""
+    """(agent FREEZE latency, agent stall, bare latency, bare stall), medians.  Agent and
+    baseline take turns, so both see the same state of the machine."""
     meter = StallMeter(mounts)
     a_lat, a_stall, b_lat, b_stall = [], [], [], []
-    agent = Agent(workdir, mounts, cooldown=0, presync=presync)
+    agent = Agent(workdir, mounts, cooldown=0, presync=presync, frontend=False)
     try:
         agent.start()
         for _ in range(reps):
@@ -122,8 +135,6 @@ def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bo
             a_lat.append(freeze.latency)
             a_stall.append(meter.stall(t0, time.monotonic()))
             time.sleep(0.2)
-        agent.stop()
-        for _ in range(reps):
             if dirty_mb:
                 dirty(mounts, dirty_mb)
             t0 = time.monotonic()
@@ -141,17 +152,27 @@ def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bo
 
 # --- 3. memory and start-up -----------------------------------------------------------------
 
-def startup(workdir: str, mount: str, reps: int) -> tuple[float, int, int, float, int]:
-    """(start-to-ready seconds, parent RSS, child RSS, bare start seconds, bare max RSS)."""
-    times, prss, crss = [], [], []
+@dataclass
+class Startup:
+    ready: float  # seconds from exec to registered with the (simulated) kernel
+    parent_rss: int
+    child_rss: int
+    frontend_rss: int  # 0 without a frontend
+
+
+def startup(workdir: str, mount: str, reps: int,
+            frontend: bool) -> tuple[Startup, float, int]:
+    """(the agent's medians, bare start seconds, bare RSS at rest)."""
+    times, prss, crss, frss = [], [], [], []
     for _ in range(reps):
-        agent = Agent(workdir, [mount])
+        agent = Agent(workdir, [mount], frontend=frontend)
         agent.sim.start()
         t = time.monotonic()
         agent.launch(wait=True)
         times.append(time.monotonic() - t)
         prss.append(agent.parent.memory_info().rss)
         crss.append(agent.child.memory_info().rss)
+        frss.append(agent.frontend.memory_info().rss if frontend else 0)
         agent.stop()
     bare_t = []
     for _ in range(reps):
@@ -166,31 +187,62 @@ def startup(workdir: str, mount: str, reps: int) -> tuple[float, int, int, float
     finally:
         idle.kill()
         idle.wait()
-    return (stats(times).p50, int(stats(prss).p50), int(stats(crss).p50), stats(bare_t).p50,
-            bare_rss)
+    return (Startup(stats(times).p50, int(stats(prss).p50), int(stats(crss).p50),
+                    int(stats(frss).p50)), stats(bare_t).p50, bare_rss)
 
 
 # --- 4. scale --------------------------------------------------------------------------------
 
-def scale_point(workdir: str, mounts: list[str], reps: int) -> tuple[float, float, float, float]:
-    """(agent FREEZE, agent THAW, bare FREEZE, bare THAW) latency medians for these mounts."""
-    agent = Agent(workdir, mounts, cooldown=0).start()
-    fz, th = [], []
+def scale_point(workdir: str, mounts: list[str], reps: int) -> ScalePoint:
+    """Latency medians for these mounts, agent and baseline taking turns, each FREEZE a
+    while after the last THAW (see IDLE)."""
+    agent = Agent(workdir, mounts, cooldown=0, frontend=False).start()
+    fz, th, bf, bt, ef = [], [], [], [], []
     try:
         for _ in range(reps):
+            time.sleep(IDLE)
             f = agent.sim.request("freeze", timeout=120)
             t = agent.sim.request("thaw", timeout=120)
             assert f.status == 0 and t.status == 0, (f, t)
             fz.append(f.latency)
             th.append(t.latency)
+            time.sleep(IDLE)
+            lat, fds = bare_freeze(mounts, presync=True)
+            bf.append(lat)
+            bt.append(bare_thaw(fds))
+            time.sleep(IDLE)
+            with rcu_expedited():
+                lat, fds = bare_freeze(mounts, presync=True)
+                bare_thaw(fds)
+            ef.append(lat)
     finally:
         agent.stop()
-    bf, bt = [], []
-    for _ in range(reps):
-        lat, fds = bare_freeze(mounts, presync=True)
-        bf.append(lat)
-        bt.append(bare_thaw(fds))
-    return stats(fz).p50, stats(th).p50, stats(bf).p50, stats(bt).p50
+    return ScalePoint(len(mounts), stats(fz).p50, stats(th).p50, stats(bf).p50,
+                      stats(bt).p50, stats(ef).p50)
+
+
+@dataclass
+class ScalePoint:
+    mounts: int
+    freeze: float
+    thaw: float
+    bare_freeze: float
+    bare_thaw: float
+    bare_freeze_expedited: float
+
+
+@contextlib.contextmanager
+def rcu_expedited() -> Iterator[None]:
+    """The kernel's RCU grace periods expedited, for this block only (a global setting)."""
+    with open(RCU_EXPEDITED, encoding="ascii") as f:
+        before = f.read().strip()
+    with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
+            f.write(before)
 
 
 @contextlib.contextmanager
@@ -200,7 +252,8 @@ def many_filesystems(workdir: str, n: int, size_mb: int) -> Iterator[list[scratc
     try:
         for i in range(n):
             try:
-                made.append(scratch.make(workdir, "ext4", name=f"fs{i:03d}", size_mb=size_mb))
+                made.append(scratch.make(workdir, "ext4", name=f"fs{i:03d}", size_mb=size_mb,
+                                         options=QUIET))
             except scratch.ScratchError as e:
                 print(f"  stopped at {len(made)} filesystems: {e}", file=sys.stderr)
                 break
