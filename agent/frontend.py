@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent import control
+from agent import control, mp_logging
 from agent import frontend_wire as fw
 from agent import notify_wire as nw
 from agent.frontend_wire import Outcome
@@ -80,6 +80,7 @@ def start(plan: Plan, engine_end: socket.socket,
 
 
 def main(plan: Plan, close_in_child: list[Callable[[], None]]) -> None:
+    mp_logging.use_queue()
     for close in close_in_child:
         with contextlib.suppress(OSError):
             close()

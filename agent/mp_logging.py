@@ -16,6 +16,13 @@ multiprocessing queue: its link to the frontend is a closed protocol of its
 own (agent/frontend_wire.py).  Left open: a frontend can still send a huge
 record (Queue.get reads a message whole before we see it), which is a denial
 of service against the engine, not a way into it.
+
+Only the frontend's records take the queue.  The library's install_mp_handler()
+would route the engine's own records through it too (pickled by a feeder
+thread, unpickled by the receiver thread, in the same process): two thread
+hand-offs per record on the path that answers the kernel, which made a CHECK
+about a millisecond slower.  So the engine keeps its handler, and the frontend
+swaps in the queue's handler as it starts (use_queue).
 """
 
 from __future__ import annotations
@@ -100,10 +107,21 @@ def _refused(what: str) -> logging.LogRecord:
         "args": (what[:200],)})
 
 
+_frontend_handlers: list[logging.Handler] = []
+
+
 def install() -> None:
-    """Root, before the drop: the fork start method, the handler, the restricted loads."""
-    # multiprocessing-logging checks the start method; set it first (3.14 defaults to
+    """Root, before the drop: the fork start method, the queue and its receiver thread
+    (which hands the frontend's records to the engine's handlers), the restricted loads."""
+    # multiprocessing-logging needs the fork start method; set it first (3.14 defaults to
     # forkserver, which would also start helper processes while we are root).
     multiprocessing.set_start_method("fork", force=True)
-    multiprocessing_logging.install_mp_handler()
+    _frontend_handlers[:] = [
+        multiprocessing_logging.MultiProcessingHandler(f"mp-handler-{i}", sub_handler=h)
+        for i, h in enumerate(logging.getLogger().handlers)]
     multiprocessing.queues._ForkingPickler = LogRecordPickler  # type: ignore[attr-defined]
+
+
+def use_queue() -> None:
+    """In the frontend, first thing after the fork: its records go to the engine."""
+    logging.getLogger().handlers[:] = _frontend_handlers
