@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import pickle
 import subprocess
+import sys
 from multiprocessing.reduction import ForkingPickler
 
 from agent.mp_logging import MAX_PICKLE, safe_record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Exploit:
@@ -63,3 +67,43 @@ def test_oversized_and_odd_fields():
     rec = logging.makeLogRecord({"msg": "%s", "args": None, "levelno": 99, "lineno": "7"})
     out = safe_record(pickle.dumps(rec))
     assert (out.levelno, out.lineno) == (logging.WARNING, None)  # coerced, not trusted
+
+
+ROUTES = r"""
+import logging, multiprocessing, sys, threading, time
+from agent import mp_logging
+
+seen = []
+class Capture(logging.Handler):
+    def emit(self, record):
+        seen.append((record.getMessage(), threading.current_thread().name))
+
+root = logging.getLogger()
+root.handlers[:] = [Capture()]
+root.setLevel(logging.INFO)
+mp_logging.install()
+
+def frontend():
+    mp_logging.use_queue()
+    logging.getLogger("frontend").info("from the frontend")
+
+logging.getLogger("engine").info("from the engine")
+p = multiprocessing.Process(target=frontend)
+p.start()
+p.join()
+deadline = time.monotonic() + 10
+while len(seen) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(repr(seen))
+"""
+
+
+def test_only_the_frontend_s_records_take_the_queue():
+    """The engine's own record is handled at once, in its own thread; the frontend's arrives
+    through the queue's receiver thread."""
+    out = subprocess.run([sys.executable, "-c", ROUTES], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, check=True)
+    seen = ast.literal_eval(out.stdout.strip())
+    assert seen[0] == ("from the engine", "MainThread")
+    assert seen[1][0] == "from the frontend"
+    assert seen[1][1].startswith("mp-handler-")
