@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     child = Child(channel, freezer, cfg, args.device, statedir, signals=stop,
                   cooldown_until=inherited_cooldown(statedir, cfg, recovered))
     try:
-        confine_child()
+        confine_child(args.device)
     except OSError as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR

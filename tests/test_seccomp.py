@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 import subprocess
 import textwrap
 
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from agent.sandbox_linux import FIONBIO, FRONTEND, METRICS_OPEN, ROLES, parent_policy
 from privileged import seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
-from privileged.sandbox import ROOT_CHILD
+from privileged.sandbox import ROOT_CHILD, ROOT_CHILD_SIMULATED, child_policy
 from privileged.seccomp import ALLOW, KILL_PROCESS, Allow, AllowIf, Policy, refuse_with
 from privileged.syscall_table import AUDIT_ARCH, SECCOMP_NR, SYSCALLS
 from tests import bpf
@@ -30,7 +31,7 @@ X86_HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
 GENERIC_HEADER = "/usr/include/asm-generic/unistd.h"
 SIGSYS = 31
 ALL_ROLES = tuple(ROLES)
-POLICIES = [ROOT_CHILD, FRONTEND, parent_policy(ALL_ROLES),
+POLICIES = [ROOT_CHILD, ROOT_CHILD_SIMULATED, FRONTEND, parent_policy(ALL_ROLES),
             *(parent_policy((role,)) for role in ALL_ROLES)]
 
 
@@ -130,9 +131,26 @@ def test_key_decisions_of_the_child_filter():
     assert bpf.run(prog, 59, arch) == eperm  # execve
     assert bpf.run(prog, 57, arch) == eperm  # fork
     assert bpf.run(prog, 165, arch) == eperm  # mount
-    assert bpf.run(prog, nr["socket"], arch, (2,)) == refuse_with(errno.EAFNOSUPPORT)
+    assert bpf.run(prog, nr["socket"], arch, (1,)) == eperm  # AF_UNIX: no socket at all
+    assert bpf.run(prog, nr["connect"], arch) == eperm
     assert bpf.run(prog, nr["read"] | 0x40000000, arch) == eperm  # x32
     assert bpf.run(prog, nr["read"], 0x40000003) == eperm  # i386: never kills the child
+    simulated = seccomp.compile_policy(ROOT_CHILD_SIMULATED, "x86_64")
+    assert bpf.run(simulated, nr["socket"], arch, (1,)) == ALLOW
+    assert bpf.run(simulated, nr["socket"], arch, (2,)) == refuse_with(errno.EAFNOSUPPORT)
+    assert bpf.run(simulated, nr["connect"], arch) == ALLOW
+
+
+def test_only_a_simulator_socket_lets_the_child_make_sockets(tmp_path):
+    sim = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sim.bind(str(tmp_path / "vss.sock"))
+    try:
+        assert child_policy(str(tmp_path / "vss.sock")) is ROOT_CHILD_SIMULATED
+    finally:
+        sim.close()
+    assert child_policy("/dev/null") is ROOT_CHILD  # a character device, like hv_vss
+    assert child_policy(str(tmp_path / "missing")) is ROOT_CHILD
+    assert child_policy(None) is ROOT_CHILD
 
 
 def test_roles_merge_to_what_any_of_them_allows():
@@ -191,13 +209,14 @@ def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs):
         print(fails(os.execv, "/bin/true", ["true"]))
         print(fails(os.fork))
         print(fails(socket.socket, socket.AF_INET, socket.SOCK_STREAM))
+        print(fails(socket.socket, socket.AF_UNIX, socket.SOCK_STREAM))
         print(fails(os.setuid, 0))
         print(fails(os.chroot, "/"))
         with open("/proc/self/status") as f:
             print([l.split()[1] for l in f if l.startswith("Seccomp:")][0])
         """)
     assert proc.stdout.split() == ["allowed", "allowed", "ENOTTY", "EPERM", "EPERM",
-                                   "EAFNOSUPPORT", "EPERM", "EPERM", "2"], proc.stderr
+                                   "EPERM", "EPERM", "EPERM", "EPERM", "2"], proc.stderr
     assert_writable(fs.mountpoint)
 
 
