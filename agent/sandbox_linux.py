@@ -6,7 +6,7 @@ loop of agent/service.py and everything it calls; FRONTEND_LINK when it runs
 a frontend; METRICS when it writes the metrics file.  A new duty is a new
 role here, measured with `make syscalls`.  SECCOMP_FILTER_FLAG_TSYNC puts the
 filter on every thread the parent already has (multiprocessing-logging's
-receiver and feeder).  The frontend process, forked before the parent loads
+receiver).  The frontend process, forked before the parent loads
 its filter, loads its own: FRONTEND, at the end of this file.
 
 Anything not listed kills the process: the parent holds no freeze, and its
@@ -76,8 +76,9 @@ THREADS: tuple[Rule, ...] = (
 
 # The engine's side of issue 6's frontend: its link (records over a socketpair:
 # SERVICE's recvmsg/sendto), its process, and multiprocessing-logging's receiver
-# and feeder threads, which both exist before the filter is loaded (hence TSYNC;
-# no thread is started after it).
+# thread, which exists before the filter is loaded (hence TSYNC; no thread is
+# started after it: the engine never puts a record on the queue, so the queue's
+# feeder thread never starts here).
 FRONTEND_LINK: tuple[Rule, ...] = (
     Allow("multiprocessing-logging's threads: the queue's locks and semaphores, their "
           "signal masks, a thread ending at exit", ("futex", "rt_sigprocmask", "exit")),

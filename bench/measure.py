@@ -53,14 +53,6 @@ print(" ".join(map(str, rtts)))
 """
 
 
-@dataclass
-class Row:
-    what: str
-    value: float
-    baseline: float
-    unit: str = "s"
-
-
 # --- 1. control path ---------------------------------------------------------------------
 
 def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats, Stats]:
@@ -134,7 +126,7 @@ def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bo
             agent.sim.request("thaw", timeout=60)
             a_lat.append(freeze.latency)
             a_stall.append(meter.stall(t0, time.monotonic()))
-            time.sleep(0.2)
+            time.sleep(IDLE)
             if dirty_mb:
                 dirty(mounts, dirty_mb)
             t0 = time.monotonic()
@@ -142,7 +134,7 @@ def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bo
             bare_thaw(fds)
             b_lat.append(lat)
             b_stall.append(meter.stall(t0, time.monotonic()))
-            time.sleep(0.2)
+            time.sleep(IDLE)
     finally:
         agent.stop()
         meter.close()
