@@ -32,7 +32,7 @@ from agent.config import AgentConfig
 from agent.engine import Engine, NotifyPolicy
 from agent.errors import StartupError
 from agent.frontend_link import FrontendLink
-from agent.integrity import check_install
+from agent.integrity import absent_reason, check_install
 from agent.kernel.transport import (
     Endpoint,
     KernelChannel,
@@ -49,6 +49,7 @@ from agent.status import snapshot
 from privileged.child import pick_freezer
 from privileged.device import open_device
 from privileged.selection import select_targets
+from privileged.trust import untrusted_reason
 
 log = logging.getLogger("hv-vss-agent")
 
@@ -77,6 +78,14 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
             raise StartupError(f"cannot open {path}: {e.strerror or e}") from None
         time.sleep(delay)
         delay = min(delay * 2, backoff_max)
+
+
+def check_device_path(path: str) -> None:
+    """StrictModes for the device: root's, and nobody else could put another in its place
+    (if it is not there yet, nobody else could create it)."""
+    reason = untrusted_reason(path) if os.path.lexists(path) else absent_reason(path)
+    if reason:
+        raise StartupError(f"refusing the device {path}: {reason}")
 
 
 def daemonize() -> None:
@@ -121,6 +130,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     if not foreground:
         daemonize()
 
+    check_device_path(cfg.device_path)
     endpoint = wait_for_device(cfg.device_path, cfg.protocol)
     child = start_child(cfg, debug, in_memory)
     plan, engine_end = prepare_frontend(cfg)
