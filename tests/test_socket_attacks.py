@@ -357,7 +357,7 @@ def unchanged(path: str, before: os.stat_result) -> str:
     return f"{path} is now {stat.filemode(st.st_mode)} {st.st_uid}:{st.st_gid}"
 
 
-RACES = 1000
+RACES = 2000
 
 
 @pytest.mark.parametrize("access", [Access(), Access(group=4),
