@@ -40,7 +40,7 @@ from agent.kernel.transport import (
     KernelProtocolError,
     attach,
 )
-from agent.listeners import listen_unix
+from agent.listeners import Access, listen_unix, trusted_directory
 from agent.metrics import MetricsWriter, open_metrics_dir, render
 from agent.peercred import Allowlist, group_id
 from agent.sandbox import SandboxError, confine_parent, parent_roles
@@ -123,6 +123,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
         raise StartupError("must be started as root (it starts the root child, then drops "
                            "privileges itself); try --simulate for the demo")
     check_install(cfg.path)
+    check_socket_directories(cfg)
     account = None if in_memory else privdrop.lookup_account(cfg.user)
     if account is not None:
         privdrop.check_chroot(cfg.chroot)
@@ -206,6 +207,14 @@ def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.
     return code
 
 
+def check_socket_directories(cfg: AgentConfig) -> None:
+    """Refuse untrusted socket directories before anything starts (listen_unix checks again)."""
+    for path, what in ((cfg.notify.socket, "[notify] socket"),
+                       (cfg.control.socket, "[control] socket")):
+        if path:
+            trusted_directory(path, what)
+
+
 def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.socket | None]:
     """Root, before the drop: everything the frontend will need, made while we still can."""
     if not cfg.notify.socket and not cfg.control.socket:
@@ -214,10 +223,11 @@ def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.soc
     allow = Allowlist.from_names(cfg.notify.allow_users, cfg.notify.allow_groups, "[notify]")
     admin_gid = group_id(cfg.control.admin_group, "[control] admin_group") \
         if cfg.control.admin_group else None
-    notify = listen_unix(cfg.notify.socket, 0o666, what="[notify] socket") \
+    # The kernel lets in only who may connect (agent/listeners.py); the frontend checks again.
+    notify = listen_unix(cfg.notify.socket, Access.for_allowlist(allow), "[notify] socket") \
         if cfg.notify.socket else None
-    control = listen_unix(cfg.control.socket, 0o660 if admin_gid is not None else 0o600,
-                          admin_gid or 0, what="[control] socket") if cfg.control.socket else None
+    control = listen_unix(cfg.control.socket, Access(group=admin_gid), "[control] socket") \
+        if cfg.control.socket else None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     for s in (ours, theirs):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)

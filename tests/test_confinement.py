@@ -124,6 +124,9 @@ def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
             assert wait_for(lambda: sub.events() == ["CHECK", "FREEZE", "THAW"])
         finally:
             sub.stop()
+        # Its connection is closed once the frontend has seen it hang up: not before.
+        assert wait_for(lambda: "subscriber sub (uid 0" in agent.log()
+                        and ") disconnected" in agent.log())
         # the parent: sockets, pipes, and the one directory outside its chroot it was
         # given, the metrics directory; the frontend: sockets and its log queue's pipe
         assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
