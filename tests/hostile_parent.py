@@ -92,6 +92,7 @@ class Model:
     low: Bound = field(default_factory=lambda: Bound(0.0, 0.0))
     high: Bound = field(default_factory=lambda: Bound(0.0, 0.0))
     quitting: bool = False
+    refused: int = 0  # FREEZEs the budget refused, over every child
 
     def __post_init__(self) -> None:
         self.low = Bound(self.capacity, 0.0)
@@ -154,6 +155,7 @@ class Model:
                 want = (res.status, res.errno, res.count)
                 if want not in ((wire.Status.REFUSED, errno.EAGAIN, 0), (wire.Status.OK, 0, 1)):
                     want = (wire.Status.OK, 0, 1)
+            self.refused += res.status is wire.Status.REFUSED
             if res.status is wire.Status.OK:  # a whole window taken, at a moment in between
                 self.state, self.frozen_at = "frozen", (sent, read_at)
                 self.low = Bound(self.lowest(read_at) - self.max_frozen, read_at)
@@ -224,7 +226,7 @@ class HostileParent:
     mountpoint: str
     bystander: str  # a scratch filesystem the child's config does not name
     max_frozen: float = 1.0
-    budget: float = 3.0
+    budget: float = 2.0  # two windows: two freezes left to the watchdog spend it all
     per_hour: float = 1800.0  # half a second back every second
     frames: int = 0
     children: int = 0

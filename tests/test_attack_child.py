@@ -82,7 +82,8 @@ STEP = st.integers(0, 199).flatmap(lambda dial: (
     st.tuples(st.just("bad"), ADVERSARIAL, st.integers(0, 3)) if dial < 190 else
     st.tuples(st.just("flood"), st.integers(2, 12), st.just(0)) if dial < 196 else
     st.tuples(st.just("watchdog"), st.just(0), st.just(0)) if dial < 197 else
-    st.tuples(st.just("budget"), st.just(0), st.just(0)) if dial < 198 else
+    st.tuples(st.just("drain"), st.integers(3, 4), st.just(0)) if dial < 198 else
+    st.tuples(st.just("budget"), st.just(0), st.just(0)) if dial < 199 else
     st.tuples(st.just("verify"), st.just(0), st.just(0))))
 
 
@@ -125,6 +126,14 @@ def run_step(p: HostileParent, step: tuple) -> None:  # (kind, a, b), as STEP dr
         if state == "thawed":
             p.send([Frame(request(FREEZE, seq))])
         p.await_watchdog()
+    elif kind == "drain":  # freeze until the watchdog, again and again: the budget says no
+        for _ in range(a):
+            if p.model.state != "thawed":
+                break
+            p.send([Frame(request(FREEZE, p.model.next_seq))])
+            p.await_watchdog()
+            if p.model.state == "auto-thawed":
+                p.send([Frame(request(THAW, p.model.next_seq))])
     elif kind == "budget":
         p.await_budget()
     else:  # verify: freeze (if the state permits), and see it for real
@@ -179,6 +188,8 @@ def test_watchdog_thaws_what_the_parent_never_thaws(parent, also):
 
 def test_enough_frames_were_thrown(parent):
     """Runs last in this module (pytest keeps file order)."""
-    print(f"\n{parent.frames} frames to {parent.children} children")
+    print(f"\n{parent.frames} frames to {parent.children} children, "
+          f"{parent.model.refused} FREEZEs refused by the budget")
     assert parent.frames >= MIN_FRAMES, f"only {parent.frames} frames"
     assert parent.children >= EXAMPLES
+    assert parent.model.refused > 0, "the budget was never put to the test"
