@@ -227,7 +227,7 @@ class HostileParent:
     bystander: str  # a scratch filesystem the child's config does not name
     max_frozen: float = 1.0
     budget: float = 2.0  # two windows: two freezes left to the watchdog spend it all
-    per_hour: float = 1800.0  # half a second back every second
+    per_hour: float = 900.0  # a quarter of a second back every second
     frames: int = 0
     children: int = 0
     link: ChildLink | None = None
