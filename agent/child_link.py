@@ -4,9 +4,13 @@ The child is a fresh interpreter: -I (isolated: no PYTHON* variables, no user
 site directory, no current directory on sys.path), -B (no bytecode written:
 it may run while filesystems are frozen) and -S (site.py does not run, so no
 .pth file in site-packages can run code as root).  Its sys.path is the
-standard library plus the one directory holding privileged/, which the
-integrity check has verified.  The environment is empty and its only
-inherited descriptor is its end of the socketpair.  The parent numbers its
+standard library and nothing else: the directory above privileged/ (a
+source tree, or site-packages) holds other things, and a module planted
+there under a name some standard module imports must never be found.  The
+package privileged itself is loaded from its own directory, which the
+integrity check has verified, and its submodules only from there (its
+__path__).  The environment is empty and its only inherited descriptor is
+its end of the socketpair.  The parent numbers its
 requests and expects each answer to echo the number.
 """
 
@@ -154,11 +158,16 @@ class ChildLink:
         self.sock.close()
 
 
-def child_bootstrap() -> str:
-    """`python -c` text equivalent to `-m privileged` with sys.path pinned."""
-    top = os.path.dirname(os.path.dirname(os.path.abspath(privileged.__file__)))
-    return (f"import sys; sys.path.insert(0, {top!r}); "
-            "from privileged.child import main; sys.exit(main())")
+def child_bootstrap(then: str = "from privileged.child import main; sys.exit(main())") -> str:
+    """`python -c` text: load privileged/ from its checked directory, leave sys.path alone.
+
+    Only what the interpreter has loaded already is used (_frozen_importlib and its
+    PathFinder): nothing is imported before privileged itself."""
+    top = os.path.dirname(os.path.dirname(os.path.realpath(privileged.__file__)))
+    return ("import sys, _frozen_importlib as b, _frozen_importlib_external as e; "
+            f"s = e.PathFinder.find_spec('privileged', [{top!r}]); "
+            "m = sys.modules['privileged'] = b.module_from_spec(s); s.loader.exec_module(m); "
+            + then)
 
 
 def emit_child_log(msg: wire.Log) -> None:

@@ -20,8 +20,9 @@ from agent.privdrop import DropError
 from privileged.config import ConfigError
 
 EXIT_USAGE = 2
-DEFAULT_NOTIFY_SOCKET = "/run/hv-vss-agent/notify.sock"
-DEFAULT_CONTROL_SOCKET = "/run/hv-vss-agent/control.sock"
+# Not in the state directory (/run/hv-vss-agent, root's alone): clients must pass through.
+DEFAULT_NOTIFY_SOCKET = "/run/hv-vss-agent-sockets/notify.sock"
+DEFAULT_CONTROL_SOCKET = "/run/hv-vss-agent-sockets/control.sock"
 
 
 class Parser(argparse.ArgumentParser):

@@ -147,6 +147,7 @@ def load(path: str | None) -> AgentConfig:
         if not os.path.exists(candidate):
             return AgentConfig()
         path = candidate
+    path = os.path.abspath(path)  # the child, started in /, must read this very file
     doc = read_toml(path)
     try:
         return parse(doc, path)

@@ -32,7 +32,7 @@ from agent.config import AgentConfig
 from agent.engine import Engine, NotifyPolicy
 from agent.errors import StartupError
 from agent.frontend_link import FrontendLink
-from agent.integrity import check_install
+from agent.integrity import absent_reason, check_install
 from agent.kernel.transport import (
     Endpoint,
     KernelChannel,
@@ -40,7 +40,7 @@ from agent.kernel.transport import (
     KernelProtocolError,
     attach,
 )
-from agent.listeners import listen_unix
+from agent.listeners import Access, listen_unix, trusted_directory
 from agent.metrics import MetricsWriter, open_metrics_dir, render
 from agent.peercred import Allowlist, group_id
 from agent.sandbox import SandboxError, confine_parent, parent_roles
@@ -49,6 +49,7 @@ from agent.status import snapshot
 from privileged.child import pick_freezer
 from privileged.device import open_device
 from privileged.selection import select_targets
+from privileged.trust import untrusted_reason
 
 log = logging.getLogger("hv-vss-agent")
 
@@ -77,6 +78,14 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
             raise StartupError(f"cannot open {path}: {e.strerror or e}") from None
         time.sleep(delay)
         delay = min(delay * 2, backoff_max)
+
+
+def check_device_path(path: str) -> None:
+    """StrictModes for the device: root's, and nobody else could put another in its place
+    (if it is not there yet, nobody else could create it)."""
+    reason = untrusted_reason(path) if os.path.lexists(path) else absent_reason(path)
+    if reason:
+        raise StartupError(f"refusing the device {path}: {reason}")
 
 
 def daemonize() -> None:
@@ -114,6 +123,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
         raise StartupError("must be started as root (it starts the root child, then drops "
                            "privileges itself); try --simulate for the demo")
     check_install(cfg.path)
+    check_socket_directories(cfg)
     account = None if in_memory else privdrop.lookup_account(cfg.user)
     if account is not None:
         privdrop.check_chroot(cfg.chroot)
@@ -121,6 +131,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     if not foreground:
         daemonize()
 
+    check_device_path(cfg.device_path)
     endpoint = wait_for_device(cfg.device_path, cfg.protocol)
     child = start_child(cfg, debug, in_memory)
     plan, engine_end = prepare_frontend(cfg)
@@ -196,6 +207,14 @@ def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.
     return code
 
 
+def check_socket_directories(cfg: AgentConfig) -> None:
+    """Refuse untrusted socket directories before anything starts (listen_unix checks again)."""
+    for path, what in ((cfg.notify.socket, "[notify] socket"),
+                       (cfg.control.socket, "[control] socket")):
+        if path:
+            trusted_directory(path, what)
+
+
 def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.socket | None]:
     """Root, before the drop: everything the frontend will need, made while we still can."""
     if not cfg.notify.socket and not cfg.control.socket:
@@ -204,10 +223,11 @@ def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.soc
     allow = Allowlist.from_names(cfg.notify.allow_users, cfg.notify.allow_groups, "[notify]")
     admin_gid = group_id(cfg.control.admin_group, "[control] admin_group") \
         if cfg.control.admin_group else None
-    notify = listen_unix(cfg.notify.socket, 0o666, what="[notify] socket") \
+    # The kernel lets in only who may connect (agent/listeners.py); the frontend checks again.
+    notify = listen_unix(cfg.notify.socket, Access.for_allowlist(allow), "[notify] socket") \
         if cfg.notify.socket else None
-    control = listen_unix(cfg.control.socket, 0o660 if admin_gid is not None else 0o600,
-                          admin_gid or 0, what="[control] socket") if cfg.control.socket else None
+    control = listen_unix(cfg.control.socket, Access(group=admin_gid), "[control] socket") \
+        if cfg.control.socket else None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     for s in (ours, theirs):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)

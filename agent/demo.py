@@ -137,7 +137,7 @@ def _config(work: str, mounts: list[str], state: str, chroot: str | None, protoc
         "[agent]", f'user = "{DEMO_USER}"', f'chroot = "{chroot or "/var/empty"}"',
         "[device]", f'protocol = "{protocol}"',
         "[freeze]", f"only = [{only}]",
-        "[watchdog]", "max_frozen_seconds = 30", "cooldown_seconds = 0.5",
+        "[watchdog]", "max_frozen_seconds = 30",
         "[state]", f'dir = "{state}"',
     ]
     path = os.path.join(work, "hv-vss-agent.toml")
@@ -237,7 +237,6 @@ def _cycles(tl: Timeline, sim: Simulator, agent: subprocess.Popen[bytes],
         tl.note("")
         tl.note(f"--- backup cycle {cycle} ---")
         _cycle(tl, sim, writers, args.hold)
-        time.sleep(0.6)  # the child's cooldown ([watchdog] cooldown_seconds = 0.5)
 
 
 def _stop(agent: subprocess.Popen[bytes] | None) -> None:

@@ -158,7 +158,7 @@ class Engine:
         self.histograms = {"frozen": Histogram(FROZEN_BUCKETS),
                            "freeze": Histogram(FREEZE_BUCKETS)}
         self.history: deque[Transaction] = deque(maxlen=history)
-        self.events: deque[dict[str, object]] = deque(maxlen=50)  # watchdog, cooldown, ...
+        self.events: deque[dict[str, object]] = deque(maxlen=50)  # watchdog, budget, ...
         self.counters: Counter[str] = Counter()
         self._next_id = 1
 
@@ -231,8 +231,8 @@ class Engine:
                 return self._finish(tx, now, not tx.abandoned, why)
             self.counters["freeze_failures"] += 1
             if res.status is wire.Status.REFUSED and res.errno == errno.EAGAIN:
-                self._event("cooldown", now, "FREEZE refused: the child is cooling down "
-                            "after the last thaw ([watchdog] cooldown_seconds)")
+                self._event("budget", now, "FREEZE refused: the frozen-time budget is spent "
+                            "([watchdog] budget_seconds, budget_seconds_per_hour)")
             return [ReleaseLogs(), *self._resume_subscribers(tx, now),
                     *self._finish(tx, now, False, why)]
         if res.op is wire.Op.THAW:

@@ -50,6 +50,12 @@ log = logging.getLogger("hv-vss-agent.frontend")
 HELLO_TIMEOUT = 10.0  # a connected peer must introduce itself within this
 CONTROL_TIMEOUT = 5.0
 MAX_CONTROL = 8
+# No one uid holds more than this many subscriber connections (said HELLO or not),
+# so one allowlisted user cannot take the MAX_SUBSCRIBERS slots from the others.
+MAX_PER_UID = 8
+# Connections taken off a listening socket per turn of the loop: the queue is drained
+# (refused peers are closed at once), but a flood cannot keep the loop from the rest.
+ACCEPT_BATCH = 256
 REFUSALS_LOGGED_PER_MINUTE = 10
 POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -161,9 +167,9 @@ class Frontend:
             if self.plan.link.fileno() in ready and not self._from_engine():
                 return
             if self.plan.notify is not None and self.plan.notify.fileno() in ready:
-                self._accept(self.plan.notify, subscriber=True)
+                self._accept_all(self.plan.notify, subscriber=True)
             if self.plan.control is not None and self.plan.control.fileno() in ready:
-                self._accept(self.plan.control, subscriber=False)
+                self._accept_all(self.plan.control, subscriber=False)
             for fd in ready:
                 conn = self.conns.get(fd)
                 if conn is not None and conn.out:  # writable, or the client hung up
@@ -219,14 +225,18 @@ class Frontend:
 
     # --- connections --------------------------------------------------------------------------
 
-    def _accept(self, listener: socket.socket, subscriber: bool) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.warning("accept failed: %s", e.strerror)
-            return
+    def _accept_all(self, listener: socket.socket, subscriber: bool) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed: %s", e.strerror)
+                return
+            self._accept(sock, subscriber)
+
+    def _accept(self, sock: socket.socket, subscriber: bool) -> None:
         sock.setblocking(False)
         try:
             cred = peer_credentials(sock)
@@ -259,6 +269,8 @@ class Frontend:
     def _refuse_subscriber(self, cred: PeerCred) -> str:
         if not self.plan.allow.allows(cred):
             return "not in [notify] allow_users or allow_groups"
+        if sum(1 for s in self.registry.subs.values() if s.cred.uid == cred.uid) >= MAX_PER_UID:
+            return f"too many connections from uid {cred.uid} ({MAX_PER_UID})"
         if len(self.registry.subs) >= fw.MAX_SUBSCRIBERS:
             return f"too many subscribers ({fw.MAX_SUBSCRIBERS})"
         return ""

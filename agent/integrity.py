@@ -13,15 +13,17 @@ make root run its code (the mistake behind CVE-2020-26880).
 
 from __future__ import annotations
 
+import ast
 import os
 import site
+import subprocess
 import sys
 import sysconfig
 
 import agent
 import privileged
 from agent.errors import StartupError
-from privileged.trust import untrusted_reason, untrusted_tree_reason
+from privileged.trust import directories_reason, untrusted_reason, untrusted_tree_reason
 
 # Never imported by either process; the child runs with -S, so the interpreter's
 # own site-packages (which pyenv keeps inside the stdlib directory) is not on its
@@ -54,6 +56,23 @@ def paths_to_check() -> tuple[list[str], list[str]]:
     return trees, singles
 
 
+def child_sys_path() -> list[str]:
+    """sys.path as the root child's interpreter (-I -S, nothing of ours) sets it up."""
+    out = subprocess.run([sys.executable, "-I", "-B", "-S", "-c", "import sys; print(sys.path)"],
+                         capture_output=True, text=True, env={}, cwd="/", timeout=30,
+                         check=True).stdout
+    return [str(p) for p in ast.literal_eval(out)]
+
+
+def absent_reason(path: str) -> str | None:
+    """A path that does not exist yet is safe only if nobody but root could create it:
+    the nearest directory above it that exists, and all above that, must be safe."""
+    missing = os.path.realpath(path)
+    while not os.path.lexists(os.path.dirname(missing)):
+        missing = os.path.dirname(missing)
+    return directories_reason(missing)
+
+
 def check_install(config_path: str | None) -> None:
     trees, singles = paths_to_check()
     if config_path:
@@ -62,7 +81,14 @@ def check_install(config_path: str | None) -> None:
         reason = untrusted_reason(path)
         if reason:
             raise StartupError(f"refusing to run as root: {reason}")
-    for top in trees:
-        reason = untrusted_tree_reason(top, STDLIB_SKIP)
+    # Everything the child can import: its sys.path (the standard library), and privileged/.
+    entries = child_sys_path()
+    for top in dict.fromkeys([*trees, *entries]):
+        if not os.path.lexists(top):
+            reason = absent_reason(top)
+        elif os.path.isdir(top):
+            reason = untrusted_tree_reason(top, STDLIB_SKIP)
+        else:
+            reason = untrusted_reason(top)
         if reason:
             raise StartupError(f"refusing to run as root: {reason}")

@@ -5,7 +5,7 @@
     def on_freeze(notice):          # notice.ms: how long we have to answer
         db.execute("CHECKPOINT")
 
-    with Subscription("/run/hv-vss-agent/notify.sock", "mydb") as sub:
+    with Subscription("/run/hv-vss-agent-sockets/notify.sock", "mydb") as sub:
         sub.serve(on_freeze=on_freeze)
 
 A handler that returns answers OK; one that raises Veto (CHECK only) vetoes
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -49,6 +50,20 @@ class Veto(Exception):
     """Raised by a CHECK handler: do not take this backup (the message is the reason)."""
 
 
+def connect_unix(sock: socket.socket, path: str, timeout: float) -> None:
+    """connect(), waiting in the kernel while the agent's listen queue is full.
+
+    A connect() with a Python timeout is non-blocking, and a full queue makes it
+    fail at once (EAGAIN); a blocking connect() sleeps until the agent accepts
+    and room is made, bounded by SO_SNDTIMEO."""
+    whole = max(timeout, 0.001)
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", int(whole), int(whole % 1 * 1_000_000)))
+    sock.connect(path)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+
+
 class Subscription:
     def __init__(self, path: str, name: str, timeout: float | None = None,
                  connect_timeout: float = 5.0) -> None:
@@ -59,10 +74,15 @@ class Subscription:
         self._buffer = nw.LineBuffer()
         self._lines: list[bytes] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(connect_timeout)
         try:
-            self.sock.connect(path)
+            connect_unix(self.sock, path, connect_timeout)
+            self.sock.settimeout(connect_timeout)
             self._handshake()
+        except PermissionError:
+            self.sock.close()
+            raise SubscribeError(f"cannot subscribe at {path}: permission denied (not in the "
+                                 "agent's [notify] allow_users or allow_groups?)",
+                                 refused=True) from None
         except (OSError, NotifyProtocolError, AgentGone) as e:
             self.sock.close()
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

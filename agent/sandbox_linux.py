@@ -27,7 +27,16 @@ import errno
 import os
 import socket
 
-from privileged.seccomp import KILL_PROCESS, Allow, AllowIf, Policy, Refuse, Rule, refuse_with
+from privileged.seccomp import (
+    KILL_PROCESS,
+    Allow,
+    AllowIf,
+    AllowIfClear,
+    Policy,
+    Refuse,
+    Rule,
+    refuse_with,
+)
 
 FIONBIO = 0x5421  # asm-generic/ioctls.h, the same on x86_64 and arm64
 
@@ -133,11 +142,13 @@ def parent_policy(roles: tuple[str, ...]) -> Policy:
     AllowIf on the same argument allow the values of both."""
     chosen: dict[str, Rule] = {}
     for rule in (r for role in roles for r in ROLES[role]):
+        if isinstance(rule, AllowIfClear):
+            raise TypeError("the parent's roles do not merge AllowIfClear rules")
         for name in [rule.name] if isinstance(rule, AllowIf) else rule.names:
             chosen[name] = _stronger(chosen.get(name), rule, name)
     rules: list[Rule] = []
     for rule in (r for role in roles for r in ROLES[role]):
-        if isinstance(rule, AllowIf):
+        if isinstance(rule, AllowIf | AllowIfClear):
             if chosen.get(rule.name) is not None and _kind(chosen[rule.name]) == 1:
                 rules.append(chosen.pop(rule.name))
             continue

@@ -64,7 +64,7 @@ def make(workdir: str, fstype: str, name: str | None = None, size_mb: int | None
         raise ScratchError(f"no recipe for {fstype}")
     name = name or fstype
     size = max(size_mb or 0, MIN_MB[fstype])
-    image = os.path.join(backing_dir or workdir, f"{name}.img")
+    image = os.path.join(backing_dir or workdir, f"{name.replace('/', '-')}.img")
     mountpoint = os.path.join(workdir, name)
     with open(image, "wb") as f:
         f.truncate(size << 20)

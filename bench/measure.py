@@ -114,7 +114,7 @@ def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bo
     baseline take turns, so both see the same state of the machine."""
     meter = StallMeter(mounts)
     a_lat, a_stall, b_lat, b_stall = [], [], [], []
-    agent = Agent(workdir, mounts, cooldown=0, presync=presync, frontend=False)
+    agent = Agent(workdir, mounts, presync=presync, frontend=False)
     try:
         agent.start()
         for _ in range(reps):
@@ -188,7 +188,7 @@ def startup(workdir: str, mount: str, reps: int,
 def scale_point(workdir: str, mounts: list[str], reps: int) -> ScalePoint:
     """Latency medians for these mounts, agent and baseline taking turns, each FREEZE a
     while after the last THAW (see IDLE)."""
-    agent = Agent(workdir, mounts, cooldown=0, frontend=False).start()
+    agent = Agent(workdir, mounts, frontend=False).start()
     fz, th, bf, bt, ef = [], [], [], [], []
     try:
         for _ in range(reps):

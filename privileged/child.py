@@ -1,16 +1,23 @@
-"""The root child: holds the freezes, obeys five words, thaws on anything odd.
+"""The root child: holds the freezes, obeys six words, thaws on anything odd.
 
-Started by root as a fresh interpreter (python -I -B -m privileged), with its
-end of a SOCK_SEQPACKET socketpair as the only descriptor it inherits.
-main() reads top to bottom: harden -> config -> recover -> backend -> HELLO
--> loop, and every way out of the loop (EOF, QUIT, a signal, a protocol
-violation, an exception) goes through the same thaw.
+Started by root as a fresh interpreter (python -I -B -S, its sys.path the
+standard library alone; agent/child_link.py), with its end of a
+SOCK_SEQPACKET socketpair as the only descriptor it inherits.  main() reads
+top to bottom: harden (capabilities first) -> config -> state files ->
+recover -> backend -> Landlock and seccomp -> HELLO -> loop, and every way
+out of the loop (EOF, QUIT, a signal, a protocol violation, an exception)
+goes through the same thaw.
 
 The state machine is the table PERMITTED: a request not permitted in the
 current state is a protocol violation, and a violation means thaw and exit.
 AUTO_THAWED is where the watchdog or a signal leaves us: the parent has not
 seen the thaw yet, so its THAW (already on the way, or sent to resync) is
 answered, not punished.
+
+The watchdog's deadline is stamped before the first flush of a FREEZE; the
+thaw guard (guard.py) keeps it while freezing, the loop below keeps it
+afterwards.  The frozen-time budget (budget.py) decides whether a FREEZE may
+start at all.
 """
 
 from __future__ import annotations
@@ -29,14 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from privileged import wire
+from privileged.budget import Bucket
 from privileged.channel import Channel, FrameLogHandler, ProtocolViolation
 from privileged.config import ChildConfig, ConfigError, load_child_config
-from privileged.device import open_device
-from privileged.freezer import FreezeFailed, Freezer, Held
+from privileged.device import Identity, identify, open_device
+from privileged.freezer import FreezeFailed, Freezer, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.sandbox import confine_child
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
+from privileged.trust import directories_reason
 from privileged.wire import Op, Status
 
 log = logging.getLogger("hv-vss-agent.child")
@@ -48,6 +57,10 @@ EXIT_ERROR = 3
 # The loop wakes at least this often to see a signal's flag: a signal wake-up
 # pipe would be two more descriptors, and the socket is to be the only one.
 TICK_MS = 250
+# REOPEN: a burst of this many, then one every REOPEN_EVERY seconds (the parent backs
+# off up to 5 s between attempts; anything faster is not a parent reconnecting).
+REOPEN_BURST = 4
+REOPEN_EVERY = 2.0
 
 
 class State(enum.Enum):
@@ -74,11 +87,16 @@ class Child:
     cfg: ChildConfig
     device: str | None
     statedir: StateDir
+    budget: Bucket
     clock: Callable[[], float] = time.monotonic
     state: State = State.THAWED
     held: list[Held] = field(default_factory=list)
-    frozen_since: float = 0.0
-    cooldown_until: float = 0.0
+    frozen_since: float = 0.0  # stamped before the first flush of the last FREEZE
+    deadline: float = 0.0  # the watchdog's, for the filesystems held now
+    device_identity: Identity | None = None  # what REOPEN may open: the device at start-up
+    reopens: Bucket = field(default_factory=lambda: Bucket(REOPEN_BURST, 1 / REOPEN_EVERY,
+                                                          REOPEN_BURST, time.monotonic()))
+    recovered: int = 0  # filesystems thawed at start-up from a predecessor's crash record
     next_seq: int = 1
     signals: list[int] = field(default_factory=list)  # appended to by the signal handler
 
@@ -90,14 +108,14 @@ class Child:
         while True:
             timeout_ms = TICK_MS
             if self.state is State.FROZEN:
-                left = self.frozen_since + self.cfg.watchdog.max_frozen_seconds - self.clock()
+                left = self.deadline - self.clock()
                 timeout_ms = min(TICK_MS, max(0, int(left * 1000) + 1))
             ready = dict(poller.poll(timeout_ms))
             if self.signals:
                 self.auto_thaw(wire.Reason.SIGNAL)
                 log.info("stopping on signal %d", self.signals[0])
                 return
-            if self.state is State.FROZEN and self.watchdog_expired():
+            if self.state is State.FROZEN and self.clock() >= self.deadline:
                 self.auto_thaw(wire.Reason.WATCHDOG)
             if self.channel.fileno() in ready:
                 frame = self.channel.receive()
@@ -109,9 +127,6 @@ class Child:
                     self.handle(frame)
                 except Quit:
                     return
-
-    def watchdog_expired(self) -> bool:
-        return self.clock() - self.frozen_since >= self.cfg.watchdog.max_frozen_seconds
 
     def handle(self, frame: bytes) -> None:
         try:
@@ -149,7 +164,7 @@ class Child:
         if veto:
             return veto
         for m in sel.targets if self.statedir.enabled else ():
-            if under(self.statedir.path, m.mountpoint):
+            if under(self.statedir.real, m.mountpoint):
                 return m.mountpoint, (f"holds the state directory {self.statedir.path}; "
                                       "set [state] dir to a path on tmpfs such as /run")
         return None
@@ -167,12 +182,7 @@ class Child:
         self.answer(req, Status.OK, count=len(sel.targets))
 
     def handle_freeze(self, req: wire.Request) -> None:
-        now = self.clock()
-        if now < self.cooldown_until:
-            log.warning("FREEZE refused: cooling down for %.1f more seconds",
-                        self.cooldown_until - now)
-            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
-            return
+        window = self.cfg.watchdog.max_frozen_seconds
         threads = thread_count()
         if threads != 1:
             log.error("FREEZE refused: this process has %d threads, not 1", threads)
@@ -184,24 +194,35 @@ class Child:
             log.warning("FREEZE refused, %s: %s", *veto)
             self.answer(req, Status.REFUSED, err=errno.EPERM, mount=veto[0])
             return
+        start = self.clock()
+        if not self.budget.take(window, start):
+            wait = self.budget.seconds_until(window, start)
+            log.warning("FREEZE refused: the frozen-time budget holds %.1f s, a freeze needs "
+                        "%.1f s ([watchdog] max_frozen_seconds); %s", self.budget.left, window,
+                        f"enough again in {wait:.0f} s" if wait < float("inf") else
+                        "it does not refill ([watchdog] budget_seconds_per_hour = 0)")
+            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
+            return
+        self.budget.save(self.statedir)  # spent before anything is frozen: a crash keeps it
         self.statedir.write([(m.fs_key, m.mountpoint) for m in sel.targets])
-        start = time.monotonic()
+        self.frozen_since, self.deadline = start, start + window
         try:
-            held = self.freezer.freeze(sel.targets, self.cfg.freeze.presync)
+            held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
+                              deadline=self.deadline, clock=self.clock)
         except FreezeFailed as e:
             self.statedir.clear()
+            self.refund()
             # Logged only now, after the rollback: never while anything is frozen.
             log.error("FREEZE failed on %s (%s); everything thawed again", e.mountpoint, e.why)
             self.answer(req, Status.FAILED, err=e.errno, mount=e.mountpoint,
-                        elapsed_us=int((time.monotonic() - start) * 1e6))
+                        elapsed_us=int((self.clock() - start) * 1e6))
             return
-        elapsed_us = int((time.monotonic() - start) * 1e6)
-        ours = [h for h in held if h.fd is not None]
-        if len(ours) != len(held):
-            self.statedir.write([(h.fs_key, h.mountpoint) for h in ours])
+        elapsed_us = int((self.clock() - start) * 1e6)
+        for h in held:
+            if h.fd is None:
+                self.statedir.drop(h.fs_key)
         self.held = held
         self.state = State.FROZEN
-        self.frozen_since = self.clock()
         # The mount field names what is frozen, for the parent's status (clipped by the wire).
         self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us,
                     mount=", ".join(h.mountpoint for h in held))
@@ -211,14 +232,18 @@ class Child:
                             h.mountpoint)
         log.info("FROZEN: %s", ", ".join(h.mountpoint for h in held) or "nothing")
 
+    def refund(self) -> None:
+        """Give back the part of the last FREEZE's window that was not spent frozen."""
+        now = self.clock()
+        unused = self.deadline - max(now, self.frozen_since)
+        self.budget.give_back(unused, now)
+        self.budget.save(self.statedir)
+
     def thaw_held(self) -> tuple[int, list[str]]:
         held, self.held = self.held, []
-        ours = sum(1 for h in held if h.fd is not None)
-        problems = self.freezer.thaw(held)
+        problems = thaw(self.freezer, held)
         self.statedir.clear()
-        if ours:
-            self.cooldown_until = self.clock() + self.cfg.watchdog.cooldown_seconds
-            self.statedir.write_cooldown(self.cooldown_until)
+        self.refund()
         return len(held), problems
 
     def handle_thaw(self, req: wire.Request) -> None:
@@ -226,9 +251,9 @@ class Child:
             self.state = State.THAWED
             self.answer(req, Status.OK, count=0)
             return
-        start = time.monotonic()
+        start = self.clock()
         count, problems = self.thaw_held()
-        elapsed_us = int((time.monotonic() - start) * 1e6)
+        elapsed_us = int((self.clock() - start) * 1e6)
         self.state = State.THAWED
         hard = [p for p in problems if "already thawed" not in p]
         if hard:
@@ -248,12 +273,18 @@ class Child:
         raise Quit
 
     def handle_reopen(self, req: wire.Request) -> None:
-        if self.device is None:
+        if self.device is None or self.device_identity is None:
             self.answer(req, Status.FAILED, err=errno.ENODEV)
             return
+        if not self.reopens.take(1, self.clock()):
+            log.warning("REOPEN refused: more than %d in a row, then one every %g s",
+                        REOPEN_BURST, REOPEN_EVERY)
+            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
+            return
         try:
-            fd = open_device(self.device)
+            fd = open_device(self.device, self.device_identity)
         except OSError as e:
+            log.warning("REOPEN of %s failed: %s", self.device, e.strerror or e)
             self.answer(req, Status.FAILED, err=e.errno or errno.EIO)
             return
         try:
@@ -300,13 +331,6 @@ HANDLERS: dict[Op, Callable[[Child, wire.Request], None]] = {
 }
 
 
-def inherited_cooldown(statedir: StateDir, cfg: ChildConfig, recovered: int) -> float:
-    """A predecessor's cooldown still runs (never more than one cooldown from now), and
-    thawing what a crashed predecessor left frozen starts one."""
-    longest = time.monotonic() + cfg.watchdog.cooldown_seconds
-    return longest if recovered else min(statedir.read_cooldown(), longest)
-
-
 def pick_freezer(memory: bool = False) -> Freezer:
     """The one place the child asks which system it is on."""
     if memory:
@@ -335,6 +359,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def start(args: argparse.Namespace, channel: Channel, stop: list[int]) -> Child:
+    """Config, state files, crash recovery, budget: everything before the sandbox."""
+    if args.config is not None and not os.path.isabs(args.config):
+        raise ConfigError(f"config file {args.config}: not an absolute path")
+    cfg = load_child_config(args.config)
+    for path in cfg.freeze.only:
+        # Names, not identities: whoever may rename a directory above a mountpoint may
+        # exchange what is mounted there with another of their mounts (never follow a
+        # symlink there: opens are checked against the mount table, freezer.py).
+        reason = directories_reason(path, links=True)
+        if reason:
+            log.warning("[freeze] only %s: %s", path, reason)
+    freezer = pick_freezer(args.memory)
+    statedir = StateDir(cfg.state.dir, enabled=freezer.platform.freeze_outlives_holder)
+    statedir.open()
+    device_identity = identify(args.device) if args.device else None
+
+    # Before anything else: thaw what a killed predecessor left frozen.  Its freeze
+    # window was taken from the budget before it froze, so the budget is right as it is.
+    recovered = 0
+    records = statedir.read()
+    if records:
+        for note in freezer.recover(records):
+            log.warning("recovery: %s", note)
+            recovered += note.startswith("thawed")
+        statedir.clear()
+    watchdog = cfg.watchdog
+    budget = Bucket.load(statedir, watchdog.budget_seconds, watchdog.budget_seconds_per_hour,
+                         time.monotonic())
+    return Child(channel, freezer, cfg, args.device, statedir, budget, signals=stop,
+                 device_identity=device_identity, recovered=recovered)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     harden_child(args.ppid)
@@ -357,33 +414,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(s, on_signal)
 
     try:
-        cfg = load_child_config(args.config)
-        freezer = pick_freezer(args.memory)
-        statedir = StateDir(cfg.state.dir, enabled=freezer.platform.freeze_outlives_holder)
-        statedir.ensure()
+        child = start(args, channel, stop)
     except (ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR
-
-    # Before anything else: thaw what a killed predecessor left frozen.
-    recovered = 0
-    records = statedir.read()
-    if records:
-        for note in freezer.recover(records):
-            log.warning("recovery: %s", note)
-            recovered += note.startswith("thawed")
-        statedir.clear()
-
-    child = Child(channel, freezer, cfg, args.device, statedir, signals=stop,
-                  cooldown_until=inherited_cooldown(statedir, cfg, recovered))
     try:
-        confine_child(args.device)
+        log.debug("confined: %s", confine_child(args.device))
     except OSError as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR
     try:
         targets = len(child.selection().targets)
-        channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, recovered)))
+        channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, child.recovered)))
         child.serve()
         return EXIT_OK
     except ProtocolViolation as e:

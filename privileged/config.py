@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from privileged.trust import untrusted_reason
+from privileged.trust import Untrusted, open_trusted
 
 CHILD_SECTIONS = ("freeze", "check", "watchdog", "state")
+# An explicit buffer size: open() then skips its isatty() probe, an ioctl (TCGETS).
+_BUFFERING = 1 << 16
 
 
 class ConfigError(Exception):
@@ -41,7 +44,10 @@ class CheckConfig:
 @dataclass(frozen=True, slots=True)
 class WatchdogConfig:
     max_frozen_seconds: float = 60.0
-    cooldown_seconds: float = 5.0
+    # The frozen-time budget (privileged/budget.py): a bucket of frozen seconds that
+    # each freeze draws on and that refills at budget_seconds_per_hour.
+    budget_seconds: float = 120.0
+    budget_seconds_per_hour: float = 240.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,9 @@ class Section:
         self.name = name
         self._raw: Mapping[str, Any] = raw
         self._seen: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._raw
 
     def _get(self, key: str) -> Any:
         self._seen.add(key)
@@ -170,9 +179,15 @@ def parse_child_sections(doc: Mapping[str, Any]) -> ChildConfig:
     )
     c.done()
     w = Section("watchdog", doc.get("watchdog"))
+    if "cooldown_seconds" in w:
+        raise ConfigError("[watchdog] cooldown_seconds: no longer a setting; the frozen-time "
+                          "budget (budget_seconds, budget_seconds_per_hour) replaces it")
+    max_frozen = w.number("max_frozen_seconds", 60.0, 0.1, 3600.0)
     watchdog = WatchdogConfig(
-        max_frozen_seconds=w.number("max_frozen_seconds", 60.0, 0.1, 3600.0),
-        cooldown_seconds=w.number("cooldown_seconds", 5.0, 0.0, 3600.0),
+        max_frozen_seconds=max_frozen,
+        budget_seconds=w.number("budget_seconds", max(120.0, max_frozen), max_frozen,
+                                86400.0),
+        budget_seconds_per_hour=w.number("budget_seconds_per_hour", 240.0, 0.0, 3600.0),
     )
     w.done()
     s = Section("state", doc.get("state"))
@@ -182,14 +197,24 @@ def parse_child_sections(doc: Mapping[str, Any]) -> ChildConfig:
 
 
 def read_toml(path: str) -> dict[str, Any]:
-    """Read a config file that root will act on; refuse one others could change."""
+    """Read a config file that root will act on; refuse one others could change.
+
+    Opened once, checked on that descriptor (and every directory above it), and
+    parsed from it: nothing can be swapped in between."""
+    if not os.path.isabs(path):
+        raise ConfigError(f"config file {path}: not an absolute path")
     if not os.path.lexists(path):
         raise ConfigError(f"config file {path} does not exist")
-    reason = untrusted_reason(path)
-    if reason:
-        raise ConfigError(f"refusing config file {path}: {reason}")
     try:
-        with open(path, "rb") as f:
+        fd = open_trusted(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
+    except Untrusted as e:
+        raise ConfigError(f"refusing config file {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        with open(fd, "rb", buffering=_BUFFERING) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"config file {path} is not a regular file")
             return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None

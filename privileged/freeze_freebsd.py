@@ -11,7 +11,10 @@ Facts this relies on (sys/ufs/ffs/ffs_suspend.c, ffs_susp_ioctl and friends):
   our death, since the kernel closes what a dead process held.  That is the
   thaw, the rollback of a partial freeze, and the crash recovery: nothing
   outlives the child, so there is no crash record to keep (statefile.py);
-  the descriptors are close-on-exec and the child never forks;
+  the descriptors are close-on-exec.  During a FREEZE the thaw guard
+  (guard.py), a fork, shares them: it resumes with UFSRESUME through the
+  shared open file if the deadline passes, and it has exited before the
+  child thaws or rolls back by closing, so the child's close is the last;
 - UFSSUSPEND refuses (EDEADLK) a process with more than one thread or holding
   a file open for writing on that filesystem (descrip_check_write_mp; in the
   current tree, not in every release).  The child is single-threaded by
@@ -59,49 +62,51 @@ class FreeBSDFreezer:
     def mounts(self) -> list[Mount]:
         return parse_mounts(self.kernel.getfsstat())
 
-    def freeze(self, targets: Sequence[Mount], presync: bool) -> list[Held]:
-        if presync:
-            # No syncfs(2) here: sync(2) starts every write now, while writers still run,
-            # so the suspension's own sync has less left to do with writers stopped.
-            self.kernel.sync()
-        held: list[Held] = []
+    def open(self, targets: Sequence[Mount]) -> list[int]:
+        """One /dev/ufssuspend descriptor per target.  Nothing to check against the
+        mount table: UFSSUSPEND names its filesystem by fsid, not by a path."""
+        fds: list[int] = []
         try:
             for m in targets:
-                held.append(self._suspend(m))
+                fsid_of(m)  # a malformed key is refused before anything is opened
+                try:
+                    fds.append(self.kernel.open_suspend())
+                except OSError as e:
+                    raise FreezeFailed(m.mountpoint, e.errno or 0,
+                                       f"open {PATH_UFSSUSPEND}: {e.strerror}") from None
         except BaseException:
-            self.thaw(held)  # closing resumes: the rollback is the thaw
+            for fd in fds:
+                self.close(fd)
             raise
-        return held
+        return fds
 
-    def _suspend(self, m: Mount) -> Held:
+    def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
+        # No syncfs(2) here: sync(2) starts every write now, while writers still run,
+        # so the suspension's own sync has less left to do with writers stopped.
+        self.kernel.sync()
+
+    def freeze_one(self, target: Mount, fd: int) -> bool:
         try:
-            fd = self.kernel.open_suspend()
+            self.kernel.suspend(fd, fsid_of(target))
         except OSError as e:
-            raise FreezeFailed(m.mountpoint, e.errno or 0,
-                               f"open {PATH_UFSSUSPEND}: {e.strerror}") from None
-        try:
-            self.kernel.suspend(fd, fsid_of(m))
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                self.kernel.close(fd)
-            if isinstance(e, OSError):
-                why = WHY.get(e.errno or 0, e.strerror or str(e))
-                raise FreezeFailed(m.mountpoint, e.errno or 0, f"UFSSUSPEND: {why}") from None
-            raise
-        return Held(m.mountpoint, m.fs_key, fd)
+            why = WHY.get(e.errno or 0, e.strerror or str(e))
+            raise FreezeFailed(target.mountpoint, e.errno or 0, f"UFSSUSPEND: {why}") from None
+        return True
 
-    def thaw(self, held: Sequence[Held]) -> list[str]:
-        problems = []
-        for h in reversed(held):
-            if h.fd is None:
-                continue
-            try:
-                self.kernel.close(h.fd)
-            except OSError as e:
-                problems.append(f"{h.mountpoint}: close: {e.strerror}")
-            finally:
-                h.fd = None
-        return problems
+    def thaw_one(self, held: Held) -> str | None:
+        assert held.fd is not None
+        try:
+            self.kernel.close(held.fd)  # the last close resumes (ffs_susp_dtor)
+        except OSError as e:
+            return f"{held.mountpoint}: close: {e.strerror}"
+        return None
+
+    def release(self, fd: int) -> None:
+        self.kernel.resume(fd)
+
+    def close(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            self.kernel.close(fd)
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         """Nothing to do: a dead child's descriptors were closed, so its suspensions ended."""

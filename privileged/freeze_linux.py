@@ -1,4 +1,4 @@
-"""Linux: FIFREEZE / FITHAW on the mountpoints the child selected.
+"""Linux: FIFREEZE / FITHAW on the filesystems the child selected, and nothing else.
 
 Facts this relies on (ioctl_fsfreeze, freeze_super in fs/super.c):
 - a freeze belongs to the superblock, not to the process: it outlives us, so
@@ -8,10 +8,23 @@ Facts this relies on (ioctl_fsfreeze, freeze_super in fs/super.c):
 - a second FIFREEZE of a frozen superblock is EBUSY: with duplicates removed
   by selection, EBUSY means someone else froze it, and we must not thaw it;
 - FITHAW of a superblock that is not frozen is EINVAL.
+
+Root acts only on what it checked.  Selection names a mountpoint; anyone who
+owns a directory above it could swap that directory (for a symlink, or by
+renaming, which moves whatever is mounted below it) between the reading of
+the mount table and the open.  So a target is opened one component at a
+time, never following a symlink (openat with O_NOFOLLOW; openat2's
+RESOLVE_NO_SYMLINKS would do the same in one call, but its flags live in a
+struct that the seccomp filter cannot read, while openat's are an argument
+it checks), and then the mount table is read again: the mount each
+descriptor is on (its mnt_id, which the open descriptor keeps from being
+reused) must belong to the superblock selection chose.  Otherwise nothing is
+frozen.  Crash recovery opens and checks the same way before it thaws.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -25,7 +38,54 @@ from privileged.selection import Mount
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_STEP = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LAST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_nofollow(path: str) -> int:
+    """A read-only descriptor for the directory `path`, reached without following any
+    symlink on the way (each component opened with O_NOFOLLOW; mounts are crossed)."""
+    names = path.split("/")[1:] if path != "/" else []
+    if not path.startswith("/") or any(n in ("", ".", "..") for n in names):
+        raise OSError(errno.EINVAL, f"{path!r} is not a normalized absolute path")
+    if not names:
+        return os.open("/", _LAST)
+    fd = os.open("/", _STEP)
+    try:
+        for name in names[:-1]:
+            step = os.open(name, _STEP, dir_fd=fd)
+            os.close(fd)
+            fd = step
+        return os.open(names[-1], _LAST, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount an open descriptor is on (/proc/self/fdinfo, Linux 3.15+)."""
+    info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(info, 4096).decode("ascii", "replace")
+    finally:
+        os.close(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "mnt_id":
+            return int(value)
+    raise OSError(errno.ENOTSUP, "this kernel does not say which mount a descriptor is on")
+
+
+def check_identity(targets: Sequence[Mount], fds: Sequence[int],
+                   mounts: Callable[[], list[Mount]]) -> None:
+    """FreezeFailed unless each descriptor is on the superblock its target names."""
+    table = {m.mount_id: m for m in mounts()}  # read after the opens: ids are pinned
+    for m, fd in zip(targets, fds, strict=True):
+        found = table.get(mount_id(fd))
+        if found is None or found.fs_key != m.fs_key:
+            where = f"{found.mountpoint} ({found.fs_key})" if found else "an unlisted mount"
+            raise FreezeFailed(m.mountpoint, errno.EXDEV,
+                               f"the path now leads to {where}, not to the selected "
+                               f"filesystem {m.fs_key}: refused, nothing frozen")
 
 
 def _libc_syncfs() -> Callable[[int], None]:
@@ -45,92 +105,88 @@ def _libc_syncfs() -> Callable[[int], None]:
 class LinuxFreezer:
     platform = LINUX
 
-    def __init__(self) -> None:
+    def __init__(self, mounts: Callable[[], list[Mount]] = read_mounts) -> None:
         # Resolved now: no library loading once the sandbox is on.
         self._syncfs = _libc_syncfs()
+        self.mounts = mounts
 
-    def mounts(self) -> list[Mount]:
-        return read_mounts()
-
-    def freeze(self, targets: Sequence[Mount], presync: bool) -> list[Held]:
+    def open(self, targets: Sequence[Mount]) -> list[int]:
         fds: list[int] = []
         try:
             for m in targets:
-                fds.append(self._open(m))
-            if presync:
-                for m, fd in zip(targets, fds, strict=True):
-                    try:
-                        self._syncfs(fd)
-                    except OSError as e:
-                        raise FreezeFailed(m.mountpoint, e.errno or 0,
-                                           f"syncfs: {e.strerror}") from None
+                try:
+                    fds.append(open_nofollow(m.mountpoint))
+                except OSError as e:
+                    raise FreezeFailed(m.mountpoint, e.errno or 0,
+                                       f"open: {e.strerror}") from None
+            check_identity(targets, fds, self.mounts)
         except BaseException:
             for fd in fds:
-                os.close(fd)
+                self.close(fd)
             raise
-        held: list[Held] = []
-        for i, (m, fd) in enumerate(zip(targets, fds, strict=True)):
-            try:
-                fcntl.ioctl(fd, FIFREEZE, 0)
-                held.append(Held(m.mountpoint, m.fs_key, fd))
-            except OSError as e:
-                if e.errno == errno.EBUSY:
-                    os.close(fd)
-                    held.append(Held(m.mountpoint, m.fs_key, None))
-                    continue
-                for rest in fds[i:]:
-                    os.close(rest)
-                self.thaw(held)
-                raise FreezeFailed(m.mountpoint, e.errno or 0, f"FIFREEZE: {e.strerror}") from None
-            except BaseException:
-                for rest in fds[i:]:
-                    os.close(rest)
-                self.thaw(held)
-                raise
-        return held
+        return fds
 
-    def _open(self, m: Mount) -> int:
+    def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
+        for m, fd in zip(targets, fds, strict=True):
+            try:
+                self._syncfs(fd)
+            except OSError as e:
+                raise FreezeFailed(m.mountpoint, e.errno or 0, f"syncfs: {e.strerror}") from None
+
+    def freeze_one(self, target: Mount, fd: int) -> bool:
         try:
-            return os.open(m.mountpoint, _OPEN_FLAGS)
+            fcntl.ioctl(fd, FIFREEZE, 0)
         except OSError as e:
-            raise FreezeFailed(m.mountpoint, e.errno or 0, f"open: {e.strerror}") from None
+            if e.errno == errno.EBUSY:
+                return False
+            raise FreezeFailed(target.mountpoint, e.errno or 0,
+                               f"FIFREEZE: {e.strerror}") from None
+        return True
 
-    def thaw(self, held: Sequence[Held]) -> list[str]:
-        problems = []
-        for h in reversed(held):
-            if h.fd is None:
-                continue
-            try:
-                fcntl.ioctl(h.fd, FITHAW, 0)
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    problems.append(f"{h.mountpoint} was already thawed by someone else")
-                else:
-                    problems.append(f"{h.mountpoint}: FITHAW: {e.strerror}")
-            finally:
-                os.close(h.fd)
-                h.fd = None
-        return problems
+    def thaw_one(self, held: Held) -> str | None:
+        assert held.fd is not None
+        try:
+            fcntl.ioctl(held.fd, FITHAW, 0)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return f"{held.mountpoint} was already thawed by someone else"
+            return f"{held.mountpoint}: FITHAW: {e.strerror}"
+        finally:
+            os.close(held.fd)
+        return None
+
+    def release(self, fd: int) -> None:
+        fcntl.ioctl(fd, FITHAW, 0)
+
+    def close(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         """Thaw what a previous child recorded and did not live to thaw."""
-        current = {(m.mountpoint, m.fs_key) for m in self.mounts()}
-        notes = []
-        for fs_key, mountpoint in reversed(records):
-            if (mountpoint, fs_key) not in current:
-                notes.append(f"{mountpoint} ({fs_key}) is no longer mounted")
-                continue
+        notes = [self._recover_one(fs_key, mountpoint) for fs_key, mountpoint in reversed(records)]
+        return [n for n in notes if n]
+
+    def _recover_one(self, fs_key: str, mountpoint: str, attempts: int = 3) -> str | None:
+        """The filesystem is found by its key where the mount table says it is now, and
+        opened and checked as a FREEZE would: a path that changes under us is read again,
+        and never leads to a thaw of anything else."""
+        why = ""
+        for _ in range(attempts):
+            same = [m for m in self.mounts() if m.fs_key == fs_key]
+            if not same:
+                return f"{mountpoint} ({fs_key}) is no longer mounted"
+            m = next((c for c in same if c.mountpoint == mountpoint), same[0])
             try:
-                fd = os.open(mountpoint, _OPEN_FLAGS)
-            except OSError as e:
-                notes.append(f"{mountpoint}: open: {e.strerror}")
+                fd = self.open([m])[0]
+            except FreezeFailed as e:
+                why = e.why
                 continue
             try:
                 fcntl.ioctl(fd, FITHAW, 0)
-                notes.append(f"thawed {mountpoint}, left frozen by a previous instance")
+                return f"thawed {m.mountpoint}, left frozen by a previous instance"
             except OSError as e:
-                if e.errno != errno.EINVAL:
-                    notes.append(f"{mountpoint}: FITHAW: {e.strerror}")
+                return None if e.errno == errno.EINVAL else f"{m.mountpoint}: FITHAW: {e.strerror}"
             finally:
                 os.close(fd)
-        return notes
+        return f"{mountpoint} ({fs_key}): {why}; left as it is"

@@ -29,15 +29,25 @@ class MemoryFreezer:
     def mounts(self) -> list[Mount]:
         return list(MOUNTS)
 
-    def freeze(self, targets: Sequence[Mount], presync: bool) -> list[Held]:
-        self.frozen |= {m.fs_key for m in targets}
-        return [Held(m.mountpoint, m.fs_key, -1) for m in targets]
+    def open(self, targets: Sequence[Mount]) -> list[int]:
+        return [-1 for _ in targets]
 
-    def thaw(self, held: Sequence[Held]) -> list[str]:
-        for h in held:
-            self.frozen.discard(h.fs_key)
-            h.fd = None
-        return []
+    def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
+        pass
+
+    def freeze_one(self, target: Mount, fd: int) -> bool:
+        self.frozen.add(target.fs_key)
+        return True
+
+    def thaw_one(self, held: Held) -> str | None:
+        self.frozen.discard(held.fs_key)
+        return None
+
+    def release(self, fd: int) -> None:
+        pass  # the guard is another process: nothing of ours to change from there
+
+    def close(self, fd: int) -> None:
+        pass
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         return []

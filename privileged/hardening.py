@@ -1,6 +1,7 @@
 """Process-level hygiene for the root child, applied before it reads anything.
 
-No core dumps and not dumpable (a dump or a ptrace attach would expose root's
+Two capabilities instead of root's all (privileged/capabilities.py), no core
+dumps and not dumpable (a dump or a ptrace attach would expose root's
 memory), an empty environment, cwd "/", umask 077, and a parent-death signal
 as a backstop for EOF on the socket.  SIGTERM, never SIGKILL: the child must
 get the chance to thaw.
@@ -14,6 +15,8 @@ import resource
 import signal
 import sys
 
+from privileged.capabilities import keep_only
+
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -26,6 +29,8 @@ def _prctl(option: int, arg: int) -> None:
 
 
 def harden_child(parent_pid: int) -> None:
+    if sys.platform.startswith("linux") and os.geteuid() == 0:
+        keep_only()  # before anything else: CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH alone
     os.umask(0o077)
     os.chdir("/")
     os.environ.clear()

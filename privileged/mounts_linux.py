@@ -66,7 +66,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fields = line.split(" ")
         try:
             sep = fields.index("-", 6)
-            majmin, mountpoint = fields[2], fields[4]
+            mount_id, majmin, mountpoint = int(fields[0]), fields[2], fields[4]
             fstype, source, super_opts = fields[sep + 1], fields[sep + 2], fields[sep + 3]
             major = int(majmin.split(":")[0])
         except (ValueError, IndexError):
@@ -82,6 +82,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
             pseudo=not block,
             fs_key=majmin,
             backing_file=_loop_backing_file(source) if block else None,
+            mount_id=mount_id,
         ))
     return mounts
 

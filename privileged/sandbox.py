@@ -1,13 +1,24 @@
-"""The root child's system-call sandbox (see SECURITY.md, "The root child").
+"""The root child's confinement (see SECURITY.md, "The root child").
 
-Installed by main() after start-up work (config read, crash recovery, libc
-resolved) and before the first request is read.  Linux only: on FreeBSD the
+Linux, in this order, after start-up work (config read, state files opened,
+crash recovery, libc resolved) and before the first request is read:
+capabilities (privileged/capabilities.py, done first of all by main()),
+Landlock (privileged/landlock.py), then this seccomp filter.  On FreeBSD the
 child must open /dev/ufssuspend once per filesystem at FREEZE time, which
 Capsicum's capability mode forbids (see SECURITY.md, "Known limits").
 
 Every refusal is an errno, never a kill: a root child killed while it holds
 freezes would leave them frozen (a Linux freeze outlives its process), while
 a refused call is an OSError that every path of the child answers by thawing.
+
+Opening: openat only, its flags checked: never for writing or creating.  The
+state files were opened at start-up and are written through those
+descriptors, so nothing creates, renames or removes a file.  With Landlock in
+force, read-write opens are let through to it (it allows one file: the device
+node, for REOPEN); without Landlock they are refused here, and so is REOPEN
+of a real device node.  openat2, whose flags seccomp cannot see, is refused.
+Processes: fork (glibc's flags exactly) for the thaw guard, and wait4.
+
 The syscalls below were measured with strace on the real agent driven by the
 simulator (tools/measure_syscalls.py): CHECK, FREEZE, THAW, the watchdog,
 REOPEN, a signal, QUIT.  Names another architecture or glibc version uses for
@@ -18,26 +29,36 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import stat
 import sys
 
 from privileged import seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
-from privileged.seccomp import Allow, AllowIf, Policy, refuse_with
+from privileged.landlock import Landlock
+from privileged.seccomp import Allow, AllowIf, AllowIfClear, Policy, Rule, refuse_with
 
-_CHILD_RULES = (
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE; O_TMPFILE adds O_DIRECTORY
+NEVER_OPEN = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_TMPFILE_BIT
+CLONE_CHILD_SETTID, CLONE_CHILD_CLEARTID = 0x01000000, 0x00200000
+FORK_FLAGS = CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | signal.SIGCHLD  # glibc's fork()
+
+_COMMON: tuple[Rule, ...] = (
     Allow("the request loop: wait (with a tick, for signals), read a record, answer it",
           ("poll", "ppoll", "recvmsg", "sendto", "sendmsg")),
-    Allow("read /proc/self/mountinfo, /sys/dev/block, the state records; list "
-          "/proc/self/task; open each mountpoint to freeze it; REOPEN the device node",
-          ("openat", "read", "lseek", "close", "fstat", "newfstatat", "getdents64")),
+    Allow("read /proc/self/mountinfo and fdinfo, /sys/dev/block; list /proc/self/task; "
+          "walk to each mountpoint; close what it opened",
+          ("read", "lseek", "close", "fstat", "newfstatat", "getdents64")),
     AllowIf("FIFREEZE and FITHAW, nothing else; any other request fails ENOTTY (an "
             "isatty() probe takes that as 'not a terminal')",
             "ioctl", 1, (FIFREEZE, FITHAW), refuse_with(errno.ENOTTY)),
     Allow("flush each filesystem before freezing it", ("syncfs",)),
-    Allow("write, replace and remove the crash and cooldown records in [state] dir",
-          ("write", "rename", "renameat", "renameat2", "unlink", "unlinkat")),
+    Allow("the state files (opened at start-up) and the thaw guard's pipe",
+          ("write", "pwrite64", "ftruncate")),
+    AllowIf("the thaw guard: a fork (glibc's fork flags exactly), never a thread",
+            "clone", 0, (FORK_FLAGS,), refuse_with(errno.EPERM)),
+    Allow("the thaw guard: its pipe, and reaping it", ("pipe2", "wait4")),
     Allow("memory", ("brk", "mmap", "munmap", "mremap", "madvise")),
     Allow("log records carry the pid and the time (clock_gettime when the vDSO cannot)",
           ("getpid", "clock_gettime", "gettimeofday")),
@@ -47,38 +68,40 @@ _CHILD_RULES = (
     Allow("exit", ("exit_group",)),
 )
 
-# With a real device node the child never makes a socket: no socket(), no connect(), so a
-# subverted child cannot reach, as root, a local service's socket (systemd's, D-Bus).
-ROOT_CHILD = Policy(
-    role="root child",
-    rules=_CHILD_RULES,
-    default=refuse_with(errno.EPERM),
-    wrong_arch=refuse_with(errno.EPERM),
-)
-
-# Only when the device is the simulator's Unix socket (--device naming a socket), which
-# REOPEN connects to again.
-ROOT_CHILD_SIMULATED = Policy(
-    role="root child, simulator's socket",
-    rules=(*_CHILD_RULES,
-           AllowIf("REOPEN of the simulator's socket: Unix sockets only",
+_READ_ONLY = AllowIfClear("open read-only: never to write, create or truncate",
+                          "openat", 2, NEVER_OPEN | os.O_RDWR, refuse_with(errno.EPERM))
+_READ_WRITE = AllowIfClear("open read-only, or read-write where Landlock allows it (the device "
+                           "node, for REOPEN): never to create, truncate or append",
+                           "openat", 2, NEVER_OPEN, refuse_with(errno.EPERM))
+_SOCKET = (AllowIf("REOPEN of the simulator's socket: Unix sockets only",
                    "socket", 0, (socket.AF_UNIX,), refuse_with(errno.EAFNOSUPPORT)),
-           Allow("REOPEN: connect to the simulator's socket", ("connect",))),
-    default=refuse_with(errno.EPERM),
-    wrong_arch=refuse_with(errno.EPERM),
-)
+           Allow("REOPEN: connect to the simulator's socket", ("connect",)))
 
 
-def child_policy(device: str | None) -> Policy:
-    """ROOT_CHILD, or ROOT_CHILD_SIMULATED when the device REOPEN names is a Unix socket."""
+def child_policy(*, simulated: bool, landlock: bool) -> Policy:
+    """The child's filter: sockets only when its device is the simulator's Unix socket,
+    read-write opens only when Landlock confines them."""
+    rules = (*_COMMON, _READ_WRITE if landlock else _READ_ONLY, *(_SOCKET if simulated else ()))
+    role = "root child" + (", Landlock" if landlock else "") + (
+        ", simulator's socket" if simulated else "")
+    return Policy(role=role, rules=rules, default=refuse_with(errno.EPERM),
+                  wrong_arch=refuse_with(errno.EPERM))
+
+
+def is_simulator(device: str | None) -> bool:
+    """Is the device REOPEN opens a Unix socket (the simulator), not a device node?"""
     try:
-        simulated = device is not None and stat.S_ISSOCK(os.stat(device).st_mode)
+        return device is not None and stat.S_ISSOCK(os.lstat(device).st_mode)
     except OSError:
-        simulated = False  # gone: REOPEN will fail and say so, with or without a socket
-    return ROOT_CHILD_SIMULATED if simulated else ROOT_CHILD
+        return False  # gone: REOPEN will fail and say so, with or without a socket
 
 
-def confine_child(device: str | None) -> None:
-    """Load the child's filter (Linux); raises seccomp.SandboxError if that is impossible."""
-    if sys.platform.startswith("linux"):
-        seccomp.confine(child_policy(device), all_threads=True)
+def confine_child(device: str | None) -> str:
+    """Landlock, then the seccomp filter (Linux); what is in force, for the log.  Raises
+    OSError (seccomp.SandboxError) if the filter cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return "no sandbox on this system"
+    abi = Landlock().restrict(device)
+    seccomp.confine(child_policy(simulated=is_simulator(device), landlock=abi > 0),
+                    all_threads=True)
+    return f"Landlock ABI {abi} and seccomp" if abi else "seccomp (this kernel has no Landlock)"

@@ -45,6 +45,7 @@ _RET_ERRNO = 0x00050000
 _LD_W_ABS = 0x20
 _JEQ_K = 0x15
 _JGE_K = 0x35
+_JSET_K = 0x45
 _RET_K = 0x06
 
 _OFF_NR = 0
@@ -87,6 +88,18 @@ class AllowIf:
 
 
 @dataclass(frozen=True)
+class AllowIfClear:
+    """One syscall, allowed only when argument `arg` (low 32 bits) has none of `mask`'s
+    bits set (open flags: no write access, no create)."""
+
+    why: str
+    name: str
+    arg: int
+    mask: int
+    otherwise: int
+
+
+@dataclass(frozen=True)
 class Refuse:
     """Syscalls answered with an errno, for callers that handle it (glibc fallbacks)."""
 
@@ -95,7 +108,7 @@ class Refuse:
     errno: int
 
 
-Rule = Allow | AllowIf | Refuse
+Rule = Allow | AllowIf | AllowIfClear | Refuse
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class Policy:
     def names(self) -> list[str]:
         out: list[str] = []
         for r in self.rules:
-            out += [r.name] if isinstance(r, AllowIf) else list(r.names)
+            out += list(r.names) if isinstance(r, Allow | Refuse) else [r.name]
         return out
 
     def allowed(self) -> frozenset[str]:
@@ -119,7 +132,7 @@ class Policy:
         for r in self.rules:
             if isinstance(r, Allow):
                 out |= set(r.names)
-            elif isinstance(r, AllowIf):
+            elif isinstance(r, AllowIf | AllowIfClear):
                 out.add(r.name)
         return frozenset(out)
 
@@ -155,6 +168,16 @@ def compile_policy(policy: Policy, arch: str) -> list[Insn]:
             for v in rule.values:
                 block += [(_JEQ_K, 0, 1, v & 0xFFFFFFFF), (_RET_K, 0, 0, ALLOW)]
             block.append((_RET_K, 0, 0, rule.otherwise))
+            prog.append((_JEQ_K, 0, len(block), table[rule.name]))
+            prog += block
+            continue
+        if isinstance(rule, AllowIfClear):
+            if rule.name not in table:
+                continue
+            block = [(_LD_W_ABS, 0, 0, 16 + 8 * rule.arg),
+                     (_JSET_K, 0, 1, rule.mask & 0xFFFFFFFF),
+                     (_RET_K, 0, 0, rule.otherwise),
+                     (_RET_K, 0, 0, ALLOW)]
             prog.append((_JEQ_K, 0, len(block), table[rule.name]))
             prog += block
             continue

@@ -42,6 +42,7 @@ class Mount:
     pseudo: bool  # no backing storage of its own (proc, tmpfs, devfs, nullfs, ...)
     fs_key: str  # identity of the filesystem: Linux "maj:min" of the sb, FreeBSD fsid
     backing_file: str | None = None  # Linux loop devices: the file behind the device
+    mount_id: int = 0  # Linux: mountinfo's first field, the kernel's id of this mount
 
 
 @dataclass(frozen=True, slots=True)

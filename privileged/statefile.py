@@ -1,120 +1,147 @@
-"""The crash record: what the child is about to freeze, kept outside the freeze.
+"""The state directory: the crash record and the frozen-time budget, kept outside any freeze.
 
 A Linux freeze outlives the process that made it, so a SIGKILLed child would
-leave its filesystems frozen.  Before freezing, the child writes the list to
-a root-only file in [state] dir (tmpfs /run by default); it removes the file
-after thawing.  The next child reads it before anything else and thaws what
-it names.  The directory must never be on a filesystem we freeze (selection
-makes that a veto), so these writes never block and never land in a snapshot.
+leave its filesystems frozen.  Before freezing, the child writes the list of
+targets to the crash record in [state] dir (tmpfs /run by default); it
+empties the record after thawing.  The next child reads it before anything
+else and thaws what it names.  The directory must never be on a filesystem
+we freeze (selection makes that a veto), so these writes never block and
+never land in a snapshot.
 
-Format: one line per filesystem, "<fs_key> <mountpoint>", the mountpoint
-escaped as in mountinfo.
+Both files are opened once, at start-up, before the sandbox: afterwards the
+child writes only through these two descriptors and can open nothing for
+writing, create, rename or remove (privileged/sandbox.py).  So no update is a
+create-and-rename; each is a single write(2) that a kill cannot tear:
+- crash record: "<fs_key> <mountpoint>" lines, written in one write before
+  the first freeze; "-<fs_key>" appended for a target someone else had
+  frozen (not ours to thaw); truncated to nothing after the thaw.  Mountpoints
+  are escaped as in mountinfo.  A torn last line (no newline) is ignored;
+- budget: "<seconds left> <CLOCK_MONOTONIC time>" in a fixed width, rewritten
+  in place (CLOCK_MONOTONIC is shared by every process and, like /run, starts
+  again at boot).
 
-The cooldown record: after each thaw of ours, the CLOCK_MONOTONIC time
-(shared by every process, reset at boot like /run) before which no FREEZE
-is accepted.  The next child honours it, so a parent cannot skip the
-cooldown by making its child exit and the service manager restart the pair.
-
-FreeBSD keeps no record (StateDir(enabled=False)): a UFS suspension lasts
-only as long as the /dev/ufssuspend descriptor that made it, and the kernel
+FreeBSD keeps no state (StateDir(enabled=False)): a UFS suspension lasts only
+as long as the /dev/ufssuspend descriptor that made it, and the kernel
 closes a dead child's descriptors, which resumes its filesystems
-(ffs_susp_dtor).  There is nothing a successor could have to thaw, and no
-directory to keep off the frozen filesystems ([state] dir is not used).
+(ffs_susp_dtor).  The budget then lasts as long as the child does.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import stat
 
 from privileged.mounts_linux import unescape
+from privileged.trust import directories_reason
 
 RECORD = "frozen"
-COOLDOWN = "cooldown"
+BUDGET = "budget"
+_MAX_READ = 1 << 20
+_BUDGET_FORMAT = "{:020.6f} {:020.6f}\n"  # always 42 bytes: rewritten in place
 
 
 def _escape(path: str) -> str:
     return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
+class StateError(OSError):
+    pass
+
+
 class StateDir:
     def __init__(self, path: str, enabled: bool = True) -> None:
         self.path = path
-        self.record = os.path.join(path, RECORD)
-        self.cooldown = os.path.join(path, COOLDOWN)
+        self.real = os.path.realpath(path)  # what the check and the open saw
         self.enabled = enabled
+        self._record = -1
+        self._budget = -1
 
-    def ensure(self) -> None:
+    def open(self) -> None:
+        """Make the directory if need be, check it, and open both files for good."""
         if not self.enabled:
             return
+        real = self.real = os.path.realpath(self.path)
+        reason = directories_reason(real)
+        if reason:
+            raise StateError(f"state directory {self.path}: {reason}")
         try:
-            os.mkdir(self.path, 0o700)
+            os.mkdir(real, 0o700)
         except FileExistsError:
             pass
-        st = os.lstat(self.path)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
-                or stat.S_IMODE(st.st_mode) & 0o077:
-            raise OSError(f"state directory {self.path} must be a root-owned directory "
-                          f"with mode 0700 (found mode {stat.S_IMODE(st.st_mode):04o}, "
-                          f"uid {st.st_uid})")
+        dirfd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dirfd)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+                raise StateError(f"state directory {self.path} must be a root-owned directory "
+                                 f"with mode 0700 (found mode {stat.S_IMODE(st.st_mode):04o}, "
+                                 f"uid {st.st_uid})")
+            self._record = _open_file(dirfd, RECORD, os.O_APPEND)
+            self._budget = _open_file(dirfd, BUDGET, 0)
+        finally:
+            os.close(dirfd)
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self._record, self._budget) if fd >= 0)
+
+    # --- the crash record ------------------------------------------------------------
 
     def write(self, entries: list[tuple[str, str]]) -> None:
         if self.enabled:
-            _replace(self.record, "".join(f"{k} {_escape(p)}\n" for k, p in entries))
+            os.ftruncate(self._record, 0)
+            os.write(self._record, "".join(f"{k} {_escape(p)}\n" for k, p in entries).encode())
 
-    def write_cooldown(self, until: float) -> None:
+    def drop(self, fs_key: str) -> None:
+        """A target that is not ours to thaw after all."""
         if self.enabled:
-            _replace(self.cooldown, f"{until:.6f}\n")
-
-    def read_cooldown(self) -> float:
-        """The recorded end of the cooldown, 0.0 if there is none or it is unreadable."""
-        try:
-            until = float(_read(self.cooldown)) if self.enabled else 0.0
-        except ValueError:
-            return 0.0
-        return until if math.isfinite(until) else 0.0
+            os.write(self._record, f"-{fs_key}\n".encode())
 
     def clear(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            os.unlink(self.record)
-        except FileNotFoundError:
-            pass
+        if self.enabled:
+            os.ftruncate(self._record, 0)
 
     def read(self) -> list[tuple[str, str]]:
         if not self.enabled:
             return []
-        entries = []
-        for line in _read(self.record).splitlines():
+        entries: list[tuple[str, str]] = []
+        dropped: set[str] = set()
+        text = os.pread(self._record, _MAX_READ, 0).decode("utf-8", "replace")
+        for line in text.split("\n")[:-1]:  # a last line without its newline was torn
             key, sep, path = line.partition(" ")
-            if sep and path.startswith("/"):
+            if key.startswith("-") and not sep:
+                dropped.add(key[1:])
+            elif sep and key and path.startswith("/"):
                 entries.append((key, unescape(path)))
-        return entries
+        return [(k, p) for k, p in entries if k not in dropped]
+
+    # --- the budget -----------------------------------------------------------------------
+
+    def read_budget(self) -> tuple[float, float] | None:
+        """(seconds left, when), or None if there is no readable record."""
+        if not self.enabled:
+            return None
+        words = os.pread(self._budget, 64, 0).split()
+        try:
+            left, when = float(words[0]), float(words[1])
+        except (IndexError, ValueError):
+            return None
+        return (left, when) if math.isfinite(left) and math.isfinite(when) else None
+
+    def write_budget(self, left: float, when: float) -> None:
+        if self.enabled:
+            os.pwrite(self._budget, _BUDGET_FORMAT.format(left, when).encode(), 0)
 
 
-def _replace(path: str, text: str) -> None:
-    tmp = path + ".new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-    finally:
+def _open_file(dirfd: int, name: str, extra: int) -> int:
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | extra, 0o600,
+                 dir_fd=dirfd)
+    if fd <= 2:  # 0-2 are closed on Linux: never let a stray write to stderr land here
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         os.close(fd)
-    os.rename(tmp, path)
-
-
-def _read(path: str) -> str:
-    """A record's text; "" if it is missing, not ours, not a regular file or too big."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return ""
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode) or st.st_size > 1 << 20:
-            return ""
-        data = os.read(fd, st.st_size)
-    finally:
+        fd = high
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
-    return data.decode("utf-8", "replace")
+        raise StateError(f"state file {name} is not a regular file of ours with one link")
+    return fd

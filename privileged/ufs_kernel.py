@@ -7,7 +7,7 @@ LibcUfsKernel, since no FreeBSD kernel is at hand.
 
 Constants from sys/ufs/ffs/fs.h and include/paths.h:
   UFSSUSPEND = _IOW('U', 1, fsid_t) = 0x80085501 (IOC_IN, 8 bytes)
-  UFSRESUME  = _IO('U', 2)          = 0x20005502 (unused: closing resumes too)
+  UFSRESUME  = _IO('U', 2)          = 0x20005502 (the thaw guard's; the child closes)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class UfsKernel(Protocol):
     def getfsstat(self) -> bytes: ...
     def open_suspend(self) -> int: ...
     def suspend(self, fd: int, fsid: bytes) -> None: ...
+    def resume(self, fd: int) -> None: ...
     def close(self, fd: int) -> None: ...
     def sync(self) -> None: ...
 
@@ -75,6 +76,9 @@ class LibcUfsKernel:
 
     def suspend(self, fd: int, fsid: bytes) -> None:
         fcntl.ioctl(fd, UFSSUSPEND, fsid)
+
+    def resume(self, fd: int) -> None:
+        fcntl.ioctl(fd, UFSRESUME)
 
     def close(self, fd: int) -> None:
         os.close(fd)

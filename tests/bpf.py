@@ -28,6 +28,8 @@ def run(prog: list[Insn], nr: int, arch: int, args: tuple[int, ...] = ()) -> int
             pc += 1 + (jt if acc == k else jf)
         elif code == 0x35:  # jge k
             pc += 1 + (jt if acc >= k else jf)
+        elif code == 0x45:  # jset k
+            pc += 1 + (jt if acc & k else jf)
         elif code == 0x06:  # ret k
             return k
         else:

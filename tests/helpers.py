@@ -95,7 +95,8 @@ def toml_section(name: str, values: dict[str, object]) -> str:
 
 
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
-                 max_frozen: float = 30, cooldown: float = 0, presync: bool = True,
+                 max_frozen: float = 30, budget: float | None = None,
+                 budget_per_hour: float | None = None, presync: bool = True,
                  kernel_timeout: float = 15.0, extra: str = "",
                  frontend: bool = True, notify: dict[str, object] | None = None,
                  control: dict[str, object] | None = None,
@@ -123,7 +124,8 @@ only = [{only}]
 presync = {"true" if presync else "false"}
 [watchdog]
 max_frozen_seconds = {max_frozen}
-cooldown_seconds = {cooldown}
+{f"budget_seconds = {budget}" if budget is not None else ""}
+{f"budget_seconds_per_hour = {budget_per_hour}" if budget_per_hour is not None else ""}
 [state]
 dir = "{os.path.join(workdir, 'state')}"
 {extra}
@@ -148,6 +150,7 @@ class Agent:
         self.log_path = log_path or os.path.join(workdir, "agent.log")
         self.extra_args = extra_args
         self.python = PY  # the interpreter (and so the install) the agent runs from
+        self.argv_prefix: list[str] | None = None  # in place of `python -I -m agent`
         self.cwd = REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -158,7 +161,8 @@ class Agent:
     def launch(self, wait: bool = True) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "agent", "-n", "-d", "--config", self.config,
+                [*(self.argv_prefix or [self.python, "-I", "-m", "agent"]), "-n", "-d",
+                 "--config", self.config,
                  "--device", self.socket, *self.extra_args], stderr=log, cwd=self.cwd)
         if wait:
             self.wait_registered()

@@ -5,7 +5,7 @@ its real seccomp filter, a config whose [freeze] only names one scratch
 filesystem), sends frames (well-formed or not, pipelined in windows), and
 checks every record that comes back against Model, an independent reading
 of the protocol (privileged/wire.py's layout, privileged/child.py's PERMITTED
-table, the watchdog and the cooldown), not the child's own code.
+table, the watchdog and the frozen-time budget), not the child's own code.
 
 Invariants, checked as the frames go:
 - an answer comes only for a well-formed frame the state permits, and says
@@ -14,13 +14,18 @@ Invariants, checked as the frames go:
   exit status 2 (EOF or an empty record: 0), never 3 (an unhandled
   exception) nor a signal, and no "internal error" is logged;
 - the filesystem is writable whenever the model says it is not frozen: it
-  freezes only after a well-formed FREEZE in the thawed state outside the
-  cooldown, and never stays frozen past max_frozen_seconds (the watchdog);
-- the child holds one thread and one descriptor (+1 while frozen).
+  freezes only after a well-formed FREEZE in the thawed state that the
+  budget allows, and never stays frozen past max_frozen_seconds (the
+  watchdog, within half a second); a second filesystem, not in the child's
+  config, is never frozen at all;
+- the child holds one thread and three descriptors, its socket and its two
+  state files (+1 while frozen), and no process of its own between requests.
 
-Time makes two answers uncertain, and the model keeps intervals instead of
-guessing: the cooldown's end lies between what the child could have seen,
-and a FREEZE near that end may be refused or granted.
+Time makes answers uncertain, and the model keeps intervals instead of
+guessing: what the budget holds lies between a lower and an upper bound
+(the child charged and refunded at moments between a request's sending and
+its answer's reading), and a FREEZE between the two may be refused or
+granted.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ CHECK, FREEZE, THAW, PING, QUIT, REOPEN = 1, 2, 3, 4, 5, 6
 PERMITTED = {"thawed": {CHECK, FREEZE, PING, QUIT, REOPEN},
              "frozen": {THAW, PING}, "auto-thawed": {THAW, PING}}
 WINDOW = 32  # frames in flight: far below what the child's socket buffer holds
+SLACK = 0.5  # the watchdog's bound, measured from the FREEZE's sending
 EXIT_OK, EXIT_VIOLATION = 0, 2
 
 
@@ -61,15 +67,51 @@ def request(op: int, seq: int, version: int = 1, reserved: int = 0) -> bytes:
     return REQUEST.pack(version, op, reserved, seq & 0xFFFFFFFF)
 
 
+EPSILON = 0.02  # float formatting in the budget record, and the two clocks' readings
+
+
+@dataclass
+class Bound:
+    """What the budget holds at least (or at most): `left` at time `when`, refilling."""
+
+    left: float
+    when: float
+
+    def at(self, t: float, capacity: float, rate: float) -> float:
+        return min(capacity, self.left + max(0.0, t - self.when) * rate)
+
+
 @dataclass
 class Model:
     max_frozen: float
-    cooldown: float
+    capacity: float
+    per_hour: float
     state: str = "thawed"
     next_seq: int = 1
     frozen_at: tuple[float, float] = (0.0, 0.0)  # (FREEZE sent, answer read)
-    cooldown_ends: tuple[float, float] = (0.0, 0.0)  # earliest, latest
+    low: Bound = field(default_factory=lambda: Bound(0.0, 0.0))
+    high: Bound = field(default_factory=lambda: Bound(0.0, 0.0))
     quitting: bool = False
+    refused: int = 0  # FREEZEs the budget refused, over every child
+
+    def __post_init__(self) -> None:
+        self.low = Bound(self.capacity, 0.0)
+        self.high = Bound(self.capacity, 0.0)
+
+    @property
+    def rate(self) -> float:
+        return self.per_hour / 3600
+
+    def lowest(self, t: float) -> float:
+        return self.low.at(t, self.capacity, self.rate)
+
+    def highest(self, t: float) -> float:
+        return self.high.at(t, self.capacity, self.rate)
+
+    def budget_ready_at(self, t: float) -> float:
+        """When a FREEZE is sure to be granted."""
+        short = self.max_frozen - self.lowest(t) + EPSILON
+        return t + max(0.0, short) / self.rate
 
     def classify(self, frame: Frame) -> str:
         """'valid', 'violation' or 'eof' for the next frame the child reads."""
@@ -87,7 +129,12 @@ class Model:
         return "valid"
 
     def thawed_between(self, start: float, end: float) -> None:
-        self.cooldown_ends = (start + self.cooldown, end + self.cooldown)
+        """Thawed at a moment in [start, end]: the unused part of the window came back."""
+        sent, read = self.frozen_at
+        least = max(0.0, sent + self.max_frozen - end)
+        most = max(0.0, read + self.max_frozen - start)
+        self.low = Bound(min(self.capacity, self.lowest(end) + least), end)
+        self.high = Bound(min(self.capacity, self.highest(start) + most), start)
 
     def auto_thawed(self, read_at: float) -> None:
         if self.state == "frozen":
@@ -100,17 +147,19 @@ class Model:
         self.next_seq = (self.next_seq + 1) & 0xFFFFFFFF
         want: tuple[object, ...]
         if op == FREEZE:
-            early, late = self.cooldown_ends
-            if read_at < early:
+            if self.highest(read_at) < self.max_frozen - EPSILON:
                 want = (wire.Status.REFUSED, errno.EAGAIN, 0)
-            elif sent >= late:
+            elif self.lowest(sent) >= self.max_frozen + EPSILON:
                 want = (wire.Status.OK, 0, 1)
             else:  # the child's clock decided; either is right
                 want = (res.status, res.errno, res.count)
                 if want not in ((wire.Status.REFUSED, errno.EAGAIN, 0), (wire.Status.OK, 0, 1)):
                     want = (wire.Status.OK, 0, 1)
-            if res.status is wire.Status.OK:
+            self.refused += res.status is wire.Status.REFUSED
+            if res.status is wire.Status.OK:  # a whole window taken, at a moment in between
                 self.state, self.frozen_at = "frozen", (sent, read_at)
+                self.low = Bound(self.lowest(read_at) - self.max_frozen, read_at)
+                self.high = Bound(self.highest(sent) - self.max_frozen, sent)
         elif op == THAW:
             want = (wire.Status.OK, 0, 1 if self.state == "frozen" else 0)
             if self.state == "frozen":
@@ -140,8 +189,8 @@ class Model:
 class WriteCheck:
     """A write from a thread of this process: it blocks while the filesystem is frozen."""
 
-    def __init__(self, mountpoint: str) -> None:
-        self.path = os.path.join(mountpoint, "hostile-parent.dat")
+    def __init__(self, mountpoint: str, name: str = "hostile-parent.dat") -> None:
+        self.path = os.path.join(mountpoint, name)
         self.blocked: list[threading.Thread] = []
 
     def completes_within(self, seconds: float) -> bool:
@@ -175,20 +224,24 @@ class WriteCheck:
 class HostileParent:
     workdir: str
     mountpoint: str
+    bystander: str  # a scratch filesystem the child's config does not name
     max_frozen: float = 1.0
-    cooldown: float = 0.3
+    budget: float = 2.0  # two windows: two freezes left to the watchdog spend it all
+    per_hour: float = 900.0  # a quarter of a second back every second
     frames: int = 0
     children: int = 0
     link: ChildLink | None = None
     model: Model = field(init=False)
     check: WriteCheck = field(init=False)
+    bystander_check: WriteCheck = field(init=False)
 
     def __post_init__(self) -> None:
         self.config = write_config(os.path.join(self.workdir, "hostile.toml"), [self.mountpoint],
-                                   self.workdir, max_frozen=self.max_frozen,
-                                   cooldown=self.cooldown)
-        self.model = Model(self.max_frozen, self.cooldown)
+                                   self.workdir, max_frozen=self.max_frozen, budget=self.budget,
+                                   budget_per_hour=self.per_hour)
+        self.model = Model(self.max_frozen, self.budget, self.per_hour)
         self.check = WriteCheck(self.mountpoint)
+        self.bystander_check = WriteCheck(self.bystander, "bystander.dat")
 
     # --- the child's life ---------------------------------------------------------------
 
@@ -321,7 +374,7 @@ class HostileParent:
         link = self.link
         if self.model.state != "frozen" or link is None:
             return
-        deadline = self.model.frozen_at[1] + self.max_frozen + 2.0  # slack for a busy machine
+        deadline = self.model.frozen_at[0] + self.max_frozen + SLACK
         while self.model.state == "frozen" and (left := deadline - time.monotonic()) > 0:
             link.sock.settimeout(left)
             try:
@@ -337,9 +390,14 @@ class HostileParent:
         self.assert_not_frozen("after the watchdog's EVENT")
 
     def settle(self, seconds: float) -> None:
-        """Leave the child alone for a while (the watchdog, the cooldown run out)."""
+        """Leave the child alone for a while (the watchdog runs out)."""
         time.sleep(seconds)
         self.read_idle()
+
+    def await_budget(self) -> None:
+        """Leave the child alone until a FREEZE is sure to be granted."""
+        now = time.monotonic()
+        self.settle(self.model.budget_ready_at(now) - now)
 
     # --- invariants on the real system ---------------------------------------------------------
 
@@ -347,21 +405,28 @@ class HostileParent:
         if not self.check.writable():
             raise InvariantBroken(f"{self.mountpoint} is frozen {when} (model: {self.model.state})")
 
+    def assert_bystander_untouched(self) -> None:
+        if not self.bystander_check.writable():
+            raise InvariantBroken(f"{self.bystander}, not in the child's config, is frozen")
+
     def assert_consistent(self) -> None:
         """Between steps: the real filesystem and the child's process match the model."""
         self.read_idle()
         if self.model.state == "frozen":
-            if time.monotonic() > self.model.frozen_at[1] + self.max_frozen + 2.0:
+            if time.monotonic() > self.model.frozen_at[0] + self.max_frozen + SLACK:
                 raise InvariantBroken("frozen past max_frozen_seconds, and no EVENT")
         else:
             self.assert_not_frozen("while the model says thawed")
+        self.assert_bystander_untouched()
         if self.link is not None:
             pid = self.link.pid
             fds, threads = len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
-            want = 2 if self.model.state == "frozen" else 1
-            if (fds, threads) != (want, 1):
-                raise InvariantBroken(f"child holds {fds} descriptors and {threads} threads "
-                                      f"(state {self.model.state})")
+            with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+                children = f.read().split()
+            want = 4 if self.model.state == "frozen" else 3
+            if (fds, threads, children) != (want, 1, []):
+                raise InvariantBroken(f"child holds {fds} descriptors, {threads} threads and "
+                                      f"processes {children} (state {self.model.state})")
 
     def assert_really_frozen(self) -> None:
         if self.model.state == "frozen" and \

@@ -6,8 +6,10 @@ compromised parent would try: truncated, long, oversized and empty records,
 wrong versions, reserved bits, unknown and child-only kinds, sequence
 numbers off by anything, passed descriptors, FREEZE floods, THAW without
 FREEZE, requests the state does not permit, and silences long enough for
-the watchdog or the cooldown.  Every record the child sends back and every
-exit is checked against the model; the filesystem is checked for real.
+the watchdog, or for the frozen-time budget to refill.  Every record the
+child sends back and every exit is checked against the model; the
+filesystem is checked for real, and so is a second one the child's config
+does not name, which must never be frozen.
 At least 100,000 frames per run; children are respawned as they exit.
 """
 
@@ -46,13 +48,15 @@ def parent(tmp_path_factory):
     work = str(tmp_path_factory.mktemp("hostile"))
     os.chmod(work, 0o755)
     fs = scratch.make(work, "ext4", name="target")
-    hostile = HostileParent(work, fs.mountpoint)
+    bystander = scratch.make(work, "ext4", name="bystander")
+    hostile = HostileParent(work, fs.mountpoint, bystander.mountpoint)
     try:
         yield hostile
         hostile.end_child()
     finally:
         scratch.destroy(fs)  # thaws first, whatever happened
-        for t in hostile.check.blocked:
+        scratch.destroy(bystander)
+        for t in hostile.check.blocked + hostile.bystander_check.blocked:
             t.join(10)
 
 
@@ -78,7 +82,8 @@ STEP = st.integers(0, 199).flatmap(lambda dial: (
     st.tuples(st.just("bad"), ADVERSARIAL, st.integers(0, 3)) if dial < 190 else
     st.tuples(st.just("flood"), st.integers(2, 12), st.just(0)) if dial < 196 else
     st.tuples(st.just("watchdog"), st.just(0), st.just(0)) if dial < 197 else
-    st.tuples(st.just("cooldown"), st.just(0), st.just(0)) if dial < 198 else
+    st.tuples(st.just("drain"), st.integers(3, 4), st.just(0)) if dial < 198 else
+    st.tuples(st.just("budget"), st.just(0), st.just(0)) if dial < 199 else
     st.tuples(st.just("verify"), st.just(0), st.just(0))))
 
 
@@ -121,8 +126,16 @@ def run_step(p: HostileParent, step: tuple) -> None:  # (kind, a, b), as STEP dr
         if state == "thawed":
             p.send([Frame(request(FREEZE, seq))])
         p.await_watchdog()
-    elif kind == "cooldown":
-        p.settle(p.cooldown + 0.1)
+    elif kind == "drain":  # freeze until the watchdog, again and again: the budget says no
+        for _ in range(a):
+            if p.model.state != "thawed":
+                break
+            p.send([Frame(request(FREEZE, p.model.next_seq))])
+            p.await_watchdog()
+            if p.model.state == "auto-thawed":
+                p.send([Frame(request(THAW, p.model.next_seq))])
+    elif kind == "budget":
+        p.await_budget()
     else:  # verify: freeze (if the state permits), and see it for real
         if state == "thawed":
             p.send([Frame(request(FREEZE, seq))])
@@ -130,6 +143,7 @@ def run_step(p: HostileParent, step: tuple) -> None:  # (kind, a, b), as STEP dr
     p.assert_consistent()
 
 
+@pytest.mark.timeout(900)  # about 80 s here; a machine running other suites may take far longer
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
@@ -153,7 +167,7 @@ ONE_OF_EACH = {
 def test_each_attack_while_frozen_ends_the_child_thawed(parent, attack):
     """Whatever Hypothesis drew, every kind of bad frame meets a frozen child once."""
     parent.ensure_child()
-    parent.settle(parent.cooldown + 0.1)
+    parent.await_budget()
     run_step(parent, ("op", FREEZE, 0))
     assert parent.model.state == "frozen"
     children = parent.children
@@ -165,7 +179,7 @@ def test_each_attack_while_frozen_ends_the_child_thawed(parent, attack):
                          ids=["THAW", "CHECK", "FREEZE flood"])
 def test_watchdog_thaws_what_the_parent_never_thaws(parent, also):
     parent.ensure_child()
-    parent.settle(parent.cooldown + 0.1)
+    parent.await_budget()
     run_step(parent, ("verify", 0, 0))  # FREEZE, and the write really blocks
     assert parent.model.state == "frozen"
     run_step(parent, ("watchdog", 0, 0))
@@ -173,8 +187,18 @@ def test_watchdog_thaws_what_the_parent_never_thaws(parent, also):
     run_step(parent, also)  # after an automatic thaw: THAW resyncs, the rest end the child
 
 
+def test_a_parent_that_drains_the_budget_is_refused_as_the_model_says(parent):
+    parent.ensure_child()
+    parent.await_budget()
+    refused = parent.model.refused
+    run_step(parent, ("drain", 4, 0))  # four windows left to the watchdog, back to back
+    assert parent.model.refused > refused, "the budget never said no"
+    assert parent.model.state == "thawed"
+
+
 def test_enough_frames_were_thrown(parent):
     """Runs last in this module (pytest keeps file order)."""
-    print(f"\n{parent.frames} frames to {parent.children} children")
+    print(f"\n{parent.frames} frames to {parent.children} children, "
+          f"{parent.model.refused} FREEZEs refused by the budget")
     assert parent.frames >= MIN_FRAMES, f"only {parent.frames} frames"
     assert parent.children >= EXAMPLES

@@ -8,7 +8,9 @@ protocol violation; 0 for EOF), and the filesystem is writable afterwards.
 from __future__ import annotations
 
 import array
+import errno
 import os
+import select
 import socket
 import struct
 
@@ -16,7 +18,7 @@ import pytest
 
 from agent.child_link import ChildGone, ChildLink
 from privileged import wire
-from privileged.child import EXIT_OK, EXIT_VIOLATION
+from privileged.child import EXIT_OK, EXIT_VIOLATION, REOPEN_BURST
 from privileged.wire import Op
 from tests.helpers import assert_blocked, assert_writable, write_config
 
@@ -57,15 +59,23 @@ def test_malformed_frame_ends_the_child_and_freezes_nothing(workdir, make_fs, fr
 
 
 def test_passed_descriptor_is_a_violation_and_is_closed(workdir, make_fs):
+    """A descriptor passed with a request, while frozen: the child closes it, thaws and
+    exits, and no process (a thaw guard included) is left holding it: the pipe's read end
+    sees EOF once our own write end is closed too."""
     fs = make_fs("ext4")
     link = spawn(workdir, fs.mountpoint)
+    assert link.request(Op.FREEZE)[0].status is wire.Status.OK
     r, w = os.pipe()
-    link.sock.sendmsg([req(Op.CHECK, 1)],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())])
-    os.close(r)
+    link.sock.sendmsg([req(Op.THAW, 2)],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())])
+    os.close(w)
+    try:
+        assert select.select([r], [], [], 10)[0], "someone still holds the passed descriptor"
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
     assert link.exit_status(10) == EXIT_VIOLATION
     assert_writable(fs.mountpoint, 2)
-    os.close(w)
 
 
 def test_garbage_while_frozen_thaws_then_exits(workdir, make_fs):
@@ -122,15 +132,25 @@ def test_reopen_without_a_device_fails_cleanly(workdir, make_fs):
     link.request(Op.QUIT)
 
 
-def test_cooldown_refuses_a_quick_refreeze(workdir, make_fs):
+def test_reopen_is_rate_limited(workdir, make_fs):
+    """A parent reconnecting backs off; one asking REOPEN in a loop is refused (EAGAIN)."""
     fs = make_fs("ext4")
-    link = spawn(workdir, fs.mountpoint, cooldown=30)
-    assert link.request(Op.FREEZE)[0].status is wire.Status.OK
-    assert link.request(Op.THAW)[0].status is wire.Status.OK
-    again, _ = link.request(Op.FREEZE)
-    assert again.status is wire.Status.REFUSED
-    assert_writable(fs.mountpoint, 2)
+    cfg = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(os.path.join(workdir, "vss.sock"))
+    server.listen(16)
+    link = ChildLink.spawn(cfg, os.path.join(workdir, "vss.sock"))
+    link.wait_hello()
+    answers = []
+    for _ in range(REOPEN_BURST + 3):
+        res, fds = link.request(Op.REOPEN)
+        answers.append((res.status, res.errno, len(fds)))
+        for fd in fds:
+            os.close(fd)
+    assert answers == [(wire.Status.OK, 0, 1)] * REOPEN_BURST + \
+        [(wire.Status.REFUSED, errno.EAGAIN, 0)] * 3
     link.request(Op.QUIT)
+    server.close()
 
 
 def test_parent_sees_malformed_child_records_as_fatal():

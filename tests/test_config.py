@@ -21,7 +21,8 @@ def test_defaults():
     cfg = config.parse({}, None)
     assert (cfg.user, cfg.chroot, cfg.log_target) == ("hvvss", "/var/empty", "syslog")
     assert cfg.child.watchdog.max_frozen_seconds == 60.0
-    assert cfg.child.watchdog.cooldown_seconds == 5.0
+    assert (cfg.child.watchdog.budget_seconds, cfg.child.watchdog.budget_seconds_per_hour) == \
+        (120.0, 240.0)
     assert cfg.child.state.dir == "/run/hv-vss-agent"
     assert cfg.device_path == "/dev/vmbus/hv_vss"
     assert cfg.syslog_socket == "/dev/log"
@@ -38,7 +39,10 @@ def test_defaults():
     ({"check": {"mode": "lenient"}}, "[check] mode: expected one of default, strict"),
     ({"watchdog": {"max_frozen_seconds": 0}}, "[watchdog] max_frozen_seconds: 0 is outside"),
     ({"watchdog": {"max_frozen_seconds": True}}, "expected a number"),
-    ({"watchdog": {"cooldown_seconds": float("nan")}}, "expected a number"),
+    ({"watchdog": {"budget_seconds_per_hour": float("nan")}}, "expected a number"),
+    ({"watchdog": {"max_frozen_seconds": 60, "budget_seconds": 30}},
+     "[watchdog] budget_seconds: 30 is outside 60..86400"),
+    ({"watchdog": {"cooldown_seconds": 5}}, "[watchdog] cooldown_seconds: no longer a setting"),
     ({"agent": {"user": ""}}, "[agent] user: expected a non-empty string"),
     ({"agent": "hvvss"}, "[agent] must be a table"),
     ({"log": {"target": "file"}}, "[log] target: expected one of syslog, stderr"),

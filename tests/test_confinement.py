@@ -8,7 +8,6 @@ because both filters are loaded with SECCOMP_FILTER_FLAG_LOG).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import re
@@ -18,6 +17,8 @@ import textwrap
 
 import psutil
 
+from agent.child_link import ChildLink
+from privileged import wire
 from privileged.syscall_table import SYSCALLS
 from tests.helpers import (
     PY,
@@ -47,9 +48,12 @@ def descriptors(pid: int) -> dict[int, tuple[str, int]]:
     """fd -> (what it points at, open flags)."""
     out = {}
     for name in os.listdir(f"/proc/{pid}/fd"):
-        with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
-            flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
-        out[int(name)] = (os.readlink(f"/proc/{pid}/fd/{name}"), flags)
+        try:
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
+                flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
+            out[int(name)] = (os.readlink(f"/proc/{pid}/fd/{name}"), flags)
+        except FileNotFoundError:
+            continue  # closed while we looked
     return out
 
 
@@ -92,7 +96,9 @@ def test_parent_seen_from_outside(workdir, ext4_xfs):
         parent = agent.parent
         _same_for_parent_and_frontend(parent.pid, os.path.join(workdir, "empty"))
         # no file or directory held open: the kernel channel, the child, the signal pipe
-        assert kinds(parent.pid) == ["pipe", "pipe", "socket", "socket"]
+        # (made just after registering with the kernel, which is what the test waited for)
+        assert wait_for(lambda: kinds(parent.pid) == ["pipe", "pipe", "socket", "socket"]), \
+            kinds(parent.pid)
         assert agent.sim.request("freeze").status == 0
         assert agent.sim.request("thaw").status == 0
         assert seccomp_records({parent.pid}) == []
@@ -118,6 +124,9 @@ def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
             assert wait_for(lambda: sub.events() == ["CHECK", "FREEZE", "THAW"])
         finally:
             sub.stop()
+        # Its connection is closed once the frontend has seen it hang up: not before.
+        assert wait_for(lambda: "subscriber sub (uid 0" in agent.log()
+                        and ") disconnected" in agent.log())
         # the parent: sockets, pipes, and the one directory outside its chroot it was
         # given, the metrics directory; the frontend: sockets and its log queue's pipe
         assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
@@ -136,6 +145,10 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
         st = status(child.pid)
         assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
         assert st["Umask"] == "0077"
+        # CAP_SYS_ADMIN and CAP_DAC_READ_SEARCH, and nothing it could ever get back
+        kept = f"{1 << 21 | 1 << 2:016x}"
+        assert [st[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")] == \
+            ["0" * 16, kept, kept, kept, "0" * 16]
         assert child.cmdline()[1:4] == ["-I", "-B", "-S"]
         assert os.readlink(f"/proc/{child.pid}/cwd") == "/"
         with open(f"/proc/{child.pid}/environ", "rb") as f:
@@ -147,29 +160,47 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
             assert all(flags & O_CLOEXEC for _, flags in fds.values()), fds
             return sorted(re.sub(r":\[\d+\]", "", target) for target, _ in fds.values())
 
+        # its socket, and the two state files it opened at start-up (all it may write)
+        state = [os.path.join(workdir, "state", name) for name in ("budget", "frozen")]
         assert child.num_threads() == 1
-        assert held() == ["socket"]
+        assert held() == sorted(["socket", *state])
         assert agent.sim.request("freeze").status == 0
         assert child.num_threads() == 1
-        assert held() == sorted(["socket", *mounts])
+        assert held() == sorted(["socket", *state, *mounts])
         assert agent.sim.request("thaw").status == 0
-        assert held() == ["socket"]
+        assert held() == sorted(["socket", *state])
+        assert child.children() == []  # the thaw guard lives only while it freezes
         assert seccomp_records({child.pid}) == []
 
 
-def test_child_is_not_dumpable():
-    """PR_GET_DUMPABLE can only be asked by the process itself: harden_child, then ask."""
-    code = textwrap.dedent(f"""\
-        import ctypes, os, sys
-        sys.path.insert(0, {REPO!r})
-        from privileged.hardening import harden_child
-        harden_child(os.getppid())
-        print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
-        """)
-    out = subprocess.run([PY, "-I", "-c", code], capture_output=True, text=True, timeout=30,
-                         check=True)
-    assert out.stdout.split() == ["0"]
-    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1  # and this process still is
+def test_child_is_not_dumpable(workdir, make_fs):
+    """Seen from outside, on the real child: a process of the same uid (root) holding the
+    child's capabilities but not CAP_SYS_PTRACE cannot read its memory (ptrace_may_access
+    refuses a process that is not dumpable; were it dumpable, the same uid would do)."""
+    fs = make_fs("ext4")
+    config = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)
+    link = ChildLink.spawn(config, None)
+    link.wait_hello()
+    # the control: a dumpable root process with the child's two capabilities
+    control = subprocess.Popen(["setpriv", "--bounding-set=-all,+sys_admin,+dac_read_search",
+                                "sleep", "30"])
+
+    def probe(pid: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-all", PY, "-I", "-c",
+             f"open('/proc/{pid}/mem', 'rb')"],
+            capture_output=True, text=True, timeout=30, check=False)
+
+    try:
+        assert wait_for(lambda: psutil.Process(control.pid).name() == "sleep")
+        assert probe(control.pid).returncode == 0, probe(control.pid).stderr
+        refused = probe(link.pid)
+        assert refused.returncode == 1 and "PermissionError" in refused.stderr, refused.stderr
+    finally:
+        control.kill()
+        control.wait()
+        link.request(wire.Op.QUIT)
+        link.exit_status(10)
 
 
 def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
@@ -238,9 +269,11 @@ def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_
 
     fs = make_fs("ext4")
     out = os.path.join(workdir, "modules")
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
-        f"import sys; sys.path.insert(0, {REPO!r}); from privileged.child import main; "
-        f"rc = main(); open({out!r}, 'w').write(' '.join(sorted(sys.modules))); sys.exit(rc)"))
+    real_bootstrap = child_link.child_bootstrap
+    # the file is opened before main() confines the child: it may write only what it holds
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(
+        f"f = open({out!r}, 'w'); from privileged.child import main; rc = main(); "
+        "f.write(' '.join(sorted(sys.modules))); f.close(); sys.exit(rc)"))
     link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
                                                    [fs.mountpoint], workdir), None)
     link.wait_hello()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 import pytest
 
 from privileged.freeze_freebsd import FreeBSDFreezer
-from privileged.freezer import FreezeFailed
+from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
 from privileged.selection import Mount
 from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
 from privileged.ufs_kernel import read_fsstat
@@ -42,6 +43,12 @@ def model(mounts: list[ModelMount] | None = None, **kw: object) -> UfsModel:
     return UfsModel(table() if mounts is None else mounts, **kw)  # type: ignore[arg-type]
 
 
+def freeze(freezer: FreeBSDFreezer, targets: list[Mount], presync: bool) -> list[Held]:
+    """What the child does: with a deadline far away, so the thaw guard only watches."""
+    return freeze_all(freezer, targets, presync=presync, deadline=time.monotonic() + 60,
+                      clock=time.monotonic)
+
+
 def ufs_targets(freezer: FreeBSDFreezer) -> list[Mount]:
     return [m for m in freezer.mounts() if m.fstype == "ufs" and not m.readonly]
 
@@ -63,10 +70,10 @@ def test_three_ufs_filesystems_one_descriptor_each_and_thaw_closes_them_all():
     m = model()
     freezer = FreeBSDFreezer(m)
     targets = ufs_targets(freezer)
-    held = freezer.freeze(targets, presync=False)
+    held = freeze(freezer, targets, presync=False)
     assert m.suspended() == {"/", "/usr/home", "/var"}
     assert len({h.fd for h in held}) == 3 and all(m.fds[h.fd] for h in held if h.fd)
-    assert freezer.thaw(held) == []
+    assert thaw(freezer, held) == []
     assert m.suspended() == set() and m.fds == {}
     assert all(h.fd is None for h in held)
     assert [c for c, _, _ in m.calls] == ["suspend"] * 3 + ["close"] * 3
@@ -87,7 +94,7 @@ def test_the_stock_daemons_single_descriptor_leaves_one_suspended_and_fails():
 
 def test_presync_runs_before_the_first_suspension():
     m = model()
-    FreeBSDFreezer(m).freeze(ufs_targets(FreeBSDFreezer(m)), presync=True)
+    freeze(FreeBSDFreezer(m), ufs_targets(FreeBSDFreezer(m)), presync=True)
     assert m.calls[0][0] == "sync" and m.calls[1][0] == "suspend"
 
 
@@ -119,7 +126,7 @@ def test_a_refusal_rolls_back_every_descriptor_opened_so_far(setup, where, err):
     freezer = FreeBSDFreezer(m)
     already = m.suspended()
     with pytest.raises(FreezeFailed) as e:
-        freezer.freeze(ufs_targets(freezer), presync=False)
+        freeze(freezer, ufs_targets(freezer), presync=False)
     assert (e.value.mountpoint, e.value.errno) == (where, err)
     assert m.suspended() == already  # ours resumed; someone else's left alone
     assert m.fds == {}  # every descriptor we opened is closed
@@ -131,7 +138,7 @@ def test_enoent_when_the_filesystem_went_away_between_reading_and_freezing():
     targets = ufs_targets(freezer)
     m.mounts = [mm for mm in m.mounts if mm.mountpoint != "/usr/home"]  # umount meanwhile
     with pytest.raises(FreezeFailed) as e:
-        freezer.freeze(targets, presync=False)
+        freeze(freezer, targets, presync=False)
     assert (e.value.mountpoint, e.value.errno) == ("/usr/home", errno.ENOENT)
     assert "no mounted filesystem has this fsid" in e.value.why
     assert m.suspended() == set() and m.fds == {}
@@ -142,7 +149,7 @@ def test_einval_for_a_filesystem_that_is_not_ufs():
     freezer = FreeBSDFreezer(m)
     tmp = next(mm for mm in freezer.mounts() if mm.mountpoint == "/tmp")
     with pytest.raises(FreezeFailed) as e:
-        freezer.freeze([tmp], presync=False)
+        freeze(freezer, [tmp], presync=False)
     assert (e.value.errno, e.value.why) == (errno.EINVAL, "UFSSUSPEND: not a UFS filesystem")
 
 
@@ -154,7 +161,7 @@ def test_edeadlk_for_a_second_thread_counted_by_the_kernel():
     t.start()
     try:
         with pytest.raises(FreezeFailed) as e:
-            freezer.freeze(ufs_targets(freezer), presync=False)
+            freeze(freezer, ufs_targets(freezer), presync=False)
         assert e.value.errno == errno.EDEADLK
     finally:
         stop.set()
@@ -169,12 +176,12 @@ def test_edeadlk_for_a_file_open_for_writing_on_the_filesystem(tmp_path):
     freezer = FreeBSDFreezer(m)
     with open(tmp_path / "log", "a", encoding="utf-8"):
         with pytest.raises(FreezeFailed) as e:
-            freezer.freeze(ufs_targets(freezer), presync=False)
+            freeze(freezer, ufs_targets(freezer), presync=False)
         assert (e.value.mountpoint, e.value.errno) == ("/var", errno.EDEADLK)
     with open(tmp_path / "log", encoding="utf-8"):  # open for reading is fine
-        held = freezer.freeze(ufs_targets(freezer), presync=False)
+        held = freeze(freezer, ufs_targets(freezer), presync=False)
     assert "/var" in m.suspended()
-    freezer.thaw(held)
+    thaw(freezer, held)
 
 
 def test_ufsresume_without_a_suspension_is_enoent_other_commands_enxio():
@@ -195,7 +202,7 @@ def test_ufsresume_without_a_suspension_is_enoent_other_commands_enxio():
 def test_process_exit_resumes_everything_so_no_crash_record_is_needed():
     m = model()
     freezer = FreeBSDFreezer(m)
-    freezer.freeze(ufs_targets(freezer), presync=False)
+    freeze(freezer, ufs_targets(freezer), presync=False)
     m.exit_process()  # SIGKILL: the kernel closes the descriptors
     assert m.suspended() == set()
     assert freezer.recover([("018a3b5c35000000", "/")]) == []
@@ -206,7 +213,7 @@ def test_no_ufssuspend_device_is_a_clear_failure():
     m = model(has_device=False)
     freezer = FreeBSDFreezer(m)
     with pytest.raises(FreezeFailed) as e:
-        freezer.freeze(ufs_targets(freezer), presync=False)
+        freeze(freezer, ufs_targets(freezer), presync=False)
     assert e.value.why == "open /dev/ufssuspend: No such file or directory"
 
 

@@ -8,6 +8,7 @@ line answers a broken config file with one line and exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -25,6 +26,7 @@ from agent.kernel import linux_wire as lw
 from agent.kernel.messages import KernelProtocolError, Operation
 from agent.kernel.transport import KernelChannel, KernelLost, SocketEndpoint
 from privileged import wire
+from privileged.budget import Bucket
 from privileged.config import CHILD_SECTIONS, ConfigError
 from privileged.mounts_linux import parse_mountinfo, unescape
 from privileged.statefile import StateDir
@@ -160,7 +162,8 @@ def test_parent_link_turns_any_child_record_into_a_message_or_childgone(record):
 KNOWN = {
     "agent": ["user", "chroot", "history"], "device": ["path", "protocol"],
     "log": ["target", "buffer", "syslog_socket"], "freeze": ["only", "exclude", "presync"],
-    "check": ["mode", "zfs"], "watchdog": ["max_frozen_seconds", "cooldown_seconds"],
+    "check": ["mode", "zfs"],
+    "watchdog": ["max_frozen_seconds", "budget_seconds", "budget_seconds_per_hour"],
     "state": ["dir"], "notify": ["socket", "allow_users", "allow_groups", "timeout", "policy",
                                  "budget"],
     "control": ["socket", "admin_group"], "metrics": ["dir"],
@@ -206,7 +209,7 @@ chroot = "/var/empty"
 only = ["/srv"]
 [watchdog]
 max_frozen_seconds = 30
-cooldown_seconds = 5
+budget_seconds = 120
 [log]
 target = "stderr"
 """
@@ -266,15 +269,22 @@ def test_mountinfo_parser_takes_any_text(lines):
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=400))
-def test_crash_and_cooldown_records_take_any_content(workdir, data):
+def test_crash_and_budget_records_take_any_content(workdir, data):
     state = StateDir(os.path.join(workdir, "state"))
-    state.ensure()
-    for path in (state.record, state.cooldown):
-        with open(path, "wb") as f:
-            f.write(data)
+    for name in ("frozen", "budget"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(workdir, "state", name))
+    state.open()
+    for fd in state.fds():
+        os.write(fd, data)
     for key, mountpoint in state.read():
-        assert mountpoint.startswith("/") and key
-    assert math.isfinite(state.read_cooldown())
+        assert mountpoint.startswith("/") and key and not key.startswith("-")
+    saved = state.read_budget()
+    assert saved is None or all(math.isfinite(x) for x in saved)
+    budget = Bucket.load(state, 10.0, 3600.0, 1000.0)
+    assert 0.0 <= budget.left <= 10.0 and budget.when <= 1000.0
+    for fd in state.fds():
+        os.close(fd)
 
 
 def test_child_sections_are_the_ones_the_fuzzer_knows():

@@ -203,4 +203,5 @@ def test_hook_waits_for_the_agent_but_not_past_a_refusal(workdir, app):
         r = cli("hook", "--exec", hook, "--socket", agent.notify_socket, "--wait",
                 user="nobody", group="nogroup", extra_groups=[])
         assert r.returncode == 1
-        assert "refused: not in [notify] allow_users or allow_groups" in r.stderr
+        assert "permission denied (not in the agent's [notify] allow_users or allow_groups?)" \
+            in r.stderr

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from agent.sandbox_linux import FRONTEND, ROLES, parent_policy
-from privileged.sandbox import ROOT_CHILD_SIMULATED
+from privileged.sandbox import child_policy
 from privileged.syscall_table import SYSCALLS
 from tests.unit_file import syscall_filter
 from tools.measure_syscalls import Trace, measure, report
@@ -46,6 +46,6 @@ def test_the_unit_allows_every_syscall_the_agent_makes(trace):
 
 
 def test_the_unit_allows_everything_our_own_filters_allow():
-    ours = (ROOT_CHILD_SIMULATED.allowed() | FRONTEND.allowed()
+    ours = (child_policy(simulated=True, landlock=True).allowed() | FRONTEND.allowed()
             | parent_policy(tuple(ROLES)).allowed())
     assert sorted((ours & set(SYSCALLS["x86_64"])) - syscall_filter()) == []

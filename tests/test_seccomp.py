@@ -21,8 +21,16 @@ from hypothesis import strategies as st
 from agent.sandbox_linux import FIONBIO, FRONTEND, METRICS_OPEN, ROLES, parent_policy
 from privileged import seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
-from privileged.sandbox import ROOT_CHILD, ROOT_CHILD_SIMULATED, child_policy
-from privileged.seccomp import ALLOW, KILL_PROCESS, Allow, AllowIf, Policy, refuse_with
+from privileged.sandbox import FORK_FLAGS, child_policy, is_simulator
+from privileged.seccomp import (
+    ALLOW,
+    KILL_PROCESS,
+    Allow,
+    AllowIf,
+    AllowIfClear,
+    Policy,
+    refuse_with,
+)
 from privileged.syscall_table import AUDIT_ARCH, SECCOMP_NR, SYSCALLS
 from tests import bpf
 from tests.helpers import PY, REPO, assert_writable
@@ -31,8 +39,12 @@ X86_HEADER = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
 GENERIC_HEADER = "/usr/include/asm-generic/unistd.h"
 SIGSYS = 31
 ALL_ROLES = tuple(ROLES)
-POLICIES = [ROOT_CHILD, ROOT_CHILD_SIMULATED, FRONTEND, parent_policy(ALL_ROLES),
+CHILD = child_policy(simulated=False, landlock=True)  # with a device node, under Landlock
+CHILD_NO_LANDLOCK = child_policy(simulated=False, landlock=False)
+CHILD_SIMULATED = child_policy(simulated=True, landlock=True)
+POLICIES = [CHILD, CHILD_NO_LANDLOCK, CHILD_SIMULATED, FRONTEND, parent_policy(ALL_ROLES),
             *(parent_policy((role,)) for role in ALL_ROLES)]
+THREAD_FLAGS = 0x3D0F00  # glibc's pthread_create: CLONE_VM | CLONE_FS | ... | CLONE_SETTLS
 
 
 def _header_numbers(path: str) -> dict[str, int]:
@@ -94,6 +106,9 @@ def reference(policy: Policy, arch: str, nr: int, audit_arch: int, args: tuple[i
         if isinstance(rule, AllowIf):
             if table.get(rule.name) == nr:
                 return ALLOW if args[rule.arg] & 0xFFFFFFFF in rule.values else rule.otherwise
+        elif isinstance(rule, AllowIfClear):
+            if table.get(rule.name) == nr:
+                return rule.otherwise if args[rule.arg] & rule.mask & 0xFFFFFFFF else ALLOW
         elif nr in {table[n] for n in rule.names if n in table}:
             return ALLOW if isinstance(rule, Allow) else refuse_with(rule.errno)
     return policy.default
@@ -103,7 +118,9 @@ def interesting_calls(arch: str) -> st.SearchStrategy[tuple[int, int, tuple[int,
     nrs = st.one_of(st.sampled_from(sorted(SYSCALLS[arch].values())),
                     st.integers(0, 600), st.integers(0, 2**32 - 1))
     archs = st.one_of(st.just(AUDIT_ARCH[arch]), st.integers(0, 2**32 - 1))
-    word = st.one_of(st.sampled_from([FIFREEZE, FITHAW, FIONBIO, 0x5401, 1, 10]),
+    word = st.one_of(st.sampled_from([FIFREEZE, FITHAW, FIONBIO, 0x5401, 1, 10, FORK_FLAGS,
+                                      THREAD_FLAGS, os.O_RDONLY, os.O_RDWR, os.O_WRONLY,
+                                      os.O_PATH | os.O_NOFOLLOW, os.O_CREAT | os.O_RDWR]),
                      st.integers(0, 2**64 - 1))
     # a request with high bits set: the kernel ignores them, so must the filter
     sign_extended = st.sampled_from([FIFREEZE | 0xFFFFFFFF00000000, FITHAW | 1 << 40])
@@ -122,20 +139,36 @@ def test_compiled_filter_decides_as_the_policy_says(policy, arch, data):
 
 
 def test_key_decisions_of_the_child_filter():
-    prog, nr = seccomp.compile_policy(ROOT_CHILD, "x86_64"), SYSCALLS["x86_64"]
-    arch = AUDIT_ARCH["x86_64"]
+    nr, arch = SYSCALLS["x86_64"], AUDIT_ARCH["x86_64"]
+    prog = seccomp.compile_policy(CHILD, "x86_64")
     eperm = refuse_with(errno.EPERM)
     assert bpf.run(prog, nr["ioctl"], arch, (3, FIFREEZE)) == ALLOW
     assert bpf.run(prog, nr["ioctl"], arch, (3, FITHAW | 0xFFFFFFFF00000000)) == ALLOW
     assert bpf.run(prog, nr["ioctl"], arch, (3, 0x5401)) == refuse_with(errno.ENOTTY)  # TCGETS
     assert bpf.run(prog, 59, arch) == eperm  # execve
-    assert bpf.run(prog, 57, arch) == eperm  # fork
+    assert bpf.run(prog, 57, arch) == eperm  # fork(2) itself: glibc's fork is a clone
+    assert bpf.run(prog, nr["clone"], arch, (FORK_FLAGS,)) == ALLOW  # the thaw guard
+    assert bpf.run(prog, nr["clone"], arch, (THREAD_FLAGS,)) == eperm  # never a thread
     assert bpf.run(prog, 165, arch) == eperm  # mount
+    for name_nr in (101, 175, 313, 246, 320, 437):  # ptrace, (f)init_module, kexec, openat2
+        assert bpf.run(prog, name_nr, arch) == eperm
+    for name_nr in (82, 87, 264, 263, 316, 76, 86, 88):  # rename(at)(2), unlink(at), truncate,
+        assert bpf.run(prog, name_nr, arch) == eperm     # link, symlink: never a path change
+    assert bpf.run(prog, nr["openat"], arch, (3, 0, os.O_RDONLY | os.O_DIRECTORY)) == ALLOW
+    assert bpf.run(prog, nr["openat"], arch, (3, 0, os.O_PATH | os.O_NOFOLLOW)) == ALLOW
+    assert bpf.run(prog, nr["openat"], arch, (3, 0, os.O_RDWR)) == ALLOW  # Landlock decides
+    for flags in (os.O_WRONLY, os.O_RDWR | os.O_CREAT, os.O_RDONLY | os.O_TRUNC,
+                  os.O_WRONLY | os.O_APPEND, os.O_TMPFILE | os.O_RDWR):
+        assert bpf.run(prog, nr["openat"], arch, (3, 0, flags)) == eperm, oct(flags)
+    assert bpf.run(prog, 2, arch) == eperm  # open(2): its flags are not checked, so refused
     assert bpf.run(prog, nr["socket"], arch, (1,)) == eperm  # AF_UNIX: no socket at all
     assert bpf.run(prog, nr["connect"], arch) == eperm
     assert bpf.run(prog, nr["read"] | 0x40000000, arch) == eperm  # x32
     assert bpf.run(prog, nr["read"], 0x40000003) == eperm  # i386: never kills the child
-    simulated = seccomp.compile_policy(ROOT_CHILD_SIMULATED, "x86_64")
+    no_landlock = seccomp.compile_policy(CHILD_NO_LANDLOCK, "x86_64")
+    assert bpf.run(no_landlock, nr["openat"], arch, (3, 0, os.O_RDWR)) == eperm
+    assert bpf.run(no_landlock, nr["openat"], arch, (3, 0, os.O_RDONLY)) == ALLOW
+    simulated = seccomp.compile_policy(CHILD_SIMULATED, "x86_64")
     assert bpf.run(simulated, nr["socket"], arch, (1,)) == ALLOW
     assert bpf.run(simulated, nr["socket"], arch, (2,)) == refuse_with(errno.EAFNOSUPPORT)
     assert bpf.run(simulated, nr["connect"], arch) == ALLOW
@@ -145,12 +178,14 @@ def test_only_a_simulator_socket_lets_the_child_make_sockets(tmp_path):
     sim = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sim.bind(str(tmp_path / "vss.sock"))
     try:
-        assert child_policy(str(tmp_path / "vss.sock")) is ROOT_CHILD_SIMULATED
+        assert is_simulator(str(tmp_path / "vss.sock"))
+        os.symlink(tmp_path / "vss.sock", tmp_path / "link")
+        assert not is_simulator(str(tmp_path / "link"))  # never through a symlink
     finally:
         sim.close()
-    assert child_policy("/dev/null") is ROOT_CHILD  # a character device, like hv_vss
-    assert child_policy(str(tmp_path / "missing")) is ROOT_CHILD
-    assert child_policy(None) is ROOT_CHILD
+    assert not is_simulator("/dev/null")  # a character device, like hv_vss
+    assert not is_simulator(str(tmp_path / "missing"))
+    assert not is_simulator(None)
 
 
 def test_roles_merge_to_what_any_of_them_allows():
@@ -185,7 +220,8 @@ def confined(policy_expr: str, body: str, setup: str = "",
         import ctypes, errno, fcntl, os, socket, sys, threading
         sys.path.insert(0, {REPO!r})
         from privileged import seccomp
-        from privileged.sandbox import ROOT_CHILD
+        from privileged.sandbox import child_policy
+        ROOT_CHILD = child_policy(simulated=False, landlock=False)
         from agent.sandbox_linux import parent_policy
         def fails(fn, *a):
             try:
@@ -199,24 +235,38 @@ def confined(policy_expr: str, body: str, setup: str = "",
                           timeout=timeout, check=False)
 
 
-def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs):
+def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs, workdir):
     fs = make_fs("ext4")
+    outside = os.path.join(workdir, "outside")
     proc = confined("ROOT_CHILD", f"""
         fd = os.open({fs.mountpoint!r}, os.O_RDONLY | os.O_DIRECTORY)
         print(fails(fcntl.ioctl, fd, 0xC0045877, 0))  # FIFREEZE
         print(fails(fcntl.ioctl, fd, 0xC0045878, 0))  # FITHAW
         print(fails(fcntl.ioctl, fd, 0x80086601, b"\\0" * 8))  # FS_IOC_GETFLAGS
         print(fails(os.execv, "/bin/true", ["true"]))
-        print(fails(os.fork))
+        pid = os.fork()  # the thaw guard's fork is allowed; it exits at once
+        if pid == 0:
+            os._exit(7)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        try:
+            threading.Thread(target=print).start()  # never a thread
+            print("allowed")
+        except RuntimeError:
+            print("refused")
         print(fails(socket.socket, socket.AF_INET, socket.SOCK_STREAM))
         print(fails(socket.socket, socket.AF_UNIX, socket.SOCK_STREAM))
         print(fails(os.setuid, 0))
         print(fails(os.chroot, "/"))
+        print(fails(os.open, {outside!r}, os.O_WRONLY | os.O_CREAT, 0o600))
+        print(fails(os.open, "/proc/sys/kernel/core_pattern", os.O_RDWR))
+        print(fails(os.rename, {fs.mountpoint!r} + "/a", {fs.mountpoint!r} + "/b"))
         with open("/proc/self/status") as f:
             print([l.split()[1] for l in f if l.startswith("Seccomp:")][0])
         """)
-    assert proc.stdout.split() == ["allowed", "allowed", "ENOTTY", "EPERM", "EPERM",
-                                   "EPERM", "EPERM", "EPERM", "EPERM", "2"], proc.stderr
+    assert proc.stdout.split() == ["allowed", "allowed", "ENOTTY", "EPERM", "7", "refused",
+                                   "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM",
+                                   "2"], proc.stderr
+    assert not os.path.exists(outside)
     assert_writable(fs.mountpoint)
 
 

@@ -40,10 +40,11 @@ def test_root_lines_of_code_are_the_ones_the_tool_counts():
 def test_measured_syscall_table_names_only_what_the_filters_allow():
     """The table of measured syscalls cannot claim a call the filter would kill."""
     from agent.sandbox_linux import FRONTEND, parent_policy
-    from privileged.sandbox import ROOT_CHILD_SIMULATED
+    from privileged.sandbox import child_policy
 
     rows = dict(re.findall(r"^\| ([^|]+) \| `([a-z_0-9 ]+)`", TEXT, re.MULTILINE))
-    policies = {"root child (simulator: REOPEN connects)": ROOT_CHILD_SIMULATED,
+    policies = {"root child (simulator: REOPEN connects)":
+                    child_policy(simulated=True, landlock=True),
                 "frontend": FRONTEND,
                 "parent, `service`": parent_policy(("service",)),
                 "parent, `service` + `frontend` + `metrics`":

@@ -111,18 +111,20 @@ def test_status_and_json_after_a_few_cycles(workdir, make_fs):
             assert words in text, (words, text)
 
 
-def test_status_reports_watchdog_and_cooldown(workdir, make_fs):
+def test_status_reports_watchdog_and_budget(workdir, make_fs):
     fs = make_fs("ext4")
-    with running_agent(workdir, [fs.mountpoint], max_frozen=1.0, cooldown=60) as agent:
+    # a budget of one window that never refills: the watchdog spends it all
+    with running_agent(workdir, [fs.mountpoint], max_frozen=1.0, budget=1.0,
+                       budget_per_hour=0) as agent:
         assert agent.sim.request("freeze").status == 0
         assert assert_blocked(fs.mountpoint, 0.3).done_within(5), "the watchdog did not thaw"
         assert agent.sim.request("thaw").status == lw.HV_E_FAIL
-        assert agent.sim.request("freeze").status == lw.HV_E_FAIL  # cooling down
+        assert agent.sim.request("freeze").status == lw.HV_E_FAIL  # the budget is spent
         st = status_json(agent)
         kinds = [e["kind"] for e in st["events"]]
-        assert kinds == ["watchdog", "cooldown"]
+        assert kinds == ["watchdog", "budget"]
         assert st["counters"]["auto_thaws"] == 1
-        assert "cooling down" in st["events"][1]["detail"]
+        assert "frozen-time budget" in st["events"][1]["detail"]
         assert st["transactions"][-1]["detail"] == "FREEZE refused: Resource temporarily " \
             "unavailable"
 

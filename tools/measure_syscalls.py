@@ -55,7 +55,7 @@ from agent.sandbox import parent_roles
 from agent.sandbox_linux import FRONTEND, parent_policy
 from agent.simulator.server import Simulator
 from privileged import seccomp
-from privileged.sandbox import ROOT_CHILD_SIMULATED
+from privileged.sandbox import child_policy
 from privileged.syscall_table import SYSCALLS
 from tests.helpers import REPO, write_config
 
@@ -67,9 +67,9 @@ import sys
 sys.path.insert(0, {REPO!r})
 {ALLOW_ALL}
 import agent.child_link as link
-link.child_bootstrap = lambda: (
-    "import sys; sys.path.insert(0, {REPO!r}); {ALLOW_ALL}; "
-    "from privileged.child import main; sys.exit(main())")
+_bootstrap = link.child_bootstrap
+link.child_bootstrap = lambda: _bootstrap(
+    "{ALLOW_ALL}; from privileged.child import main; sys.exit(main())")
 from agent.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -195,7 +195,7 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, trace: Trace, *, foregro
     os.mkdir(metrics_dir, 0o755)
     os.chown(metrics_dir, pwd.getpwnam("hvvss").pw_uid, -1)
     config = write_config(os.path.join(run, "agent.toml"), [fs.mountpoint], run, max_frozen=1.0,
-                          cooldown=0.1, extra=f'[log]\nsyslog_socket = "{run}/log.sock"\n',
+                          extra=f'[log]\nsyslog_socket = "{run}/log.sock"\n',
                           frontend=frontend, metrics={"dir": metrics_dir} if metrics else None)
     sim = Simulator(os.path.join(run, "vss.sock"), util_timeout=2.0).start()
     out = os.path.join(run, "trace")
@@ -298,7 +298,8 @@ def report(trace: Trace) -> list[str]:
 
 def _policy_of(label: str) -> seccomp.Policy:
     if label == "child":
-        return ROOT_CHILD_SIMULATED  # measured against the simulator, whose socket REOPEN reopens
+        # measured against the simulator, whose socket REOPEN reopens, under Landlock
+        return child_policy(simulated=True, landlock=True)
     if label == "frontend":
         return FRONTEND
     roles = tuple(label.removeprefix("parent[").removesuffix("]").split("+"))
