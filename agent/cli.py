@@ -2,10 +2,11 @@
 
 The daemon keeps the stock hv_vss_daemon's flags, as its code has them (its
 man page swaps them): -n stay in the foreground (log to stderr), -d debug
-output, -h usage.  Two client subcommands come first on the line when used:
-`status` asks the running agent, `hook` runs qemu-ga-style hooks as a
-subscriber.  Every bad input is one line on stderr and a non-zero exit,
-never a traceback.
+output, -h usage.  Subcommands come first on the line when used: the
+clients `status` (asks the running agent) and `hook` (runs qemu-ga-style
+hooks as a subscriber), and `simulator` (a simulated host to try it on).
+Every bad input is one line on stderr and a non-zero exit, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Parser(argparse.ArgumentParser):
 
 def daemon_parser() -> Parser:
     p = Parser(prog="hv-vss-agent", description="Privilege-separated Hyper-V VSS guest agent.",
-               epilog="Clients: `hv-vss-agent status -h`, `hv-vss-agent hook -h`. "
+               epilog="Clients: `hv-vss-agent status -h`, `hv-vss-agent hook -h`; a "
+                      "simulated host to try it on: `hv-vss-agent simulator -h`. "
                       "See hv-vss-agent(8).")
     p.add_argument("-n", dest="foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
@@ -45,6 +47,9 @@ def daemon_parser() -> Parser:
                    help="kernel device, or a simulator's Unix socket")
     p.add_argument("--protocol", choices=("linux", "freebsd"),
                    help="kernel protocol (default: this system's)")
+    p.add_argument("--simulator-may-freeze-all", action="store_true",
+                   help="serve a simulator (a Unix socket as the device) even though the "
+                        "config has no [freeze] only: every filesystem, / included, is frozen")
     p.add_argument("--simulate", action="store_true",
                    help="demo: run the agent against the built-in host simulator on scratch "
                         "filesystems it creates and removes")
@@ -140,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list and args_list[0] in ("status", "hook"):
         return client_main(args_list)
+    if args_list and args_list[0] == "simulator":
+        from agent.simulator import command
+
+        return command.main(args_list[1:])
     args = daemon_parser().parse_args(args_list)
     try:
         if args.simulate:
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _replace(cfg, protocol=args.protocol)
         from agent import daemon
 
-        return daemon.run(cfg, args.foreground, args.debug, args.in_memory)
+        return daemon.run(cfg, args.foreground, args.debug, args.in_memory,
+                          simulator_may_freeze_all=args.simulator_may_freeze_all)
     except (ConfigError, StartupError, DropError) as e:
         sys.stderr.write(f"hv-vss-agent: {e}\n")
         return 1

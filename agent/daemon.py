@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 
@@ -38,6 +39,7 @@ from agent.kernel.transport import (
     KernelChannel,
     KernelLost,
     KernelProtocolError,
+    SocketEndpoint,
     attach,
 )
 from agent.listeners import Access, listen_unix, trusted_directory
@@ -115,13 +117,46 @@ def register(endpoint: Endpoint, protocol: str) -> KernelChannel:
     return kernel
 
 
-def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False) -> int:
+def refuse_simulator_freezing_all(cfg: AgentConfig, is_socket: bool,
+                                  allowed: bool = False) -> None:
+    """A simulator is for trying the agent: with no [freeze] only, its FREEZE would
+    freeze every filesystem of the machine it runs on, / included."""
+    if is_socket and not cfg.child.freeze.only and not allowed:
+        raise StartupError(f"{cfg.device_path} is a simulator's socket and the config has no "
+                           "[freeze] only, so a simulated FREEZE would freeze every filesystem "
+                           "here, / included: list scratch filesystems in [freeze] only, or "
+                           "pass --simulator-may-freeze-all")
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False  # not there yet: asked again once it is open
+
+
+def _refuse_opened_simulator(cfg: AgentConfig, endpoint: Endpoint, allowed: bool,
+                             foreground: bool) -> None:
+    """The same refusal, for a device that appeared as a socket while we waited."""
+    try:
+        refuse_simulator_freezing_all(cfg, isinstance(endpoint, SocketEndpoint), allowed)
+    except StartupError as e:
+        endpoint.close()
+        if not foreground:  # detached: stderr is /dev/null, the log is all there is
+            log.error("%s", e)
+        raise
+
+
+def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False, *,
+        simulator_may_freeze_all: bool = False) -> int:
     """Start and serve.  `in_memory` is the unprivileged demo: no root, no split."""
     if in_memory and os.geteuid() == 0:
         raise StartupError("--in-memory is only for unprivileged demos")
     if not in_memory and os.geteuid() != 0:
         raise StartupError("must be started as root (it starts the root child, then drops "
                            "privileges itself); try --simulate for the demo")
+    freeze_all_ok = in_memory or simulator_may_freeze_all  # in memory nothing freezes
+    refuse_simulator_freezing_all(cfg, _is_socket(cfg.device_path), freeze_all_ok)
     check_install(cfg.path)
     check_socket_directories(cfg)
     account = None if in_memory else privdrop.lookup_account(cfg.user)
@@ -133,6 +168,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
 
     check_device_path(cfg.device_path)
     endpoint = wait_for_device(cfg.device_path, cfg.protocol)
+    _refuse_opened_simulator(cfg, endpoint, freeze_all_ok, foreground)
     child = start_child(cfg, debug, in_memory)
     plan, engine_end = prepare_frontend(cfg)
     metrics_fd = None

@@ -116,14 +116,22 @@ def test_freeze_failing_on_one_filesystem_leaves_none_frozen(workdir, make_fs):
 
 
 def test_fake_thaw_on_hibernation_and_thaw_without_freeze_succeed(workdir, ext4_xfs):
+    """Hibernation stops processes first, then hv_vss_pre_suspend queues a fake THAW and
+    forces the driver READY: the agent, resumed, thaws, and its reply is refused
+    (EINVAL) on a device that stays open; it closes, reopens and registers again."""
     mounts = [fs.mountpoint for fs in ext4_xfs]
     with running_agent(workdir, mounts) as agent:
         assert agent.sim.request("thaw").status == 0  # THAW without FREEZE
         assert agent.sim.request("freeze").status == 0
         probe = assert_blocked(mounts[0], 0.3)
-        agent.sim.hibernate()  # kernel's fake THAW; our reply write then fails (EINVAL)
+        agent.parent.suspend()  # freeze_processes(), before the drivers' suspend
+        agent.sim.hibernate()  # pre_suspend (the fake THAW) ... pre_resume
+        agent.parent.resume()
         assert probe.done_within(5), "the fake THAW did not thaw"
         agent.wait_registered(connections=2)  # reopened and registered again
+        text = agent.log()
+        assert "kernel channel: write failed: Invalid argument (late reply?)" in text
+        assert "the device was closed" not in text
         assert agent.sim.request("freeze").status == 0
         assert agent.sim.request("thaw").status == 0
 

@@ -16,6 +16,8 @@ from agent.kernel import linux_wire as lw
 from tests.helpers import Agent, assert_blocked, assert_writable, running_agent, wait_for
 
 FAIL_REPLY = struct.pack("<I", lw.HV_E_FAIL) + bytes(8)
+# What the agent logs when the kernel refuses its reply (service.py, _reply).
+LATE_REPLY = "kernel channel: write failed: Invalid argument (late reply?)"
 
 
 def test_sigkilled_child_is_recovered_by_the_next_start(workdir, ext4_xfs):
@@ -82,7 +84,12 @@ def test_connection_dropped_while_frozen_thaws_reopens_and_says_so(workdir, ext4
 
 
 def test_late_thaw_reply_is_recovered(workdir, ext4_xfs):
-    """The upstream reproducer: SIGSTOP the daemon until the kernel gives up on it."""
+    """The upstream reproducer: SIGSTOP the daemon until the kernel gives up on it.
+
+    The THAW stays unread on the device meanwhile (vss_timeout_func answers the host and
+    leaves the message); resumed, the agent reads it, thaws, and its reply is refused
+    (vss_on_msg: "Transaction not active", EINVAL): the agent's own write-failure path,
+    on a device that stays open until the agent closes it and reopens."""
     mounts = [fs.mountpoint for fs in ext4_xfs]
     with running_agent(workdir, mounts, sim_timeouts={"util_timeout": 1.0}) as agent:
         assert agent.sim.request("freeze").status == 0
@@ -93,6 +100,8 @@ def test_late_thaw_reply_is_recovered(workdir, ext4_xfs):
         for m in mounts:
             assert_writable(m)
         agent.wait_registered(connections=2)
+        assert LATE_REPLY in agent.log()
+        assert "the device was closed" not in agent.log()
         assert agent.sim.request("check").status == 0
 
 
@@ -102,11 +111,14 @@ def test_late_freeze_reply_thaws_before_reopening(workdir, ext4_xfs):
         agent.parent.suspend()
         freeze = agent.sim.request("freeze", timeout=5)
         assert freeze.answered_by == "timeout"
-        agent.parent.resume()  # it freezes, replies late, loses the channel, thaws
+        agent.parent.resume()  # it freezes, its reply is refused (EINVAL), it thaws
         agent.wait_registered(connections=2)
         for m in mounts:
             assert_writable(m)
+        text = agent.log()
+        assert LATE_REPLY in text and "the device was closed" not in text
         assert wait_for(lambda: "thawing before reopening" in agent.log())
+        assert agent.log().index(LATE_REPLY) < agent.log().index("thawing before reopening")
 
 
 def test_device_appearing_after_start_up(workdir, ext4_xfs):

@@ -9,6 +9,7 @@ ioctl request codes and buffers are the ones the device would see.
 from __future__ import annotations
 
 import errno
+import select
 from collections.abc import Callable
 
 import pytest
@@ -39,6 +40,18 @@ def opened(**kw: object) -> FreeBSDDriver:
     d = driver(**kw)
     assert d.open() == 0
     return d
+
+
+def daemon_read(d: FreeBSDDriver, now: float = 0.0) -> bytes:
+    """IOCHVVSSREAD on the daemon's device, through the generic ioctl layer."""
+    ret, out = d.d_ioctl(fw.IOCHVVSSREAD, bytes(64), now)
+    assert ret == 0 and len(out) == 64
+    return out
+
+
+def daemon_write(d: FreeBSDDriver, data: bytes, now: float) -> None:
+    """IOCHVVSSWRITE: it always returns 0, and nothing is copied back."""
+    assert d.d_ioctl(fw.IOCHVVSSWRITE, data, now) == (0, b"")
 
 
 # --- golden bytes ------------------------------------------------------------------
@@ -83,7 +96,7 @@ def test_host_messages_wait_unread_until_the_first_open():
     assert not (nego.done or check.done or dm.done) and len(d.ring) == 3
     assert d.open() == 0
     assert (nego.status, dm.status) == (host.HV_S_OK, host.HV_S_OK)
-    assert d.take_outmsg() == ack(fw.HV_VSS_CHECK, MSGID)
+    assert daemon_read(d) == ack(fw.HV_VSS_CHECK, MSGID)
 
 
 def test_after_the_daemon_closed_everything_fails_at_once_but_negotiation():
@@ -96,7 +109,7 @@ def test_after_the_daemon_closed_everything_fails_at_once_but_negotiation():
         assert (req.status, req.answered_by, req.answered_at) == (host.HV_E_FAIL, "kernel", 2.0)
     assert answers[host.VSS_OP_HOT_BACKUP].flags == host.VSS_HBU_NO_AUTO_RECOVERY
     assert d.host_send(NEGOTIATE, 3.0).status == host.HV_S_OK
-    assert d.take_outmsg() is None
+    assert not d.daemon.pollin
 
 
 def test_a_request_queued_when_the_daemon_closed_waits_for_its_timeout():
@@ -114,11 +127,11 @@ def test_one_transaction_at_a_time_the_next_request_is_ignored_for_good():
     check = d.host_send(host.VSS_OP_HOT_BACKUP, 0.0)
     freeze = d.host_send(host.VSS_OP_FREEZE, 1.0)  # while CHECK is pending
     assert "new request coming before finishing" in d.log[-1]
-    assert d.take_outmsg() == ack(fw.HV_VSS_CHECK, MSGID)
-    d.write(ack(fw.HV_VSS_CHECK, MSGID), 2.0)
+    assert daemon_read(d) == ack(fw.HV_VSS_CHECK, MSGID)
+    daemon_write(d, ack(fw.HV_VSS_CHECK, MSGID), 2.0)
     assert check.status == host.HV_S_OK and check.flags == host.VSS_HBU_NO_AUTO_RECOVERY
     d.tick(60.0)
-    assert not freeze.done and d.take_outmsg() is None
+    assert not freeze.done and not d.daemon.pollin
 
 
 def test_get_dm_info_answered_by_the_kernel_unknown_operations_never():
@@ -148,7 +161,7 @@ def test_read_with_nothing_pending_says_status_1_and_the_ioctl_succeeds():
 def test_late_ack_is_dropped_silently_and_the_callers_buffer_is_untouched():
     d = opened(chain_timeout=15.0)
     freeze = d.host_send(host.VSS_OP_FREEZE, 0.0)
-    d.take_outmsg()
+    daemon_read(d)
     d.tick(15.0)
     assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
     late = bytearray(ack(fw.HV_VSS_FREEZE, MSGID))
@@ -160,8 +173,8 @@ def test_late_ack_is_dropped_silently_and_the_callers_buffer_is_untouched():
 def test_daemon_status_is_a_u32_and_any_non_zero_fails():
     d = opened()
     check = d.host_send(host.VSS_OP_HOT_BACKUP, 0.0)
-    d.take_outmsg()
-    d.write(ack(fw.HV_VSS_CHECK, MSGID, status=256), 1.0)
+    daemon_read(d)
+    daemon_write(d, ack(fw.HV_VSS_CHECK, MSGID, status=256), 1.0)
     assert (check.status, check.answered_by) == (host.HV_E_FAIL, "daemon")
     assert check.flags == host.VSS_HBU_NO_AUTO_RECOVERY
 
@@ -169,18 +182,61 @@ def test_daemon_status_is_a_u32_and_any_non_zero_fails():
 def test_an_opt_outside_the_three_leaves_the_request_to_its_timeout():
     d = opened()
     freeze = d.host_send(host.VSS_OP_FREEZE, 0.0)
-    d.take_outmsg()
-    d.write(ack(7, MSGID), 1.0)
+    daemon_read(d)
+    daemon_write(d, ack(7, MSGID), 1.0)
     assert "KASSERT: Mismatched VSS operation!" in d.log[-1] and not freeze.done
     d.tick(15.0)
     assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
     assert "fail to find request" in " ".join(d.log)
 
 
-def test_unknown_ioctl_returns_0_and_a_wrong_sized_write_is_refused():
+def test_unknown_ioctl_returns_0_and_read_and_write_are_enodev():
+    """hv_vss_dev_daemon_ioctl returns 0 whatever the command; hv_vss_cdevsw has no
+    d_read or d_write, so devfs answers read(2) and write(2) with ENODEV."""
     d = opened()
     assert d.ioctl(d.daemon, 0xC0407699, bytearray(64), 0.0) == 0
-    assert d.write(bytes(12), 0.0) == errno.EINVAL
+    d.host_send(host.VSS_OP_FREEZE, 0.0)
+    assert d.d_read(256, 0.0) == (-errno.ENODEV, b"")
+    assert d.d_write(bytes(64), 0.0) == -errno.ENODEV
+    assert d.daemon.pollin  # neither took the request
+    assert d.d_ioctl(fw.IOCHVVSSWRITE, bytes(12), 0.0) == (-errno.EFAULT, b"")
+
+
+def test_poll_says_pollin_alone_whatever_was_asked_and_never_hangs_up():
+    """hv_vss_dev_daemon_poll returns POLLIN or 0, and pollscan (sys_generic.c) keeps
+    the driver's revents as they are: no POLLRDNORM, even for a POLLRDNORM poller."""
+    d = opened()
+    for events in (select.POLLIN | select.POLLRDNORM, select.POLLRDNORM, select.POLLIN):
+        assert d.d_poll(events) == 0
+    d.host_send(host.VSS_OP_HOT_BACKUP, 0.0)
+    for events in (select.POLLIN | select.POLLRDNORM, select.POLLRDNORM, select.POLLIN):
+        assert d.d_poll(events) == select.POLLIN
+    d.release(1.0)
+    assert d.d_poll(select.POLLIN) == select.POLLIN  # the request stays; no POLLHUP
+
+
+def test_a_request_that_timed_out_unread_is_gone_for_good():
+    """hv_vss_timeout takes the request out of the notify queue: a daemon that reads
+    only afterwards gets status VSS_FAIL (hv_vss_notified), nothing to do."""
+    d = opened(chain_timeout=15.0)
+    freeze = d.host_send(host.VSS_OP_FREEZE, 0.0)
+    d.tick(15.0)
+    assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
+    assert not d.daemon.pollin
+    assert daemon_read(d, 16.0) == NOTHING_PENDING
+
+
+def test_a_request_the_daemon_died_before_reading_waits_for_the_next_opener():
+    """hv_vss_dev_close only clears register_done: the notify queue keeps the request,
+    and the next daemon's IOCHVVSSREAD takes it, within the same 15-second budget."""
+    d = opened(chain_timeout=15.0)
+    check = d.host_send(host.VSS_OP_HOT_BACKUP, 0.0)
+    d.release(1.0)  # died without reading
+    assert d.host_send(host.VSS_OP_FREEZE, 2.0).answered_by == "kernel"  # dead: at once
+    assert d.open() == 0
+    assert daemon_read(d, 3.0) == ack(fw.HV_VSS_CHECK, MSGID)
+    daemon_write(d, ack(fw.HV_VSS_CHECK, MSGID), 3.5)
+    assert (check.status, check.answered_by) == (host.HV_S_OK, "daemon")
 
 
 def test_one_budget_for_the_whole_chain_app_then_daemon():
@@ -189,9 +245,9 @@ def test_one_budget_for_the_whole_chain_app_then_daemon():
     freeze = d.host_send(host.VSS_OP_FREEZE, 0.0)
     assert d.app.pollin and not d.daemon.pollin  # the application is told first
     d.ioctl(d.app, fw.IOCHVVSSWRITE, bytearray(d.read(d.app)), 10.0)  # it held 10 s
-    assert d.take_outmsg() == ack(fw.HV_VSS_FREEZE, MSGID)
+    assert daemon_read(d) == ack(fw.HV_VSS_FREEZE, MSGID)
     d.tick(15.0)  # not re-armed at the hand-off: 5 s were left for the daemon
-    d.write(ack(fw.HV_VSS_FREEZE, MSGID), 15.5)
+    daemon_write(d, ack(fw.HV_VSS_FREEZE, MSGID), 15.5)
     assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
     assert d.dropped_acks
 
@@ -203,7 +259,7 @@ def test_application_veto_on_check_never_reaches_the_daemon():
     assert d.read(d.app) == ack(fw.HV_VSS_CHECK, MSGID)
     d.ioctl(d.app, fw.IOCHVVSSWRITE, bytearray(ack(fw.HV_VSS_CHECK, MSGID, 1)), 1.0)
     assert (check.status, check.answered_by) == (host.HV_E_FAIL, "app")
-    assert d.take_outmsg() is None
+    assert not d.daemon.pollin
 
 
 def test_application_status_is_truncated_to_a_byte():
@@ -212,7 +268,7 @@ def test_application_status_is_truncated_to_a_byte():
     d.host_send(host.VSS_OP_HOT_BACKUP, 0.0)
     d.read(d.app)
     d.ioctl(d.app, fw.IOCHVVSSWRITE, bytearray(ack(fw.HV_VSS_CHECK, MSGID, 256)), 1.0)
-    assert d.take_outmsg() == ack(fw.HV_VSS_CHECK, MSGID)  # 256 counted as success
+    assert daemon_read(d) == ack(fw.HV_VSS_CHECK, MSGID)  # 256 counted as success
 
 
 def test_thaw_goes_to_the_daemon_first_and_a_daemon_failure_skips_the_app():
@@ -221,13 +277,13 @@ def test_thaw_goes_to_the_daemon_first_and_a_daemon_failure_skips_the_app():
     thaw = d.host_send(host.VSS_OP_THAW, 0.0)
     assert d.daemon.pollin and not d.app.pollin
     assert d.read(d.daemon) == ack(fw.HV_VSS_THAW, MSGID)
-    d.write(ack(fw.HV_VSS_THAW, MSGID, status=1), 1.0)
+    daemon_write(d, ack(fw.HV_VSS_THAW, MSGID, status=1), 1.0)
     assert (thaw.status, thaw.answered_by) == (host.HV_E_FAIL, "daemon")
     assert not d.app.pollin  # the application never hears of THAW
 
     thaw2 = d.host_send(host.VSS_OP_THAW, 2.0)
     d.read(d.daemon)
-    d.write(ack(fw.HV_VSS_THAW, MSGID + 1), 3.0)
+    daemon_write(d, ack(fw.HV_VSS_THAW, MSGID + 1), 3.0)
     assert not thaw2.done and d.app.pollin
     d.ioctl(d.app, fw.IOCHVVSSWRITE, bytearray(d.read(d.app)), 4.0)
     assert (thaw2.status, thaw2.answered_by) == (host.HV_S_OK, "app")

@@ -1,7 +1,7 @@
 """The whole agent speaking FreeBSD's protocol to the model of hv_snapshot.c, freezing for real.
 
-The FreeBSD protocol flavour (64-byte hv_vss_opt_msg, a READ is a record the
-simulator sends, a WRITE one it receives) drives the Linux freezer on scratch
+The FreeBSD protocol flavour (64-byte hv_vss_opt_msg, IOCHVVSSREAD and
+IOCHVVSSWRITE as records over the simulator's socket) drives the Linux freezer on scratch
 filesystems the tests made ([freeze] only), so every FREEZE here is real.
 """
 
@@ -77,9 +77,11 @@ def test_check_freeze_thaw_golden_replies(workdir, ext4_xfs):
 
 def test_a_read_that_finds_nothing_is_ignored(workdir, ext4_xfs):
     with freebsd_agent(workdir, [ext4_xfs[0].mountpoint]) as agent:
-        agent.sim.nothing_pending()
+        agent.sim.nothing_pending()  # woken, and the READ finds the queue empty
         assert wait_for(lambda: "woken with nothing pending" in agent.log())
-        assert agent.sim.driver.log == [] and agent.sim.driver.dropped_acks == []  # no WRITE
+        driver = agent.sim.driver
+        assert driver.log == ["hv_vss_notified: notify queue is empty!"]
+        assert driver.dropped_acks == []  # no WRITE
         assert agent.sim.request("check").status == host.HV_S_OK
 
 
@@ -92,9 +94,10 @@ def test_unknown_opt_is_answered_failure_echoing_opt_and_msgid(workdir, ext4_xfs
         assert agent.sim.request("check").status == host.HV_S_OK
 
 
-def test_a_freeze_read_after_the_kernel_gave_up_is_not_done(workdir, ext4_xfs):
-    """msgid is the kernel's nanotime() at the request: the agent sees it is too late,
-    answers failure (which the kernel drops) and freezes nothing."""
+def test_a_freeze_that_timed_out_while_the_agent_was_stopped_is_never_done(workdir, ext4_xfs):
+    """hv_vss_timeout takes the unread FREEZE out of the notify queue: the agent, resumed,
+    is woken by the poll that came before, and its READ finds nothing (hv_vss_notified,
+    status VSS_FAIL).  Nothing is frozen and nothing is written back."""
     mounts = [fs.mountpoint for fs in ext4_xfs]
     with freebsd_agent(workdir, mounts, chain_timeout=1.0) as agent:
         parent = agent.parent
@@ -105,13 +108,32 @@ def test_a_freeze_read_after_the_kernel_gave_up_is_not_done(workdir, ext4_xfs):
         finally:
             os.kill(parent.pid, signal.SIGCONT)
         assert (freeze.status, freeze.answered_by) == (host.HV_E_FAIL, "timeout")
+        assert wait_for(lambda: "woken with nothing pending" in agent.log(), 10), agent.log()
         driver = agent.sim.driver
-        assert wait_for(lambda: driver.dropped_acks, 10), agent.log()
-        assert driver.dropped_acks == [reply(fw.HV_VSS_FREEZE,
-                                             msgid_of(driver.dropped_acks[0]), status=1)]
-        assert "FROZEN" not in agent.log()
+        assert "hv_vss_notified: notify queue is empty!" in driver.log
+        assert driver.dropped_acks == []
+        assert "FROZEN" not in agent.log() and "kernel request freeze" not in agent.log()
         for m in mounts:
             assert_writable(m, 2)
+        assert agent.sim.request("check").status == host.HV_S_OK
+
+
+def test_a_request_outlives_an_agent_killed_before_reading_it(workdir, ext4_xfs):
+    """hv_vss_dev_close only ends the registration: the CHECK stays in the notify queue
+    and the next agent, started within the budget, reads and answers it."""
+    mounts = [fs.mountpoint for fs in ext4_xfs]
+    with freebsd_agent(workdir, mounts, chain_timeout=30.0) as agent:
+        agent.parent.suspend()
+        check = agent.sim.send("check")
+        agent.parent.kill()
+        assert agent.wait_exit(10) == -signal.SIGKILL
+        assert wait_for(lambda: not agent.sim.registered(), 10)
+        assert not check.done
+        agent.launch()
+        serving(agent, times=2)
+        agent.sim.wait(check, 15)
+        assert (check.status, check.answered_by) == (host.HV_S_OK, "daemon")
+        assert check.daemon_reply == reply(fw.HV_VSS_CHECK, msgid_of(check.daemon_reply))
 
 
 def test_a_freeze_finished_after_the_kernel_gave_up_is_undone_at_once(workdir, ext4_xfs):

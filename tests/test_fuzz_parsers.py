@@ -25,6 +25,7 @@ from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.messages import KernelProtocolError, Operation
 from agent.kernel.transport import KernelChannel, KernelLost, SocketEndpoint
+from agent.simulator import wire as sim_wire
 from privileged import wire
 from privileged.budget import Bucket
 from privileged.config import CHILD_SECTIONS, ConfigError
@@ -91,21 +92,57 @@ def test_freebsd_request_parser_takes_anything(frame):
        st.sampled_from(["linux", "freebsd"]))
 def test_kernel_channel_turns_any_record_into_a_request_or_its_own_error(records, protocol):
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    channel = KernelChannel(SocketEndpoint(ours.detach()), protocol)
+    channel = KernelChannel(SocketEndpoint(ours.detach(), protocol), protocol)
     try:
-        for record in records:
-            kernel.send(record)
+        for record in records:  # what the next read (or IOCHVVSSREAD) returns
+            kernel.send(sim_wire.encode(sim_wire.Result(
+                len(record) if protocol == "linux" else 0, record)))
             size = fw.MSG_SIZE if protocol == "freebsd" else lw.MSG_SIZE
             try:
                 channel.read_request()
             except KernelProtocolError:
                 assert len(record) not in (0, size)
             except KernelLost:
-                assert record == b""  # a zero-length record reads as EOF
+                assert record == b""  # a read that returns nothing is end of file
             else:
                 assert len(record) == size
     finally:
         channel.close()
+        kernel.close()
+
+
+@FAST
+@given(st.binary(max_size=300))
+def test_simulator_records_parse_or_raise_their_own_error(record):
+    """Both ends of the simulator's socket: a record is a call or an answer, or WireError."""
+    for decode in (sim_wire.decode_request, sim_wire.decode_answer):
+        try:
+            msg = decode(record)
+        except sim_wire.WireError:
+            continue
+        assert sim_wire.encode(msg) == record
+
+
+@FAST
+@given(st.one_of(st.binary(min_size=1, max_size=300),
+                 st.integers(-2**31, 2**31 - 1).map(
+                     lambda ret: sim_wire.encode(sim_wire.Result(ret, b"x")))))
+def test_the_agent_side_of_the_simulator_turns_any_answer_into_data_or_oserror(record):
+    """Any record where the answer to a read is due: data, or OSError (then KernelLost)."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    endpoint = SocketEndpoint(ours.detach(), "linux")
+    done = sim_wire.encode(sim_wire.Result(12, bytes(12)))  # ends a read a READY left waiting
+    try:
+        kernel.send(record)
+        kernel.send(done)
+        try:
+            data = endpoint.read()
+        except OSError:
+            return
+        answer = sim_wire.decode_answer(record)
+        assert data == (answer.data if isinstance(answer, sim_wire.Result) else bytes(12))
+    finally:
+        endpoint.close()
         kernel.close()
 
 

@@ -2,13 +2,14 @@
 
 Same bytes either way.  Linux: read()/write() of 12-byte messages on
 /dev/vmbus/hv_vss.  FreeBSD: ioctl IOCHVVSSREAD/IOCHVVSSWRITE of 64-byte
-messages on /dev/hv_fsvss_dev; over the simulator socket a READ is a receive
-and a WRITE a send.
+messages on /dev/hv_fsvss_dev.
 
-The one thing a socket cannot say by itself is open(2)'s result: the
-simulator therefore sends a 4-byte errno (0 = opened) as the first record of
-every connection, and attach() turns a non-zero one into the same OSError the
-device's open() would have raised (EBUSY for a second daemon).
+Over the simulator's socket each of those system calls is a request record
+that the simulator answers as the driver returns from it, and poll() a
+standing request (agent/simulator/wire.py).  open(2)'s result is the first
+record of every connection, a 4-byte errno (0 = opened): attach() turns a
+non-zero one into the same OSError the device's open() would have raised
+(EBUSY for a second daemon).
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import os
 import select
 import socket
 import stat
-import struct
 from typing import Protocol
 
 from agent.kernel import freebsd_wire, linux_wire
 from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.simulator import wire as sim_wire
 
-OPEN_STATUS = struct.Struct("<i")
-_READ_BUFFER = 256  # larger than any message: the kernel and simulator send whole records
+OPEN_STATUS = sim_wire.OPEN_STATUS
+_READ_BUFFER = 256  # larger than any message: a shorter buffer fails the read (EINVAL)
+# FreeBSD's stock daemon polls for POLLIN|POLLRDNORM; POLLRDNORM is POLLIN on Linux.
+POLL_EVENTS = select.POLLIN | select.POLLRDNORM
 
 
 class KernelLost(Exception):
@@ -73,19 +76,63 @@ class IoctlEndpoint(DeviceEndpoint):
 
 
 class SocketEndpoint:
-    """The simulator: one SOCK_SEQPACKET record per message."""
+    """The simulator: each system call a request record, answered by one RESULT
+    record when the driver returns from it (agent/simulator/wire.py).
 
-    def __init__(self, fd: int) -> None:
+    poll(2) is a standing POLL request, re-armed after every call, that the
+    simulator answers with a READY record once the driver would report the
+    device readable; that record is what makes the socket readable for the
+    caller's poll(), and the next call consumes it."""
+
+    def __init__(self, fd: int, protocol: str) -> None:
         self.sock = socket.socket(fileno=fd)
+        self.protocol = protocol
+        self.armed = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def read(self) -> bytes:
-        return self.sock.recv(_READ_BUFFER)
+        if self.protocol == "freebsd":
+            got = self._call(sim_wire.Ioctl(freebsd_wire.IOCHVVSSREAD,
+                                            bytes(freebsd_wire.MSG_SIZE)))
+        else:
+            got = self._call(sim_wire.Read(_READ_BUFFER))
+        return b"" if got is None else got.data  # None: the simulator has gone
 
     def write(self, frame: bytes) -> None:
-        self.sock.send(frame)
+        if self.protocol == "freebsd":
+            got = self._call(sim_wire.Ioctl(freebsd_wire.IOCHVVSSWRITE, frame))
+        else:
+            got = self._call(sim_wire.Write(frame))
+            if got is not None and got.ret != len(frame):
+                raise OSError(errno.EIO, "short write")
+        if got is None:
+            raise OSError(errno.EPIPE, "the simulator closed the connection")
+
+    def arm(self) -> None:
+        if not self.armed:
+            self.sock.send(sim_wire.encode(sim_wire.Poll(POLL_EVENTS)))
+            self.armed = True
+
+    def _call(self, call: sim_wire.Request) -> sim_wire.Result | None:
+        self.sock.send(sim_wire.encode(call))
+        while True:
+            record = self.sock.recv(sim_wire.MAX_RECORD)
+            if not record:
+                return None
+            try:
+                answer = sim_wire.decode_answer(record)
+            except sim_wire.WireError as e:
+                raise OSError(errno.EPROTO, str(e)) from None
+            if isinstance(answer, sim_wire.Result):
+                break
+            self.armed = False  # a READY that was waiting: its poll has been answered
+        self.arm()
+        if answer.ret < 0:
+            err = -answer.ret
+            raise OSError(err, os.strerror(err) if err in errno.errorcode else "unknown error")
+        return answer
 
     def close(self) -> None:
         self.sock.close()
@@ -94,11 +141,11 @@ class SocketEndpoint:
 def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
     """Wrap an open descriptor; for the simulator, collect open(2)'s result."""
     if stat.S_ISSOCK(os.fstat(fd).st_mode):
-        ep = SocketEndpoint(fd)
+        ep = SocketEndpoint(fd, protocol)
         if not select.select([ep], [], [], timeout)[0]:
             ep.close()
             raise OSError(errno.ETIMEDOUT, "the simulator did not answer the open")
-        data = ep.read()
+        data = ep.sock.recv(_READ_BUFFER)
         if len(data) != OPEN_STATUS.size:
             ep.close()
             raise OSError(errno.EIO, "the simulator closed the connection")
@@ -106,6 +153,7 @@ def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
         if err:
             ep.close()
             raise OSError(err, os.strerror(err))
+        ep.arm()
         return ep
     if protocol == "freebsd":
         return IoctlEndpoint(fd)
@@ -118,8 +166,7 @@ class KernelChannel:
     def __init__(self, endpoint: Endpoint, protocol: str) -> None:
         self.endpoint = endpoint
         self.protocol = protocol
-        # FreeBSD's stock daemon polls for POLLIN|POLLRDNORM; POLLRDNORM is POLLIN on Linux.
-        self.poll_mask = select.POLLIN | select.POLLRDNORM
+        self.poll_mask = POLL_EVENTS
 
     def fileno(self) -> int:
         return self.endpoint.fileno()

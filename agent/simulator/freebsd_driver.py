@@ -1,7 +1,7 @@
 """A model of FreeBSD's VSS driver: sys/dev/hyperv/utilities/hv_snapshot.c.
 
 No I/O and no clock of its own: the simulator server (or a test) feeds it the
-host's messages, the daemon's ioctls and the time.  Read from the sources
+host's messages, the daemon's system calls on its device and the time.  Read from the sources
 (revisions 1633c008 and 67bc8c8b, the same logic); what it reproduces, each
 with the function it comes from:
 
@@ -16,7 +16,9 @@ with the function it comes from:
 - once the daemon has closed or died, every host message except negotiation
   is answered HV_E_FAIL at once, without asking anyone
   (hv_vss_process_request, hv_vss_is_daemon_killed_after_launch); requests
-  already queued stay queued until their timeout;
+  already queued stay queued: one the daemon had not read yet goes to the
+  next opener's READ, if that comes before its timeout (hv_vss_dev_close
+  clears register_done and nothing else);
 - HOT_BACKUP, FREEZE and THAW become HV_VSS_CHECK, _FREEZE, _THAW, with a
   msgid of nanotime() in nanoseconds (hv_vss_init_req); GET_DM_INFO is
   answered success by the kernel; any other operation is only logged
@@ -48,26 +50,22 @@ with the function it comes from:
 - around the driver, the generic ioctl layer (sys_generic.c, kern_ioctl): an
   IOC_OUT request gets a zeroed buffer, copied out only when the driver
   returns 0; an IOC_IN request is copied in and never back; the driver
-  returns 0 for every command, unknown ones included.
+  returns 0 for every command, unknown ones included;
+- poll(2) on the daemon's device returns POLLIN while its notify queue holds a
+  request, whatever events were asked for, and never POLLHUP or POLLERR
+  (hv_vss_dev_daemon_poll; sys_generic.c pollscan keeps the driver's revents
+  as they are); the cdevsw has no d_read or d_write, so read(2) and write(2)
+  fail with ENODEV (kern_conf.c, no_read and no_write).
 
 Not modelled: the content of version negotiation (vmbus_ic_negomsg), the pool
 of four request objects (one transaction at a time never exhausts it), and
 the SIGKILL that detach sends to the openers.
-
-Over the simulator's socket a READ is the simulator sending a record, so the
-model treats a request as read the moment it is sent (take_outmsg).  What
-that cannot reproduce: the race where the callout fires between the daemon's
-poll() and its READ, which on the device makes the READ return status
-VSS_FAIL.  A record already sent cannot be taken back, so over the socket the
-daemon receives the request anyway and its ack arrives late, which the model
-then drops exactly as the kernel drops a late ack.  The status != 0 READ
-itself is available as NOTHING_PENDING, the exact bytes that READ returns,
-for the simulator to inject (Simulator.nothing_pending()).
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -118,6 +116,9 @@ class Device:
 
 
 class FreeBSDDriver:
+    #: What the daemon's poll() reports while a request waits for it.
+    readable = select.POLLIN
+
     def __init__(self, chain_timeout: float = 15.0,
                  clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.chain_timeout = chain_timeout  # TIMEOUT_LIMIT
@@ -160,18 +161,28 @@ class FreeBSDDriver:
         self.now = now
         self.close_device(self.daemon)
 
-    def take_outmsg(self) -> bytes | None:
-        """The record to send the daemon now, if any: a READ that finds a request."""
-        return self.read(self.daemon) if self.daemon.pollin else None
+    def d_poll(self, events: int) -> int:
+        """hv_vss_dev_daemon_poll: POLLIN or nothing, whatever `events` asked for."""
+        return select.POLLIN if self.daemon.pollin else 0
 
-    def write(self, data: bytes, now: float) -> int:
-        """A record from the daemon: an IOCHVVSSWRITE.  0, or EINVAL for a record an
-        ioctl could not carry (the request code fixes the size at 64 bytes)."""
-        self.now = now
-        if len(data) != fw.MSG_SIZE:
-            self.log.append(f"a {len(data)}-byte record is not a 64-byte ioctl argument")
-            return errno.EINVAL
-        return self.ioctl(self.daemon, fw.IOCHVVSSWRITE, bytearray(data), now)
+    def d_read(self, count: int, now: float) -> tuple[int, bytes] | None:
+        return -errno.ENODEV, b""  # no d_read in hv_vss_cdevsw
+
+    def d_write(self, data: bytes, now: float) -> int:
+        return -errno.ENODEV  # no d_write either
+
+    def d_ioctl(self, cmd: int, arg: bytes, now: float) -> tuple[int, bytes]:
+        """ioctl(2) on the daemon's device: (0 or -errno, the buffer copied out).
+
+        The daemon passes as many bytes as the command's size names (the
+        argument of an IOC_OUT command is ignored); an argument of another
+        size is EFAULT, as a copyin past the end of the caller's buffer would be."""
+        size = (cmd >> 16) & IOCPARM_MASK
+        if cmd & IOC_IN and len(arg) != size:
+            return -errno.EFAULT, b""
+        buf = bytearray(arg if cmd & IOC_IN else bytes(size))
+        ret = self.ioctl(self.daemon, cmd, buf, now)
+        return -ret if ret else 0, bytes(buf) if cmd & IOC_OUT and not ret else b""
 
     # --- the ioctl layer (sys_generic.c kern_ioctl, then the cdevsw) ----------
 

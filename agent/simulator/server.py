@@ -1,51 +1,59 @@
 """The host simulator: a driver model served on a Unix SOCK_SEQPACKET socket.
 
-The agent connects to the socket exactly as it would open the device node
-(`--device PATH`) and exchanges the same records.  The first record of every
-connection is open(2)'s result as a 4-byte errno (see agent.kernel.transport),
-because a socket cannot refuse a connection with EBUSY.  Where the real driver
-would make the daemon's write fail, the simulator closes the connection, which
-the daemon sees as a failed read or write, as it would on the device.
+The agent connects to the socket as it would open the device node
+(`--device PATH`) and makes its system calls on the device as records
+(agent/simulator/wire.py): the simulator hands the driver each call when it
+arrives and answers it when and as the driver returns from it.  A message
+for the daemon is therefore taken when the daemon reads it, not when it is
+ready; a read the driver would block stays unanswered until it would return;
+a rejected write is an error answer, and the connection stays open.  The
+simulator closes a connection only when told to (drop_connection, stop).
 
 Two models: Linux's drivers/hv/hv_snapshot.c (12-byte read/write records,
-linux_driver.py) and FreeBSD's hv_snapshot.c (64-byte ioctl structures, where
-a READ is a record the simulator sends and a WRITE one it receives,
+linux_driver.py) and FreeBSD's hv_snapshot.c (64-byte ioctl structures,
 freebsd_driver.py).
 
-A thread runs the I/O; the host side (tests, the demo, the benchmark) calls
-request()/send()/wait() from its own thread.  Driver timeouts are parameters,
-so tests can shorten them.
+A thread runs the I/O; the host side (tests, the demo, the benchmark, the
+`hv-vss-agent simulator` command) calls request()/send()/wait() from its own
+thread.  Driver timeouts are parameters, so tests can shorten them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import socket
-import struct
+import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.simulator import freebsd_driver
+from agent.kernel import freebsd_wire
+from agent.simulator import freebsd_driver, wire
 from agent.simulator.host import OPS, HostRequest
 from agent.simulator.linux_driver import LinuxDriver
 
-OPEN_STATUS = struct.Struct("<i")
+OPEN_STATUS = wire.OPEN_STATUS
 
 
 class Driver(Protocol):
     timer: float | None  # when the pending transaction times out
+    readable: int  # what the driver's poll reports while a message waits
+    log: list[str]
 
     @property
     def registered(self) -> bool: ...
 
     def open(self) -> int: ...
     def release(self, now: float) -> None: ...
-    def write(self, data: bytes, now: float) -> int: ...
-    def take_outmsg(self) -> bytes | None: ...
+    def d_poll(self, events: int) -> int: ...
+    def d_read(self, count: int, now: float) -> tuple[int, bytes] | None: ...
+    def d_write(self, data: bytes, now: float) -> int: ...
+    def d_ioctl(self, cmd: int, arg: bytes, now: float) -> tuple[int, bytes]: ...
     def host_send(self, op: int, now: float) -> HostRequest: ...
     def tick(self, now: float) -> None: ...
 
@@ -69,17 +77,32 @@ class Simulator:
         self.connections = 0  # daemon connections accepted so far
         self.refused = 0  # connections refused (EBUSY)
         self.requests: list[HostRequest] = []
+        #: Called, with the lock held, for what an operator watching the simulator
+        #: wants to see: connections, registration, the driver's log lines.
+        self.on_event: Callable[[str], None] | None = None
+        self.clock: Callable[[], float] = time.monotonic
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._drop = False
-        self.clock: Callable[[], float] = time.monotonic
+        self._armed: int | None = None  # the events of the daemon's standing POLL
+        self._waiting_read: int | None = None  # the count of a read(2) the driver holds
+        self._injected: deque[bytes] = deque()  # what the next reads return instead
+        self._spurious = False  # one READY with nothing to read (see nothing_pending)
+        self._was_registered = False
+        self._logged = 0
 
     # --- lifecycle ------------------------------------------------------------
 
     def start(self) -> Simulator:
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            pass
+        else:  # a socket left by an earlier run goes; anything else stays
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(errno.EEXIST, "exists and is not a socket", self.path)
             os.unlink(self.path)
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         lst.bind(self.path)
@@ -98,7 +121,11 @@ class Simulator:
         if self._thread:
             self._thread.join(5)
         with self.cond:
-            self._close_conn()
+            if isinstance(self.driver, LinuxDriver) and self.conn is not None:
+                # module unload: the last word a daemon gets is POLLERR|POLLHUP and EBADF
+                self.driver.unload(self.clock())
+                self._answer()
+            self._close_conn("the simulator stopped")
         if self._listener:
             self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -119,7 +146,8 @@ class Simulator:
         with self.cond:
             req = self.driver.host_send(code, self.clock())
             self.requests.append(req)
-            self._flush()
+            self._answer()
+            self._report()
         self._wake()
         return req
 
@@ -142,15 +170,30 @@ class Simulator:
                 lambda: self.driver.registered and self.connections >= connections, timeout):
                 raise TimeoutError("the agent did not register with the simulator")
 
-    def hibernate(self) -> None:
-        """Linux only: hv_vss_pre_suspend's fake THAW."""
+    def pre_suspend(self) -> None:
+        """Linux only: hibernation begins (hv_vss_pre_suspend)."""
         with self.cond:
-            self.driver.pre_suspend(self.clock())  # type: ignore[attr-defined]
-            self._flush()
+            self._linux().pre_suspend(self.clock())
+            self._answer()
+            self._report()
         self._wake()
 
+    def pre_resume(self) -> None:
+        """Linux only: the channel runs again (hv_vss_pre_resume)."""
+        with self.cond:
+            self._linux().pre_resume(self.clock())
+            self._answer()
+            self._report()
+        self._wake()
+
+    def hibernate(self) -> None:
+        """Linux only: a hibernation, from pre_suspend to pre_resume."""
+        self.pre_suspend()
+        self.pre_resume()
+
     def drop_connection(self, timeout: float = 5.0) -> None:
-        """Close the daemon's connection, as a failed read would look to it.
+        """Close the daemon's connection: a fault the device itself never makes (it
+        reports POLLHUP only when torn down), standing for any failed read.
 
         The I/O thread closes it: closed from here while that thread sits in
         select() on it, the kernel would keep the socket alive until select
@@ -162,18 +205,22 @@ class Simulator:
                 raise TimeoutError("the simulator did not drop the connection")
 
     def nothing_pending(self) -> None:
-        """FreeBSD only: send what IOCHVVSSREAD returns when the request it was woken
-        for has already timed out (status VSS_FAIL), a race the socket cannot produce
-        by itself (see agent.simulator.freebsd_driver)."""
+        """FreeBSD only: wake the daemon's poll although nothing waits, so that its
+        IOCHVVSSREAD finds nothing (status VSS_FAIL): what it sees when the request
+        timed out between its poll() and its READ."""
         if self.protocol != "freebsd":
             raise ValueError("only the FreeBSD driver has a READ that finds nothing")
-        self.inject(freebsd_driver.NOTHING_PENDING)
+        with self.cond:
+            self._spurious = True
+            self._answer()
+        self._wake()
 
     def inject(self, record: bytes) -> None:
-        """Send a raw record to the daemon (fault injection)."""
+        """Fault injection: the daemon's next read returns `record`, whatever it is."""
         with self.cond:
-            if self.conn is not None:
-                self.conn.send(record)
+            self._injected.append(record)
+            self._answer()
+        self._wake()
 
     # --- the I/O thread ------------------------------------------------------------
 
@@ -196,54 +243,129 @@ class Simulator:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 if self._drop:
-                    self._close_conn()
+                    self._close_conn("connection dropped (fault injected)")
                     self._drop = False
-                if self._listener.fileno() in ready:
-                    self._accept()
+                # the old connection before the new one: a daemon that closes the
+                # device and opens it again finds it released, as close(2) leaves it
                 if self.conn is not None and self.conn.fileno() in ready:
                     self._receive()
+                if self._listener.fileno() in ready:
+                    self._accept()
                 self.driver.tick(self.clock())
-                self._flush()
+                self._answer()
+                self._report()
                 self.cond.notify_all()
 
     def _accept(self) -> None:
         assert self._listener is not None
         s, _ = self._listener.accept()
-        err = self.driver.open()
+        err = errno.EBUSY if self.conn is not None else self.driver.open()
         if err:
             self.refused += 1
             with contextlib.suppress(OSError):
                 s.send(OPEN_STATUS.pack(err))
             s.close()
+            self._event(f"open refused: {errno.errorcode.get(err, err)}")
             return
         s.send(OPEN_STATUS.pack(0))
         self.conn = s
         self.connections += 1
+        self._event(f"a daemon opened the device (connection {self.connections})")
 
     def _receive(self) -> None:
-        assert self.conn is not None
-        try:
-            data = self.conn.recv(4096)
-        except OSError:
-            data = b""
-        if not data:
-            self._close_conn()
-            return
-        if self.driver.write(data, self.clock()):
-            self._close_conn()  # the real write() fails; the daemon resets the device
-
-    def _flush(self) -> None:
+        """Every record that waits: the daemon's calls, or its close."""
         while self.conn is not None:
-            msg = self.driver.take_outmsg()
-            if msg is None:
+            try:
+                record = self.conn.recv(wire.MAX_RECORD, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                record = b""
+            if not record:
+                self._close_conn("the daemon closed the device")
                 return
             try:
-                self.conn.send(msg)
-            except OSError:
-                self._close_conn()
+                call = wire.decode_request(record)
+            except wire.WireError as e:
+                self._close_conn(f"closed a connection that sent {e}")
+                return
+            self._call(call)
 
-    def _close_conn(self) -> None:
+    def _call(self, call: wire.Request) -> None:
+        now = self.clock()
+        if isinstance(call, wire.Poll):
+            self._armed = call.events
+        elif self._injected and self._is_read(call):
+            record = self._injected.popleft()
+            self._send(wire.Result(len(record) if isinstance(call, wire.Read) else 0, record))
+        elif isinstance(call, wire.Read):
+            result = self.driver.d_read(call.count, now)
+            if result is None:
+                self._waiting_read = call.count
+            else:
+                self._send(wire.Result(*result))
+        elif isinstance(call, wire.Write):
+            self._send(wire.Result(self.driver.d_write(call.data, now)))
+        else:
+            self._send(wire.Result(*self.driver.d_ioctl(call.cmd, call.arg, now)))
+
+    def _is_read(self, call: wire.Request) -> bool:
+        return isinstance(call, wire.Read) or (
+            isinstance(call, wire.Ioctl) and call.cmd == freebsd_wire.IOCHVVSSREAD)
+
+    def _answer(self) -> None:
+        """Return from a read the driver held, and answer the standing POLL, if now due."""
+        if self.conn is not None and self._waiting_read is not None:
+            if self._injected:
+                record = self._injected.popleft()
+                result: tuple[int, bytes] | None = (len(record), record)
+            else:
+                result = self.driver.d_read(self._waiting_read, self.clock())
+            if result is not None:
+                self._waiting_read = None
+                self._send(wire.Result(*result))
+        if self.conn is not None and self._armed is not None:
+            revents = self.driver.d_poll(self._armed)
+            if not revents and (self._injected or self._spurious):
+                revents = self.driver.readable
+            if revents:
+                self._armed, self._spurious = None, False
+                self._send(wire.Ready(revents))
+
+    def _send(self, answer: wire.Answer) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.send(wire.encode(answer))
+        except OSError:
+            self._close_conn("the daemon's end is gone")
+
+    def _close_conn(self, why: str) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+            self._armed = self._waiting_read = None
+            self._injected.clear()
+            self._spurious = False
             self.driver.release(self.clock())
+            self._event(why)
+            self._report()
+
+    def _linux(self) -> LinuxDriver:
+        if not isinstance(self.driver, LinuxDriver):
+            raise ValueError("only the Linux driver has pre_suspend and pre_resume")
+        return self.driver
+
+    # --- what an operator sees ------------------------------------------------------
+
+    def _event(self, text: str) -> None:
+        if self.on_event is not None:
+            self.on_event(text)
+
+    def _report(self) -> None:
+        for line in self.driver.log[self._logged:]:
+            self._event(f"driver: {line}")
+        self._logged = len(self.driver.log)
+        if self.driver.registered != self._was_registered:
+            self._was_registered = self.driver.registered
+            self._event("the daemon is registered" if self._was_registered
+                        else "no daemon is registered")
