@@ -83,8 +83,8 @@ def hook_parser() -> Parser:
     p.add_argument("--name", metavar="NAME", help="how the agent's log and status name us "
                    "(default hook-<basename of PATH>)")
     p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                   help="at most this long for the hooks of one event (the agent may allow "
-                        "less)")
+                   help="at most this long for the freeze hooks together, and for each "
+                        "thaw hook (the agent may allow less)")
     p.add_argument("--wait", action="store_true",
                    help="if the agent is not running yet, wait for it instead of failing")
     p.add_argument("-d", dest="debug", action="store_true", help="debug output")

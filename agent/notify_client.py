@@ -120,6 +120,37 @@ class Subscription:
             if isinstance(msg, nw.Error):
                 raise AgentGone(f"the agent reported an error: {msg.reason}")
 
+    @property
+    def buffered(self) -> bool:
+        """Lines already read but not yet handed out (the WELCOME's recv may bring an
+        event too): select() on the socket will not report them."""
+        return bool(self._lines)
+
+    def read_events(self) -> list[Notice]:
+        """The events received so far, without blocking: for a caller that selects on
+        this subscription (fileno) among other things.  Raises AgentGone."""
+        try:
+            data: bytes | None = self.sock.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            data = None
+        except OSError as e:
+            raise AgentGone(f"reading from the agent failed: {e.strerror}") from None
+        if data == b"":
+            raise AgentGone("the agent closed the connection")
+        notices = []
+        try:
+            if data:
+                self._lines += self._buffer.feed(data)
+            while self._lines:
+                msg = nw.decode_agent_line(self._lines.pop(0))
+                if isinstance(msg, Notice):
+                    notices.append(msg)
+                elif isinstance(msg, nw.Error):
+                    raise AgentGone(f"the agent reported an error: {msg.reason}")
+        except NotifyProtocolError as e:
+            raise AgentGone(f"the agent sent what we do not understand: {e}") from None
+        return notices
+
     def ok(self, notice: Notice) -> None:
         self._answer(nw.Answer(nw.Verdict.OK, notice.event, notice.txid))
 
