@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from agent import config
+from agent import __version__, config
 from agent.errors import StartupError
 from agent.privdrop import DropError
 from privileged.config import ConfigError
@@ -34,6 +34,7 @@ def daemon_parser() -> Parser:
     p = Parser(prog="hv-vss-agent", description="Privilege-separated Hyper-V VSS guest agent.",
                epilog="Clients: `hv-vss-agent status -h`, `hv-vss-agent hook -h`. "
                       "See hv-vss-agent(8).")
+    p.add_argument("--version", action="version", version=f"hv-vss-agent {__version__}")
     p.add_argument("-n", dest="foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
     p.add_argument("-d", dest="debug", action="store_true", help="debug output")

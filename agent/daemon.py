@@ -53,16 +53,23 @@ from privileged.selection import select_targets
 log = logging.getLogger("hv-vss-agent")
 
 EXIT_STARTUP = 1
+HINT_AFTER = 5.0  # seconds without the kernel device before saying what is probably wrong
 
 
 def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpoint:
     """Open the device; if it does not exist yet, wait for it (bounded backoff).
 
+    The device may appear after we start (devd and udev start us on its
+    creation, and systemd may start us before hv_utils is loaded), so a missing
+    device is waited for; after HINT_AFTER seconds one warning says what is
+    probably wrong.
+
     Over the simulator's socket, open(2)'s result arrives as the first record:
     it is read here too, so that a busy device (a second daemon) is refused
     before the child starts; a child started regardless would first run crash
     recovery, and could thaw the other daemon's freeze."""
-    delay, said = 0.1, False
+    delay, said, hinted = 0.1, False, False
+    since = time.monotonic()
     while True:
         try:
             return attach(open_device(path), protocol)
@@ -70,6 +77,9 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
             if not said:
                 log.info("waiting for %s to appear", path)
                 said = True
+            if not hinted and time.monotonic() - since >= HINT_AFTER:
+                log.warning("%s", missing_device_hint(path, protocol, HINT_AFTER))
+                hinted = True
         except OSError as e:
             if e.errno == errno.EBUSY:
                 raise StartupError(f"{path} is busy: another VSS daemon has it open "
@@ -77,6 +87,20 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
             raise StartupError(f"cannot open {path}: {e.strerror or e}") from None
         time.sleep(delay)
         delay = min(delay * 2, backoff_max)
+
+
+def missing_device_hint(path: str, protocol: str, after: float) -> str:
+    gone = f"{path} still does not exist after {after:.0f} s"
+    if not path.startswith("/dev/"):
+        return (f"{gone}: nothing serves it; if it is a simulator's socket, start the "
+                "simulator (the agent keeps trying)")
+    if protocol == "freebsd":
+        return (f"{gone}: this is probably not a Hyper-V guest, or the hv_vss driver is not "
+                "attached (hv_utils(4)), or the VM's Backup (volume shadow copy) integration "
+                "service is off (the agent keeps trying)")
+    return (f"{gone}: this is probably not a Hyper-V guest, or the hv_utils module is not "
+            "loaded (modprobe hv_utils), or the VM's Backup (volume shadow copy) integration "
+            "service is off (the agent keeps trying)")
 
 
 def daemonize() -> None:
