@@ -207,14 +207,20 @@ def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.
                                                policy=cfg.notify.policy), cfg.history)
     service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel, notifier=link,
                       kernel_timeout=cfg.kernel_timeout)
-    service.on_change = Publisher(service, link,
-                                  MetricsWriter(metrics_fd) if metrics_fd is not None else None)
+    publisher = Publisher(service, link,
+                          MetricsWriter(metrics_fd) if metrics_fd is not None else None,
+                          cfg.child.watchdog.max_frozen_seconds)
+    service.on_change = publisher
+    if metrics_fd is not None:
+        service.before_freeze = publisher.before_freeze
+        service.refresh_every = cfg.metrics.interval
     service.install_signals()
     try:
         code = service.run()
     finally:
         if link is not None:
             link.close()
+    publisher.stopped()
     logging.shutdown()
     sys.stderr.flush()
     return code
@@ -252,23 +258,43 @@ def selected_devices(cfg: AgentConfig, in_memory: bool) -> dict[int, str]:
 
 
 class Publisher:
-    """After every change: the status to the frontend, the metrics file when it is safe."""
+    """After every change: the status to the frontend, the metrics file when it is safe.
+
+    Safe means that nothing is frozen: the metrics directory is on no filesystem the
+    child selected at start, but mounts change, so a frozen one is never risked."""
 
     def __init__(self, service: Service, link: FrontendLink | None,
-                 metrics: MetricsWriter | None) -> None:
+                 metrics: MetricsWriter | None, max_frozen: float | None = None) -> None:
         self.service, self.link, self.metrics = service, link, metrics
+        self.max_frozen = max_frozen
         self.metrics_error = ""
 
+    def status(self) -> dict[str, object]:
+        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen)
+
     def __call__(self) -> None:
-        status = snapshot(self.service, self.link.pid if self.link else None)
+        status = self.status()
         if self.link is not None:
             self.link.publish(status)
         engine = self.service.engine
-        if (self.metrics is None or engine.frozen or engine.busy
-                or self.service.pending_child is not None):
+        if engine.frozen or engine.busy or self.service.pending_child is not None:
             return  # never while anything is frozen or about to be
+        self._write(render(status))
+
+    def before_freeze(self) -> None:
+        """The engine is about to ask the child to freeze: nothing is frozen yet, and
+        the file will not be written again until the thaw, so it says frozen now."""
+        self._write(render(self.status(), frozen=True))
+
+    def stopped(self) -> None:
+        if not self.service.left_frozen:
+            self._write(render(self.status(), up=False))
+
+    def _write(self, text: str) -> None:
+        if self.metrics is None:
+            return
         try:
-            self.metrics.write(render(status))
+            self.metrics.write(text)
             self.metrics_error = ""
         except OSError as e:
             if e.strerror != self.metrics_error:

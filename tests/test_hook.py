@@ -168,7 +168,7 @@ def test_hook_and_status_refuse_bad_input_in_one_line(workdir):
         (("hook", "--exec", "/nonexistent/hook"), "No such file or directory"),
         (("hook", "--exec", workdir, "--timeout", "soon"), "not a number of seconds"),
         (("hook",), "required: --exec"),
-        (("status", "--socket", os.path.join(workdir, "none.sock")), "cannot ask the agent"),
+        (("status", "--socket", os.path.join(workdir, "none.sock")), "not running: no control"),
         (("status", "--bogus"), "unrecognized arguments"),
     ]
     writable = write_hook(os.path.join(workdir, "writable"), "#!/bin/sh\n", 0o777)
