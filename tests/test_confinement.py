@@ -123,7 +123,8 @@ def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
         assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
         assert kinds(parent.pid).count(metrics) == 1
         assert set(kinds(frontend.pid)) == {"pipe", "socket"}
-        assert kinds(frontend.pid).count("socket") == 3  # the link, notify, control
+        # the link, notify, control, once the frontend has seen the killed subscriber go
+        assert wait_for(lambda: kinds(frontend.pid).count("socket") == 3), kinds(frontend.pid)
         # clone3 is answered ENOSYS on purpose: glibc starts the feeder thread with clone
         assert seccomp_records({parent.pid, frontend.pid}, answered=("clone3",)) == []
 
