@@ -105,7 +105,7 @@ class ChildLink:
             _close_all(fds)
             raise ChildGone("the child passed a descriptor with an unexpected record")
         if isinstance(msg, wire.Log):
-            emit_child_log(msg)
+            emit_child_log(msg, self.pid)
         elif isinstance(msg, wire.Result) and msg.seq != self.seq:
             _close_all(fds)
             raise ChildGone(f"answer numbered {msg.seq}, expected {self.seq}")
@@ -170,10 +170,12 @@ def child_bootstrap(then: str = "from privileged.child import main; sys.exit(mai
             + then)
 
 
-def emit_child_log(msg: wire.Log) -> None:
-    """A LOG record becomes a log record with whitelisted fields only."""
+def emit_child_log(msg: wire.Log, pid: int) -> None:
+    """A LOG record becomes a log record with whitelisted fields only, and the
+    child's pid: the line is the child's, whoever writes it out."""
     record = logging.makeLogRecord({
         "name": child_log.name,
+        "process": pid,
         "levelno": msg.level,
         "levelname": logging.getLevelName(msg.level),
         "msg": "[child] %s",

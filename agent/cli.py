@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from agent import config
+from agent import __version__, config
 from agent.errors import StartupError
 from agent.privdrop import DropError
 from privileged.config import ConfigError
@@ -37,6 +37,7 @@ def daemon_parser() -> Parser:
                epilog="Clients: `hv-vss-agent status -h`, `hv-vss-agent hook -h`; a "
                       "simulated host to try it on: `hv-vss-agent simulator -h`. "
                       "See hv-vss-agent(8).")
+    p.add_argument("--version", action="version", version=f"hv-vss-agent {__version__}")
     p.add_argument("-n", dest="foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
     p.add_argument("-d", dest="debug", action="store_true", help="debug output")
@@ -65,6 +66,9 @@ def status_parser() -> Parser:
     p = Parser(prog="hv-vss-agent status",
                description="What the running agent is doing, and what it did lately.")
     p.add_argument("--json", action="store_true", help="the whole answer, as JSON")
+    p.add_argument("--watch", nargs="?", type=_seconds, const=1.0, metavar="SECONDS",
+                   help="ask again every SECONDS (default 1) until interrupted; with --json, "
+                        "one JSON object per line")
     p.add_argument("--socket", metavar="PATH", help="the control socket (default: [control] "
                    f"socket of the config file, else {DEFAULT_CONTROL_SOCKET})")
     p.add_argument("--config", metavar="PATH", help="configuration file to take the path from")
@@ -124,11 +128,13 @@ def client_main(argv: list[str]) -> int:
 
             args = status_parser().parse_args(argv[1:])
             path = client_socket(args.socket, args.config, "control", DEFAULT_CONTROL_SOCKET)
+            if args.watch is not None:
+                return status_client.watch(path, args.json, args.watch)
             try:
                 return status_client.run(path, args.json)
             except ControlError as e:
                 sys.stderr.write(f"hv-vss-agent status: {e}\n")
-                return 1
+                return status_client.exit_code(e)
         from agent import hook
 
         args = hook_parser().parse_args(argv[1:])

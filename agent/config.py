@@ -60,6 +60,7 @@ class ControlConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     dir: str | None = None
+    interval: float = 30.0  # rewritten at least this often, except while frozen
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
     c.done()
 
     m = Section("metrics", doc.get("metrics"))
-    metrics = MetricsConfig(dir=m.optional_path("dir"))
+    metrics = MetricsConfig(dir=m.optional_path("dir"),
+                            interval=m.number("interval", 30.0, 1.0, 3600.0))
     m.done()
 
     return AgentConfig(path=path, user=user, chroot=chroot, device=device, protocol=protocol,

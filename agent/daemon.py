@@ -56,16 +56,23 @@ from privileged.trust import untrusted_reason
 log = logging.getLogger("hv-vss-agent")
 
 EXIT_STARTUP = 1
+HINT_AFTER = 5.0  # seconds without the kernel device before saying what is probably wrong
 
 
 def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpoint:
     """Open the device; if it does not exist yet, wait for it (bounded backoff).
 
+    The device may appear after we start (devd and udev start us on its
+    creation, and systemd may start us before hv_utils is loaded), so a missing
+    device is waited for; after HINT_AFTER seconds one warning says what is
+    probably wrong.
+
     Over the simulator's socket, open(2)'s result arrives as the first record:
     it is read here too, so that a busy device (a second daemon) is refused
     before the child starts; a child started regardless would first run crash
     recovery, and could thaw the other daemon's freeze."""
-    delay, said = 0.1, False
+    delay, said, hinted = 0.1, False, False
+    since = time.monotonic()
     while True:
         try:
             return attach(open_device(path), protocol)
@@ -73,6 +80,9 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
             if not said:
                 log.info("waiting for %s to appear", path)
                 said = True
+            if not hinted and time.monotonic() - since >= HINT_AFTER:
+                log.warning("%s", missing_device_hint(path, protocol, HINT_AFTER))
+                hinted = True
         except OSError as e:
             if e.errno == errno.EBUSY:
                 raise StartupError(f"{path} is busy: another VSS daemon has it open "
@@ -88,6 +98,20 @@ def check_device_path(path: str) -> None:
     reason = untrusted_reason(path) if os.path.lexists(path) else absent_reason(path)
     if reason:
         raise StartupError(f"refusing the device {path}: {reason}")
+
+
+def missing_device_hint(path: str, protocol: str, after: float) -> str:
+    gone = f"{path} still does not exist after {after:.0f} s"
+    if not path.startswith("/dev/"):
+        return (f"{gone}: nothing serves it; if it is a simulator's socket, start the "
+                "simulator (the agent keeps trying)")
+    if protocol == "freebsd":
+        return (f"{gone}: this is probably not a Hyper-V guest, or the hv_vss driver is not "
+                "attached (hv_utils(4)), or the VM's Backup (volume shadow copy) integration "
+                "service is off (the agent keeps trying)")
+    return (f"{gone}: this is probably not a Hyper-V guest, or the hv_utils module is not "
+            "loaded (modprobe hv_utils), or the VM's Backup (volume shadow copy) integration "
+            "service is off (the agent keeps trying)")
 
 
 def daemonize() -> None:
@@ -230,14 +254,20 @@ def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.
                                                policy=cfg.notify.policy), cfg.history)
     service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel, notifier=link,
                       kernel_timeout=cfg.kernel_timeout)
-    service.on_change = Publisher(service, link,
-                                  MetricsWriter(metrics_fd) if metrics_fd is not None else None)
+    publisher = Publisher(service, link,
+                          MetricsWriter(metrics_fd) if metrics_fd is not None else None,
+                          cfg.child.watchdog.max_frozen_seconds)
+    service.on_change = publisher
+    if metrics_fd is not None:
+        service.before_freeze = publisher.before_freeze
+        service.refresh_every = cfg.metrics.interval
     service.install_signals()
     try:
         code = service.run()
     finally:
         if link is not None:
             link.close()
+    publisher.stopped()
     logging.shutdown()
     sys.stderr.flush()
     return code
@@ -284,23 +314,43 @@ def selected_devices(cfg: AgentConfig, in_memory: bool) -> dict[int, str]:
 
 
 class Publisher:
-    """After every change: the status to the frontend, the metrics file when it is safe."""
+    """After every change: the status to the frontend, the metrics file when it is safe.
+
+    Safe means that nothing is frozen: the metrics directory is on no filesystem the
+    child selected at start, but mounts change, so a frozen one is never risked."""
 
     def __init__(self, service: Service, link: FrontendLink | None,
-                 metrics: MetricsWriter | None) -> None:
+                 metrics: MetricsWriter | None, max_frozen: float | None = None) -> None:
         self.service, self.link, self.metrics = service, link, metrics
+        self.max_frozen = max_frozen
         self.metrics_error = ""
 
+    def status(self) -> dict[str, object]:
+        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen)
+
     def __call__(self) -> None:
-        status = snapshot(self.service, self.link.pid if self.link else None)
+        status = self.status()
         if self.link is not None:
             self.link.publish(status)
         engine = self.service.engine
-        if (self.metrics is None or engine.frozen or engine.busy
-                or self.service.pending_child is not None):
+        if engine.frozen or engine.busy or self.service.pending_child is not None:
             return  # never while anything is frozen or about to be
+        self._write(render(status))
+
+    def before_freeze(self) -> None:
+        """The engine is about to ask the child to freeze: nothing is frozen yet, and
+        the file will not be written again until the thaw, so it says frozen now."""
+        self._write(render(self.status(), frozen=True))
+
+    def stopped(self) -> None:
+        if not self.service.left_frozen:
+            self._write(render(self.status(), up=False))
+
+    def _write(self, text: str) -> None:
+        if self.metrics is None:
+            return
         try:
-            self.metrics.write(render(status))
+            self.metrics.write(text)
             self.metrics_error = ""
         except OSError as e:
             if e.strerror != self.metrics_error:

@@ -43,6 +43,7 @@ from agent import notify_wire as nw
 from agent.frontend_wire import Outcome
 from agent.peercred import Allowlist, PeerCred, describe, peer_credentials
 from agent.sandbox import confine_frontend
+from agent.status import brought_up_to
 from agent.subscribers import FROM_WIRE, Garbage, Heard, Registry, Subscriber
 
 log = logging.getLogger("hv-vss-agent.frontend")
@@ -366,7 +367,8 @@ class Frontend:
             return
         self.counters["status_requests"] += 1
         # Written as the client reads it, never blocking: subscribers may be waiting.
-        conn.out = control.encode_answer(self.engine_status, self.status())
+        engine = brought_up_to(self.engine_status, time.time(), time.monotonic())
+        conn.out = control.encode_answer(engine, self.status())
         self.poller.modify(conn.sock.fileno(), select.POLLOUT)
         self._write_answer(conn)
 

@@ -1,10 +1,21 @@
 """Prometheus metrics in node_exporter's textfile format ([metrics] dir).
 
-The file is written by the engine only when nothing is frozen and no
-transaction is open, atomically (a temporary file, then rename(2) in the same
-directory), so node_exporter never reads half a file.  At start-up the
-directory is refused if it is on a filesystem the freeze selection includes:
-a write there could block on a frozen filesystem.
+The file is written by the engine atomically (a temporary file, then
+rename(2) in the same directory), so node_exporter never reads half a file,
+and never while anything is frozen: when nothing is frozen and no transaction
+is open, at least every [metrics] interval seconds; once more just before the
+engine asks the child to freeze (hv_vss_agent_frozen 1: the file then stays
+as it is until the thaw); and on the way out (hv_vss_agent_up 0), unless the
+engine cannot be sure everything was thawed.  At start-up the directory is
+refused if it is on a filesystem the freeze selection includes: a write there
+could block on a frozen filesystem.
+
+A killed agent (SIGKILL, or any death it cannot act on) leaves the file as it
+last wrote it, hv_vss_agent_up 1 included; no file can say more than that.
+hv_vss_agent_write_time_seconds says when it was written: older than
+[metrics] interval plus [watchdog] max_frozen_seconds means the agent is not
+running (or not serving), whatever up says.  The next start rewrites the file
+at once.
 
 The directory is opened by root before the chroot and the descriptor is kept
 for the process's lifetime.  Be clear about what that means: a descriptor to
@@ -44,12 +55,19 @@ HISTOGRAMS = {
 }
 
 
-def render(status: dict[str, object]) -> str:
+def render(status: dict[str, object], *, frozen: bool = False, up: bool = True) -> str:
+    """`frozen`: the file is written just before a freeze and stays so until the thaw."""
     counters = status.get("counters") or {}
     assert isinstance(counters, dict)
     out: list[str] = []
-    out += _help("up", "gauge", "1 while the agent runs (the file is left as it was at exit).")
-    out.append(f"{PREFIX}_up 1")
+    out += _help("up", "gauge", "1 while the agent runs, 0 once it has stopped; a killed agent "
+                 "leaves 1: see write_time_seconds.")
+    out.append(f"{PREFIX}_up {int(up)}")
+    out += _help("frozen", "gauge", "1 from just before the agent freezes until it has thawed.")
+    out.append(f"{PREFIX}_frozen {int(frozen)}")
+    out += _help("write_time_seconds", "gauge", "When the agent wrote this file, in Unix time: "
+                 "at least every [metrics] interval, except while frozen.")
+    out.append(f"{PREFIX}_write_time_seconds {status.get('time', 0)}")
     agent = status.get("agent") or {}
     assert isinstance(agent, dict)
     out += _help("start_time_seconds", "gauge", "When the agent started, in Unix time.")

@@ -76,6 +76,10 @@ class Service:
         self.exit_code: int | None = None
         self.started = time.time()
         self.on_change: Callable[[], None] | None = None  # status publication hook
+        self.before_freeze: Callable[[], None] | None = None  # the last moment nothing is frozen
+        self.refresh_every: float | None = None  # on_change at least this often
+        self._refresh_at: float | None = None
+        self.left_frozen = False  # on the way out: might something we froze still be frozen?
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signals: list[int] = []
         self._poller = select.poll()
@@ -140,6 +144,8 @@ class Service:
         if self._kernel_fd is not None and self._kernel_fd in ready and self._can_read_kernel():
             self._on_kernel()
         self._run(self.engine.on_timer(self.clock()))
+        if self._refresh_at is not None and self.clock() >= self._refresh_at:
+            self._changed()
         if (self.reconnect_at is not None and self.clock() >= self.reconnect_at
                 and self.pending_child is None):
             self._reopen()
@@ -148,7 +154,8 @@ class Service:
         return not self.engine.busy and self.pending_child is None
 
     def _timeout_ms(self) -> int | None:
-        deadlines = [d for d in (self.engine.deadline(), self.reconnect_at) if d is not None]
+        deadlines = [d for d in (self.engine.deadline(), self.reconnect_at, self._refresh_at)
+                     if d is not None]
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
@@ -247,6 +254,8 @@ class Service:
         self._run(self.engine.on_child_result(msg, self.clock()))
 
     def _child_died(self, why: str) -> None:
+        # A Linux freeze outlives its holder: the next child's recovery thaws it.
+        self.left_frozen = self.engine.frozen or self.pending_child is not None
         self._fail_pending()
         self.gate.resume()
         status = self.child.exit_status(2.0)
@@ -259,11 +268,17 @@ class Service:
         frozen = self.engine.frozen
         # Closing the link is the child's cue to thaw (if frozen) and exit.
         self.child.close()
-        self.child.exit_status(10.0)
+        self._left_frozen_after(self.child.exit_status(10.0),
+                                frozen or self.pending_child is not None)
         self.gate.resume()
         log.error("the frontend is gone (%s): %sexiting so that the service manager restarts us",
                   why, "the child thawed; " if frozen else "")
         self.exit_code = EXIT_FRONTEND_DIED
+
+    def _left_frozen_after(self, child_status: int | None, risky: bool) -> None:
+        """The child exits 0 only once it has thawed what it held; anything else
+        (killed, stuck, failed) may have left a Linux freeze behind."""
+        self.left_frozen = risky and child_status != 0
 
     def _fail_pending(self) -> None:
         tx = self.engine.tx
@@ -276,6 +291,8 @@ class Service:
     def _run(self, actions: list[E.Action]) -> None:
         for act in actions:
             if isinstance(act, E.AskChild):
+                if act.op is wire.Op.FREEZE and self.before_freeze is not None:
+                    self.before_freeze()
                 self.pending_child = act.op
                 self.child.send(act.op)
             elif isinstance(act, E.ReplyKernel):
@@ -296,19 +313,22 @@ class Service:
             self._changed()
 
     def _changed(self) -> None:
+        if self.refresh_every is not None:
+            self._refresh_at = self.clock() + self.refresh_every
         if self.on_change is not None:
             self.on_change()
 
     def _stop(self, why: str) -> None:
         log.info("stopping (%s)", why)
         self._fail_pending()
-        if self.engine.frozen or self.pending_child is not None:
+        risky = self.engine.frozen or self.pending_child is not None
+        if risky:
             # Closing the link is the child's cue to thaw everything and exit.
             self.child.close()
         else:
             with contextlib.suppress(ChildGone):
                 self.child.request(wire.Op.QUIT, timeout=5.0)
             self.child.close()
-        self.child.exit_status(10.0)
+        self._left_frozen_after(self.child.exit_status(10.0), risky)
         self.gate.resume()
         self.exit_code = EXIT_OK

@@ -3,7 +3,11 @@
 The engine builds the snapshot (no I/O) whenever something changes and
 pushes it to the frontend, which answers the control socket from it; so a
 status request never waits for, nor disturbs, the engine.  Times inside the
-engine are monotonic; the snapshot turns them into wall-clock seconds.
+engine are monotonic; the snapshot turns them into wall-clock seconds.  A
+snapshot may be old by the time it is asked for (nothing changes while
+frozen): the frontend brings its clocks up to the moment it answers
+(`brought_up_to`), so `time`, `frozen_seconds` and the watchdog's time left
+are those of the answer.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent import __version__
 from agent.child_link import ChildLink
 
 if TYPE_CHECKING:
@@ -23,12 +28,16 @@ VERSION = 1
 SHOWN_TRANSACTIONS = 10
 
 
-def snapshot(service: Service, frontend_pid: int | None = None) -> dict[str, object]:
+def snapshot(service: Service, frontend_pid: int | None = None,
+             max_frozen: float | None = None) -> dict[str, object]:
+    """`max_frozen`: [watchdog] max_frozen_seconds, as the parent read it from the config."""
     now_m, now_w = service.clock(), time.time()
     e = service.engine
 
     def wall(t: object) -> float | None:
         return round(now_w - (now_m - t), 3) if isinstance(t, float | int) else None
+
+    frozen_for = now_m - e.frozen_since if e.frozen and e.frozen_since is not None else None
 
     transactions = []
     for tx in e.history:
@@ -38,10 +47,18 @@ def snapshot(service: Service, frontend_pid: int | None = None) -> dict[str, obj
     return {
         "version": VERSION,
         "time": round(now_w, 3),
+        "monotonic": now_m,
         "agent": {"pid": os.getpid(), "started": round(service.started, 3),
-                  "protocol": service.protocol, "frontend_pid": frontend_pid},
+                  "protocol": service.protocol, "frontend_pid": frontend_pid,
+                  "version": __version__},
         "state": "frozen" if e.frozen else "thawed",
         "frozen_since": wall(e.frozen_since),
+        "frozen_seconds": None if frozen_for is None else round(frozen_for, 3),
+        # The child's watchdog started counting before the parent heard FREEZE succeed:
+        # it thaws at the latest this long after frozen_since (earlier if it must).
+        "watchdog": {"max_frozen_seconds": max_frozen,
+                     "seconds_left": None if frozen_for is None or max_frozen is None
+                     else round(max(0.0, max_frozen - frozen_for), 3)},
         "frozen_mounts": [m.strip() for m in e.frozen_mounts.split(",") if m.strip()],
         "busy": e.tx.kind.value if e.tx else None,
         "consistency_lost": e.consistency_lost,
@@ -54,6 +71,28 @@ def snapshot(service: Service, frontend_pid: int | None = None) -> dict[str, obj
         "counters": dict(sorted(e.counters.items())),
         "histograms": {k: h.as_dict() for k, h in e.histograms.items()},
     }
+
+
+def brought_up_to(status: dict[str, object] | None, now_w: float,
+                  now_m: float) -> dict[str, object] | None:
+    """The snapshot as of now (the frontend, answering): its clocks moved on by how old it is.
+
+    Ages by the monotonic clock, so a wall-clock step while frozen changes neither
+    the frozen time nor the watchdog's time left."""
+    if status is None:
+        return None
+    built = status.get("monotonic")
+    if not isinstance(built, float | int) or isinstance(built, bool):
+        return status
+    age = max(0.0, now_m - built)
+    out = {**status, "time": round(now_w, 3), "monotonic": now_m}
+    frozen_for = status.get("frozen_seconds")
+    if isinstance(frozen_for, float | int):
+        out["frozen_seconds"] = round(frozen_for + age, 3)
+    wd = status.get("watchdog")
+    if isinstance(wd, dict) and isinstance(wd.get("seconds_left"), float | int):
+        out["watchdog"] = {**wd, "seconds_left": round(max(0.0, wd["seconds_left"] - age), 3)}
+    return out
 
 
 def child_health(child: ChildLink) -> dict[str, object]:
@@ -109,15 +148,21 @@ class _View:
 def render_text(status: dict[str, object], processes: dict[str, dict[str, object]]) -> str:
     st = _View(status)
     agent, child, frontend = st["agent"], st["child"], st["frontend"]
-    lines = [f"hv-vss-agent: engine pid {agent.text('pid')}, frontend pid "
-             f"{agent.text('frontend_pid')}, up since {agent.when('started')}",
+    lines = [f"hv-vss-agent {agent.text('version')}: engine pid {agent.text('pid')}, frontend "
+             f"pid {agent.text('frontend_pid')}, up since {agent.when('started')}",
              f"root child: pid {child.text('pid')}, {child.text('health')}, "
              f"{child.text('selected')} filesystem(s) selected at start"]
     if st.text("state") == "frozen":
         mounts = ", ".join(_UNPRINTABLE.sub("?", str(m)) for m in st.d.get("frozen_mounts") or []
                            ) if isinstance(st.d.get("frozen_mounts"), list) else "?"
-        lines.append(f"state: FROZEN since {st.when('frozen_since')} "
-                     f"({st.num('time') - st.num('frozen_since'):.1f} s): {mounts or '?'}")
+        frozen_for = st.num("frozen_seconds") if "frozen_seconds" in st.d \
+            else st.num("time") - st.num("frozen_since")
+        lines.append(f"state: FROZEN for {frozen_for:.1f} s (since {st.when('frozen_since')}): "
+                     f"{mounts or '?'}")
+        wd = st["watchdog"]
+        if wd.d.get("seconds_left") is not None:
+            lines.append(f"watchdog: thaws them in {wd.num('seconds_left'):.1f} s at the latest "
+                         f"([watchdog] max_frozen_seconds {wd.text('max_frozen_seconds')})")
     else:
         busy = st.text("busy", "")
         lines.append("state: thawed" + (f" (busy: {busy})" if busy else ""))

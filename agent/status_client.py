@@ -1,20 +1,43 @@
-"""`hv-vss-agent status [--json]`: ask the running agent, over its control socket.
+"""`hv-vss-agent status [--json] [--watch]`: ask the running agent, over its control socket.
 
 Run by an operator, outside the agent's chroot, so it can add what the agent
 itself cannot see from inside: psutil's facts (memory, threads, descriptors)
 about the processes the agent reports.  The agent's answer is used as data
 only; every field is optional to this code.
+
+Exit status: 0 answered, 1 could not ask or no valid answer, 3 not running
+(as LSB init scripts and `systemctl status` say it), 141 when whoever reads
+the output stops reading (`status | head`), as if killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
+import os
+import signal
 import socket
+import sys
+import time
+from typing import TextIO
 
 from agent import control
 from agent.status import render_text
 
 TIMEOUT = 5.0
+EXIT_FAILED = 1
+EXIT_NOT_RUNNING = 3
+EXIT_PIPE = 128 + signal.SIGPIPE
+CLEAR = "\x1b[H\x1b[2J"
+
+
+class NotRunning(control.ControlError):
+    """Nothing listens on the control socket."""
+
+
+def exit_code(e: control.ControlError) -> int:
+    return EXIT_NOT_RUNNING if isinstance(e, NotRunning) else EXIT_FAILED
 
 
 def fetch(path: str, timeout: float = TIMEOUT) -> dict[str, object]:
@@ -31,9 +54,17 @@ def fetch(path: str, timeout: float = TIMEOUT) -> dict[str, object]:
                 raise control.ControlError("the agent's answer is too long")
     except TimeoutError:
         raise control.ControlError(f"no answer on {path} within {timeout:.0f} s") from None
+    except FileNotFoundError:
+        raise NotRunning(f"not running: no control socket at {path} (an agent makes it only "
+                         "with [control] socket set)") from None
+    except ConnectionRefusedError:
+        raise NotRunning(f"not running: nothing listens on {path}, a socket left by an "
+                         "agent that has stopped") from None
     except OSError as e:
+        hint = " (are you root or in [control] admin_group?)" \
+            if e.errno in (errno.EACCES, errno.EPERM) else ""
         raise control.ControlError(f"cannot ask the agent at {path}: "
-                                   f"{e.strerror or e}") from None
+                                   f"{e.strerror or e}{hint}") from None
     finally:
         sock.close()
     if not chunks:
@@ -76,12 +107,51 @@ def _fds(p: object) -> int | None:
         return None
 
 
-def run(path: str, as_json: bool) -> int:
+def report(path: str, as_json: bool, indent: int | None = 2) -> str:
     status = fetch(path)
     processes = process_facts(status)
     if as_json:
         status["processes"] = processes
-        print(json.dumps(status, indent=2, sort_keys=True, default=str))
-    else:
-        print(render_text(status, processes))
+        return json.dumps(status, indent=indent, sort_keys=True, default=str)
+    return render_text(status, processes)
+
+
+def run(path: str, as_json: bool) -> int:
+    return _emit(sys.stdout, report(path, as_json) + "\n")
+
+
+def watch(path: str, as_json: bool, interval: float) -> int:
+    """Ask every `interval` seconds until interrupted, whatever the answer; the agent
+    stopping or starting is part of what is watched.  On a terminal each answer
+    replaces the last; otherwise they follow each other (JSON: one object a line)."""
+    out = sys.stdout
+    tty = out.isatty()
+    try:
+        while True:
+            stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+            try:
+                text = report(path, as_json, indent=None)
+            except control.ControlError as e:
+                text = json.dumps({"error": str(e), "time": round(time.time(), 3)}) \
+                    if as_json else f"hv-vss-agent status: {e}"
+            if not as_json:
+                text = f"{stamp}, every {interval:g} s (Ctrl-C to stop)\n{text}\n"
+            code = _emit(out, (CLEAR if tty and not as_json else "") + text + "\n")
+            if code:
+                return code
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _emit(out: TextIO, text: str) -> int:
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`status | head`): no traceback, and no second error
+        # when the interpreter flushes stdout on the way out.
+        with open(os.devnull, "w", encoding="utf-8") as null:
+            os.dup2(null.fileno(), out.fileno())
+        return EXIT_PIPE
     return 0

@@ -19,7 +19,7 @@ from agent import scratch
 def _require_root() -> None:
     if os.geteuid() != 0:
         pytest.fail("these tests need root (they create and freeze loop-device filesystems); "
-                    "run `make test` as root", pytrace=False)
+                    "run `sudo make test`", pytrace=False)
     if not os.path.exists("/dev/loop-control"):
         pytest.fail("these tests need loop devices (/dev/loop-control)", pytrace=False)
     missing = scratch.missing_tools(["ext4", "xfs"])

@@ -1,9 +1,10 @@
 """FreeBSD integration files, checked as far as Linux allows.
 
-The man page against the real argument parser; the devd rules' stop action
-run for real (procps pkill has the same -F and -L as FreeBSD's) on processes
-the test owns; the rc.d script run by sh against a stand-in for rc.subr,
-its command line parsed with daemon(8)'s options and then by our own parser.
+The man page against the real argument parsers (the daemon's, status's and
+hook's); the devd rules' stop action run for real (procps pkill has the same
+-F and -L as FreeBSD's) on processes the test owns; the rc.d script run by sh
+against a stand-in for rc.subr, its command line parsed with daemon(8)'s
+options and then by our own parser.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import pytest
 
-from agent.cli import daemon_parser
+from agent.cli import daemon_parser, hook_parser, status_parser
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.freebsd_model
@@ -32,8 +33,8 @@ DAEMON_FLAGS = set("cfHrS")
 DAEMON_ARGS = set("pPtumosTlRC")
 
 
-def parser_options() -> set[str]:
-    return {s for a in daemon_parser()._actions if a.help != argparse.SUPPRESS
+def parser_options(parser: argparse.ArgumentParser | None = None) -> set[str]:
+    return {s for a in (parser or daemon_parser())._actions if a.help != argparse.SUPPRESS
             for s in a.option_strings}
 
 
@@ -52,21 +53,41 @@ def test_man_page_renders_without_a_warning():
     assert "HV-VSS-AGENT(8)" in out.stdout
 
 
-def test_man_page_documents_exactly_the_parsers_options():
-    text = read(MAN)
-    section = re.search(r"^\.Sh OPTIONS$(.*?)^\.Sh ", text, re.S | re.M)
-    assert section is not None
-    items = re.findall(r"^\.It (.*)$", section.group(1), re.M)
-    documented = {f"-{name}" for item in items for name in re.findall(r"Fl (-?[\w-]+)", item)}
-    assert documented == parser_options()
+def flags(text: str) -> set[str]:
+    """`Fl n`, `Fl dhn` and `Fl -config` as the options they name."""
+    found: set[str] = set()
+    for word in re.findall(r"Fl (-?[\w-]+)", text):
+        found |= {f"-{word}"} if word.startswith("-") else {f"-{c}" for c in word}
+    return found
 
-    synopsis = re.search(r"^\.Sh SYNOPSIS$(.*?)^\.Sh ", text, re.S | re.M)
-    assert synopsis is not None
-    daemon_forms = synopsis.group(1).split("\n.Nm\n.Cm ")[0]  # not the clients' (test_hook)
-    in_synopsis = set()
-    for word in re.findall(r"Fl (-?[\w-]+)", daemon_forms):
-        in_synopsis |= {f"-{word}"} if word.startswith("-") else {f"-{c}" for c in word}
-    assert in_synopsis == parser_options() - {"--help"}
+
+def man_section(text: str, name: str) -> str:
+    section = re.search(rf"^\.Sh {name}$(.*?)^\.Sh ", text, re.S | re.M)
+    assert section is not None, name
+    return section.group(1)
+
+
+@pytest.mark.parametrize(("section", "command", "parser"), [
+    ("OPTIONS", None, daemon_parser),
+    ("STATUS", "status", status_parser),
+    ("HOOKS", "hook", hook_parser),
+])
+def test_man_page_documents_exactly_the_parsers_options(section, command, parser):
+    text = read(MAN)
+    # The first list of the section is the command's options.
+    options = re.search(r"^\.Bl -tag(.*?)^\.El$", man_section(text, section), re.S | re.M)
+    assert options is not None
+    items = re.findall(r"^\.It (.*)$", options.group(1), re.M)
+    documented = {f"-{name}" for item in items for name in re.findall(r"Fl (-?[\w-]+)", item)}
+    assert documented == parser_options(parser())
+
+    # SYNOPSIS: one .Nm line per form; the clients' forms start with their command.
+    forms = re.split(r"^\.Nm$", man_section(text, "SYNOPSIS"), flags=re.M)[1:]
+    mine = [f for f in forms if re.match(rf"\n\.Cm {command}\n", f)] if command else \
+        [f for f in forms if not re.match(r"\n\.Cm ", f)]
+    assert mine
+    helps = {"--help", "-h"} if command else {"--help"}  # the daemon's -h is in [-dhn]
+    assert set().union(*map(flags, mine)) == parser_options(parser()) - helps
 
 
 def test_man_page_keeps_the_code_s_meaning_of_n_and_d():
