@@ -8,7 +8,8 @@ STAMP   := $(VENV)/.installed
 USER_NAME := hvvss
 ROOT    := $(shell id -u)
 
-.PHONY: demo test lint bench syscalls deps account venv clean install uninstall check-install
+.PHONY: demo test lint bench syscalls deps account venv clean install uninstall check-install \
+        systemd-container
 
 # Installation (Linux): a root-owned virtualenv holding the agent and its two dependencies,
 # the command, the systemd unit, sysusers and tmpfiles entries, the man page, and the
@@ -46,6 +47,15 @@ bench: deps account venv
 	$(VPY) -m pip install -q -e '.[bench]'
 	$(VPY) -m bench
 
+# The shipped unit started by a real systemd (PID 1 of a throw-away Debian container),
+# the agent installed inside by the README's steps and checked from outside.  The Debian
+# tree is cached in /var/cache/hv-vss-agent-test (HVVSS_CONTAINER_CACHE); `make test` runs
+# the same test.
+systemd-container: deps account venv
+	HVVSS_CONTAINER_REPORT=$${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json} \
+	  $(VPY) -m pytest -q -s tests/test_systemd_container.py
+	@cat $${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json}; echo
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -59,7 +69,8 @@ deps:
 	@if [ "$(ROOT)" = 0 ]; then \
 	  missing=""; \
 	  for t in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.vfat:dosfstools \
-	           losetup:util-linux sqlite3:sqlite3 strace:strace; do \
+	           losetup:util-linux sqlite3:sqlite3 strace:strace \
+	           debootstrap:debootstrap systemd-nspawn:systemd-container; do \
 	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	  done; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
