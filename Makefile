@@ -8,8 +8,8 @@ STAMP   := $(VENV)/.installed
 USER_NAME := hvvss
 ROOT    := $(shell id -u)
 
-.PHONY: demo test lint bench syscalls deps account venv clean install uninstall check-install \
-        systemd-container
+.PHONY: demo test lint bench syscalls deps container-deps account venv clean install \
+        uninstall check-install systemd-container
 
 # Installation (Linux): a root-owned virtualenv holding the agent and its two dependencies,
 # the command, the systemd unit, sysusers and tmpfiles entries, the man page, and the
@@ -31,7 +31,7 @@ CONFIG     := $(SYSCONFDIR)/hv-vss-agent.toml
 demo: deps account venv
 	$(VENV)/bin/hv-vss-agent --simulate
 
-test: deps account venv
+test: deps container-deps account venv
 	$(VPY) -m pytest -q
 
 lint: venv
@@ -51,7 +51,7 @@ bench: deps account venv
 # the agent installed inside by the README's steps and checked from outside.  The Debian
 # tree is cached in /var/cache/hv-vss-agent-test (HVVSS_CONTAINER_CACHE); `make test` runs
 # the same test.
-systemd-container: deps account venv
+systemd-container: deps container-deps account venv
 	HVVSS_CONTAINER_REPORT=$${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json} \
 	  $(VPY) -m pytest -q -s tests/test_systemd_container.py
 	@cat $${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json}; echo
@@ -69,8 +69,7 @@ deps:
 	@if [ "$(ROOT)" = 0 ]; then \
 	  missing=""; \
 	  for t in mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.vfat:dosfstools \
-	           losetup:util-linux sqlite3:sqlite3 strace:strace \
-	           debootstrap:debootstrap systemd-nspawn:systemd-container; do \
+	           losetup:util-linux sqlite3:sqlite3 strace:strace; do \
 	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
 	  done; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -81,6 +80,20 @@ deps:
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	  fi; \
 	else echo "not root: skipping system packages"; fi
+
+# debootstrap and systemd-nspawn, for the test that starts the unit under systemd; root only.
+container-deps:
+	@if [ "$(ROOT)" = 0 ]; then \
+	  missing=""; \
+	  for t in debootstrap:debootstrap systemd-nspawn:systemd-container; do \
+	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	  done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  fi; \
+	fi
 
 # The unprivileged account the parent drops to (same as etc/sysusers.d); root only.
 account:
