@@ -9,7 +9,25 @@ USER_NAME := hvvss
 ROOT    := $(shell id -u)
 TESTS   ?=
 
-.PHONY: demo test lint bench syscalls deps account venv clean
+.PHONY: demo test lint bench syscalls deps container-deps account venv clean install \
+        uninstall check-install systemd-container
+
+# Installation (Linux): a root-owned virtualenv holding the agent and its two dependencies,
+# the command, the systemd unit, sysusers and tmpfiles entries, the man page, and the
+# example config if there is none yet.  DESTDIR stages it for a package; PREFIX moves it.
+PREFIX     ?= /usr/local
+SYSCONFDIR ?= /etc
+PYTHON3    ?= /usr/bin/python3
+LIBDIR     ?= $(PREFIX)/lib/hv-vss-agent
+BINDIR     ?= $(PREFIX)/bin
+MANDIR     ?= $(PREFIX)/share/man
+# systemd reads units, sysusers.d and tmpfiles.d under /usr/lib and /usr/local/lib, not
+# under other prefixes: elsewhere they go to /etc.
+SDLIB      := $(if $(filter /usr /usr/local,$(PREFIX)),$(PREFIX)/lib,$(SYSCONFDIR))
+UNITDIR    ?= $(if $(filter /usr /usr/local,$(PREFIX)),$(PREFIX)/lib/systemd/system,$(SYSCONFDIR)/systemd/system)
+SYSUSERSDIR ?= $(SDLIB)/sysusers.d
+TMPFILESDIR ?= $(SDLIB)/tmpfiles.d
+CONFIG     := $(SYSCONFDIR)/hv-vss-agent.toml
 
 # As root in a clone that is not root's alone (`sudo make test` in your own clone), root
 # would run code that someone else can change, which the agent refuses: so root works in
@@ -21,7 +39,7 @@ ROOT_HOME := $(or $(shell getent passwd 0 | cut -d: -f6),/root)
 
 ifneq ($(NOT_ROOTS),)
 
-demo test lint bench syscalls deps account venv:
+demo test lint bench syscalls deps container-deps systemd-container account venv:
 	@echo "make: $(NOT_ROOTS): as root, make works in a root-owned copy, $(STAGE)" \
 	  "(sudo make clean removes it)"
 	@sh tools/root_copy.sh sync "$(CURDIR)" "$(STAGE)" "$(STAGE_ROOT)"
@@ -39,7 +57,7 @@ demo: deps account venv
 	$(VENV)/bin/hv-vss-agent --simulate
 
 # TESTS: pytest arguments, such as TESTS=tests/test_config.py (default: the whole suite)
-test: deps account venv
+test: deps container-deps account venv
 	$(VPY) -m pytest -q $(TESTS)
 
 lint: venv
@@ -54,6 +72,15 @@ syscalls: deps account venv
 bench: deps account venv
 	$(VPY) -m pip install -q -e '.[bench]'
 	$(VPY) -m bench
+
+# The shipped unit started by a real systemd (PID 1 of a throw-away Debian container),
+# the agent installed inside by the README's steps and checked from outside.  The Debian
+# tree is cached in /var/cache/hv-vss-agent-test (HVVSS_CONTAINER_CACHE); `make test` runs
+# the same test.
+systemd-container: deps container-deps account venv
+	HVVSS_CONTAINER_REPORT=$${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json} \
+	  $(VPY) -m pytest -q -s tests/test_systemd_container.py
+	@cat $${HVVSS_CONTAINER_REPORT:-/tmp/hv-vss-agent-container.json}; echo
 
 venv: $(STAMP)
 
@@ -80,6 +107,20 @@ deps:
 	  fi; \
 	else echo "not root: skipping system packages"; fi
 
+# debootstrap and systemd-nspawn, for the test that starts the unit under systemd; root only.
+container-deps:
+	@if [ "$(ROOT)" = 0 ]; then \
+	  missing=""; \
+	  for t in debootstrap:debootstrap systemd-nspawn:systemd-container; do \
+	    command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; \
+	  done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	  fi; \
+	fi
+
 # The unprivileged account the parent drops to (same as etc/sysusers.d); root only.
 account:
 	@if [ "$(ROOT)" = 0 ] && ! id $(USER_NAME) >/dev/null 2>&1; then \
@@ -91,3 +132,70 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
 endif
+
+# Root runs this code, so every file and directory of it must be root's and writable by
+# nobody else (agent/integrity.py refuses it otherwise): root installs, with umask 022.
+# The package is built from a copy, so a clone owned by someone else gets no root-owned
+# build/ or egg-info.  Only a real install (no DESTDIR) creates the account and /var/empty.
+install:
+	@[ "$(ROOT)" = 0 ] || { echo "make install: run it as root (the agent runs only root-owned code)"; exit 1; }
+	@[ -x "$(PYTHON3)" ] || { echo "make install: $(PYTHON3) not found (apt-get install python3 python3-venv)"; exit 1; }
+	@set -e; umask 022; \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir "$$tmp/src"; cp -R agent privileged pyproject.toml README.md "$$tmp/src/"; \
+	find "$$tmp/src" -name __pycache__ -prune -exec rm -rf {} +; \
+	$(PYTHON3) -m venv "$$tmp/pip" || { echo "make install: python3 -m venv failed (apt-get install python3-venv)"; exit 1; }; \
+	echo "installing the agent into $(DESTDIR)$(LIBDIR)"; \
+	$(PYTHON3) -m venv --clear --without-pip "$(DESTDIR)$(LIBDIR)"; \
+	"$$tmp/pip/bin/python" -m pip -q --disable-pip-version-check --python "$(DESTDIR)$(LIBDIR)/bin/python" \
+	  install --no-compile --no-warn-script-location "$$tmp/src"; \
+	rm -f "$(DESTDIR)$(LIBDIR)"/bin/[Aa]ctivate*; \
+	if [ -n "$(DESTDIR)" ]; then \
+	  grep -rlIF -- "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(LIBDIR)/bin" "$(DESTDIR)$(LIBDIR)/pyvenv.cfg" \
+	    | xargs -r sed -i 's|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g'; \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m compileall -q -s "$(DESTDIR)" "$(DESTDIR)$(LIBDIR)/lib"; \
+	else "$(LIBDIR)/bin/python" -m compileall -q "$(LIBDIR)/lib"; fi; \
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSUSERSDIR)" \
+	  "$(DESTDIR)$(TMPFILESDIR)" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(SYSCONFDIR)"; \
+	ln -sfn "$(LIBDIR)/bin/hv-vss-agent" "$(DESTDIR)$(BINDIR)/hv-vss-agent"; \
+	sed 's|/usr/local/bin/hv-vss-agent|$(BINDIR)/hv-vss-agent|' etc/systemd/hv-vss-agent.service \
+	  > "$(DESTDIR)$(UNITDIR)/hv-vss-agent.service"; \
+	chmod 0644 "$(DESTDIR)$(UNITDIR)/hv-vss-agent.service"; \
+	install -m 0644 etc/sysusers.d/hv-vss-agent.conf "$(DESTDIR)$(SYSUSERSDIR)/hv-vss-agent.conf"; \
+	install -m 0644 etc/tmpfiles.d/hv-vss-agent.conf "$(DESTDIR)$(TMPFILESDIR)/hv-vss-agent.conf"; \
+	install -m 0644 man/hv-vss-agent.8 "$(DESTDIR)$(MANDIR)/man8/hv-vss-agent.8"; \
+	if [ -e "$(DESTDIR)$(CONFIG)" ]; then echo "keeping $(DESTDIR)$(CONFIG)"; \
+	else install -m 0644 etc/hv-vss-agent.toml "$(DESTDIR)$(CONFIG)"; fi; \
+	if [ -z "$(DESTDIR)" ]; then \
+	  systemd-sysusers hv-vss-agent.conf; \
+	  systemd-tmpfiles --create hv-vss-agent.conf; \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
+	@if [ -z "$(DESTDIR)" ]; then $(MAKE) -s check-install || exit 1; \
+	  echo "installed; start it with: systemctl enable --now hv-vss-agent"; fi
+
+# The agent's own check of what root runs (agent/integrity.py), on the installed tree, by the
+# installed interpreter with -I so that nothing from this clone is imported.
+define CHECK_INSTALL
+import sys
+import multiprocessing_logging, psutil  # the agent imports both as root: check them too
+from agent.errors import StartupError
+from agent.integrity import check_install
+try:
+    check_install(sys.argv[1] if len(sys.argv) > 1 else None)
+except StartupError as e:
+    sys.exit(f"hv-vss-agent: {e}")
+print(f"install check passed: {sys.prefix}")
+endef
+export CHECK_INSTALL
+
+check-install:
+	@"$(DESTDIR)$(LIBDIR)/bin/python" -I -c "$$CHECK_INSTALL" $(wildcard $(DESTDIR)$(CONFIG))
+
+uninstall:
+	@[ "$(ROOT)" = 0 ] || { echo "make uninstall: run it as root"; exit 1; }
+	rm -rf "$(DESTDIR)$(LIBDIR)"
+	rm -f "$(DESTDIR)$(BINDIR)/hv-vss-agent" "$(DESTDIR)$(UNITDIR)/hv-vss-agent.service" \
+	  "$(DESTDIR)$(SYSUSERSDIR)/hv-vss-agent.conf" "$(DESTDIR)$(TMPFILESDIR)/hv-vss-agent.conf" \
+	  "$(DESTDIR)$(MANDIR)/man8/hv-vss-agent.8"
+	@[ ! -e "$(DESTDIR)$(CONFIG)" ] || echo "kept $(DESTDIR)$(CONFIG) (remove it by hand)"

@@ -1,7 +1,8 @@
 """etc/systemd/hv-vss-agent.service: hardened, and the child can still freeze under it.
 
-systemd is not PID 1 here, so the unit cannot be started.  What can be
-reproduced is reproduced for real around the real agent: the unit's
+These tests need no systemd: tests/test_systemd_container.py starts the unit under
+systemd as PID 1 of a container.  Here, what can be reproduced without it is
+reproduced for real around the real agent: the unit's
 CapabilityBoundingSet and NoNewPrivileges (setpriv), ProtectSystem=strict's
 read-only view of every mount with a writable state directory (a private
 mount namespace), PrivateNetwork (a network namespace) and
