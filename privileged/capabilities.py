@@ -41,11 +41,6 @@ class _Data(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap", "rb", buffering=0) as f:
-        return int(f.read())
-
-
 def keep_only(keep: frozenset[int] = KEEP) -> None:
     """Leave this process with exactly `keep` (if it had them); OSError if it cannot."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -58,16 +53,27 @@ def keep_only(keep: frozenset[int] = KEEP) -> None:
             raise OSError(e, f"prctl({args[0]}, {args[1]}): {os.strerror(e)}")
         return rc
 
-    for cap in sorted(set(range(last_cap() + 1)) - keep, key=lambda c: c == CAP_SETPCAP):
-        if prctl(_PR_CAPBSET_READ, cap, 0):
-            try:
-                prctl(_PR_CAPBSET_DROP, cap, 0)
-            except OSError as e:
-                if e.errno == errno.EPERM:
-                    raise OSError(e.errno, "cannot drop capabilities from the bounding set "
-                                  "without CAP_SETPCAP (add it to the unit's "
-                                  "CapabilityBoundingSet)") from None
+    # Every capability the kernel knows: PR_CAPBSET_READ says EINVAL past the last one
+    # (/proc/sys/kernel/cap_last_cap would say so too, but a unit's ProcSubset=pid hides it).
+    known = []
+    for cap in range(64):
+        try:
+            known.append((cap, prctl(_PR_CAPBSET_READ, cap, 0)))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
                 raise
+            break
+    for cap, bounded in sorted(known, key=lambda c: c[0] == CAP_SETPCAP):
+        if cap in keep or not bounded:
+            continue
+        try:
+            prctl(_PR_CAPBSET_DROP, cap, 0)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                raise OSError(e.errno, "cannot drop capabilities from the bounding set "
+                              "without CAP_SETPCAP (add it to the unit's "
+                              "CapabilityBoundingSet)") from None
+            raise
     prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0)
     header = _Header(_CAPABILITY_VERSION_3, 0)
     data = (_Data * 2)()

@@ -394,7 +394,11 @@ def start(args: argparse.Namespace, channel: Channel, stop: list[int]) -> Child:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    harden_child(args.ppid)
+    try:
+        harden_child(args.ppid)
+    except OSError as e:  # stderr is still the parent's: one line there
+        sys.stderr.write(f"hv-vss-agent child: cannot start: {e.strerror or e}\n")
+        return EXIT_ERROR
     sock = socket.socket(fileno=args.fd)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         return EXIT_ERROR

@@ -61,7 +61,9 @@ def _confined_python(workdir: str, writable: list[str], readonly: list[str]) -> 
     mdwe = (f"import ctypes, os, sys; ctypes.CDLL(None).prctl({PR_SET_MDWE}, "
             f"{MDWE_REFUSE_EXEC_GAIN}, 0, 0, 0) == 0 or sys.exit('no MDWE'); "
             f"os.execv({PY!r}, [{PY!r}] + sys.argv[1:])")
-    lines = ["set -e", "mount --make-rprivate /"]
+    # ProtectProc=invisible and ProcSubset=pid: a /proc of processes only (no /proc/sys)
+    lines = ["set -e", "mount --make-rprivate /",
+             "mount -t proc -o subset=pid,hidepid=invisible proc /proc"]
     lines += [f"mount --bind {shlex.quote(p)} {shlex.quote(p)}" for p in writable]
     lines += [f"mount -o remount,bind,ro {shlex.quote(p)}" for p in readonly]
     lines.append(f'exec setpriv --bounding-set={bounding} --inh-caps=-all --no-new-privs '
