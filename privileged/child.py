@@ -423,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)
         return EXIT_ERROR
     try:
-        log.debug("confined: %s", confine_child(args.device))
+        confined = confine_child(args.device)
+        (log.info if "Landlock ABI" in confined else log.warning)("confined: %s", confined)
     except OSError as e:
         log.error("cannot start: %s", e)
         return EXIT_ERROR

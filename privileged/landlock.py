@@ -56,18 +56,20 @@ class Landlock:
         rc = int(self._libc.syscall(*args))
         if rc < 0:
             e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+            raise OSError(e, f"Landlock: {os.strerror(e)}")
         return rc
 
     def abi(self) -> int:
-        """The kernel's Landlock ABI version; 0 if it has none or it is disabled."""
+        """The kernel's Landlock ABI version; 0 if it has none, it is disabled at boot, or a
+        container's or service manager's seccomp filter refuses it (EPERM: the version
+        query fails no other way)."""
         try:
             return self._call(ctypes.c_long(_CREATE_RULESET), None, ctypes.c_size_t(0),
                               ctypes.c_uint32(_CREATE_RULESET_VERSION))
         except OSError as e:
-            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
                 return 0
-            raise
+            raise OSError(e.errno, f"Landlock: {e.strerror}") from None
 
     def restrict(self, read_write_file: str | None) -> int:
         """Restrict this process (and what it forks) for good; the ABI used, or 0 when

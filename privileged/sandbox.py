@@ -104,4 +104,7 @@ def confine_child(device: str | None) -> str:
     abi = Landlock().restrict(device)
     seccomp.confine(child_policy(simulated=is_simulator(device), landlock=abi > 0),
                     all_threads=True)
-    return f"Landlock ABI {abi} and seccomp" if abi else "seccomp (this kernel has no Landlock)"
+    if abi:
+        return f"Landlock ABI {abi} and seccomp"
+    return "seccomp alone (no Landlock here: read-write opens are refused, and so is REOPEN " \
+           "of a device node)"
