@@ -54,8 +54,8 @@ DROPIN = os.path.join(REPO, "etc", "systemd", "simulator.conf")
 # The README's Linux steps, as the README spells them (checked below), run in the clone.
 STEPS = ("make install", "systemctl enable --now hv-vss-agent")
 REPORT = os.environ.get("HVVSS_CONTAINER_REPORT")  # where `make systemd-container` wants facts
-CAP_BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SYS_CHROOT": 18,
-            "CAP_SYS_ADMIN": 21}
+CAP_BITS = {"CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8,
+            "CAP_SYS_CHROOT": 18, "CAP_SYS_ADMIN": 21}
 # x86_64 syscall numbers, from the kernel's header (linux-libc-dev, which make deps installs).
 UNISTD_64 = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
 
@@ -191,8 +191,8 @@ def test_the_unit_under_systemd_confines_the_agent_and_it_freezes(workdir, make_
             facts["install_s"] = round(time.monotonic() - t, 1)
             assert "keeping /etc/hv-vss-agent.toml" in outputs[0].stdout + outputs[0].stderr
             assert "install check passed" in outputs[0].stdout
-            sim.wait_registered(30)
             try:
+                sim.wait_registered(30)
                 _check_confinement(c, sim, facts)
                 _check_freezing(c, sim, scratch.mountpoint, facts)
             except BaseException:
@@ -248,7 +248,9 @@ def _check_confinement(c: ct.Container, sim: Simulator, facts: dict[str, object]
     unit_caps = directives()["CapabilityBoundingSet"][0].split()
     mask = sum(1 << CAP_BITS[name] for name in unit_caps)
     assert int(cs["CapBnd"], 16) & ~mask == 0, (cs["CapBnd"], unit_caps)
-    assert int(cs["CapEff"], 16) >> CAP_BITS["CAP_SYS_ADMIN"] & 1
+    # and the child itself keeps only what it needs, in every set
+    kept = 1 << CAP_BITS["CAP_SYS_ADMIN"] | 1 << CAP_BITS["CAP_DAC_READ_SEARCH"]
+    assert int(cs["CapBnd"], 16) == int(cs["CapEff"], 16) == int(cs["CapPrm"], 16) == kept
     for s in (ps, cs):
         assert int(s["CapAmb"], 16) == 0 and int(s["CapInh"], 16) == 0
     assert int(ps["CapEff"], 16) == 0 and int(ps["CapPrm"], 16) == 0
@@ -282,9 +284,10 @@ def _check_confinement(c: ct.Container, sim: Simulator, facts: dict[str, object]
     # (/run/host is systemd-nspawn's, for the container's own systemd; no real system has it.)
     writable = sorted(p for p, (opts, _, _) in m.items() if "rw" in opts
                       and not p.startswith(("/dev", "/proc", "/tmp", "/var/tmp", "/run/host/")))
-    # ProtectSystem=strict: everything read-only but the RuntimeDirectory (and /dev,
-    # /proc, the private /tmp); the scratch filesystem too, a view FIFREEZE does not mind.
-    assert writable == ["/run/hv-vss-agent"], writable
+    # ProtectSystem=strict: everything read-only but the RuntimeDirectory and the sockets'
+    # directory (and /dev, /proc, the private /tmp); the scratch filesystem too, a view
+    # FIFREEZE does not mind.
+    assert writable == ["/run/hv-vss-agent", "/run/hv-vss-agent-sockets"], writable
     for path in ("/", "/usr", "/etc", "/var", SCRATCH, "/home", "/root", "/run/user"):
         assert "ro" in _covering(m, path)[0], path  # ProtectHome=read-only too
     for tmp in ("/tmp", "/var/tmp"):
