@@ -367,8 +367,9 @@ def start(args: argparse.Namespace, channel: Channel, stop: list[int]) -> Child:
     for path in cfg.freeze.only:
         # Names, not identities: whoever may rename a directory above a mountpoint may
         # exchange what is mounted there with another of their mounts (never follow a
-        # symlink there: opens are checked against the mount table, freezer.py).
-        reason = directories_reason(path, links=True)
+        # symlink there: opens are checked against the mount table, freezer.py).  A path
+        # that is not there is for selection to say.
+        reason = os.path.lexists(path) and directories_reason(path, links=True)
         if reason:
             log.warning("[freeze] only %s: %s", path, reason)
     freezer = pick_freezer(args.memory)

@@ -251,7 +251,7 @@ def child_main(argv: list[str]) -> int:
     child.pick_freezer = pick_freezer  # type: ignore[assignment]
     # As on FreeBSD, no seccomp filter (privileged/sandbox.py is Linux only); this model
     # also reads /proc/self/fd with calls the Linux child's filter refuses.
-    child.confine_child = lambda device: None  # type: ignore[assignment]
+    child.confine_child = lambda device: "no sandbox (FreeBSD)"  # type: ignore[assignment]
     if not spec["release_stdio"]:  # the control: keep the parent's stderr as given
         child.quiet_stdio = lambda: None  # type: ignore[assignment]
     return child.main(argv[2:])
