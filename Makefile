@@ -134,7 +134,7 @@ clean:
 endif
 
 # Root runs this code, so every file and directory of it must be root's and writable by
-# nobody else (agent/integrity.py refuses it otherwise): root installs, with umask 022.
+# nobody else (agent/engine/integrity.py refuses it otherwise): root installs, with umask 022.
 # The package is built from a copy, so a clone owned by someone else gets no root-owned
 # build/ or egg-info.  Only a real install (no DESTDIR) creates the account and /var/empty.
 install:
@@ -174,13 +174,13 @@ install:
 	@if [ -z "$(DESTDIR)" ]; then $(MAKE) -s check-install || exit 1; \
 	  echo "installed; start it with: systemctl enable --now hv-vss-agent"; fi
 
-# The agent's own check of what root runs (agent/integrity.py), on the installed tree, by the
+# The agent's own check of what root runs (agent/engine/integrity.py), on the installed tree, by the
 # installed interpreter with -I so that nothing from this clone is imported.
 define CHECK_INSTALL
 import sys
 import multiprocessing_logging, psutil  # the agent imports both as root: check them too
 from agent.errors import StartupError
-from agent.integrity import check_install
+from agent.engine.integrity import check_install
 try:
     check_install(sys.argv[1] if len(sys.argv) > 1 else None)
 except StartupError as e:

@@ -16,8 +16,8 @@ import sys
 from typing import NoReturn
 
 from agent import __version__, config
+from agent.engine.privdrop import DropError
 from agent.errors import StartupError
-from agent.privdrop import DropError
 from privileged.config import ConfigError
 
 EXIT_USAGE = 2
@@ -123,8 +123,8 @@ def client_socket(explicit: str | None, config_path: str | None, section: str,
 def client_main(argv: list[str]) -> int:
     try:
         if argv[0] == "status":
-            from agent import status_client
-            from agent.control import ControlError
+            from agent.clients import status as status_client
+            from agent.protocols.control import ControlError
 
             args = status_parser().parse_args(argv[1:])
             path = client_socket(args.socket, args.config, "control", DEFAULT_CONTROL_SOCKET)
@@ -135,7 +135,7 @@ def client_main(argv: list[str]) -> int:
             except ControlError as e:
                 sys.stderr.write(f"hv-vss-agent status: {e}\n")
                 return status_client.exit_code(e)
-        from agent import hook
+        from agent.clients import hook
 
         args = hook_parser().parse_args(argv[1:])
         path = client_socket(args.socket, args.config, "notify", DEFAULT_NOTIFY_SOCKET)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = daemon_parser().parse_args(args_list)
     try:
         if args.simulate:
-            from agent import demo
+            from agent.dev import demo
 
             return demo.run(args)
         cfg = config.load(args.config)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _replace(cfg, device=args.device)
         if args.protocol:
             cfg = _replace(cfg, protocol=args.protocol)
-        from agent import daemon
+        from agent.engine import daemon
 
         return daemon.run(cfg, args.foreground, args.debug, args.in_memory,
                           simulator_may_freeze_all=args.simulator_may_freeze_all)

@@ -13,7 +13,7 @@ warning that says so.  Pickling (in the frontend) is unchanged.
 
 This is the one place the engine unpickles, and the engine creates no other
 multiprocessing queue: its link to the frontend is a closed protocol of its
-own (agent/frontend_wire.py).  Left open: a frontend can still send a huge
+own (agent/protocols/frontend.py).  Left open: a frontend can still send a huge
 record (Queue.get reads a message whole before we see it), which is a denial
 of service against the engine, not a way into it.
 

@@ -1,6 +1,6 @@
 """The unprivileged parent's sandbox (see SECURITY.md, "The parent").
 
-Installed right after the privilege drop (agent/daemon.py), once everything
+Installed right after the privilege drop (agent/engine/daemon.py), once everything
 is imported and opened: core dumps off, then the platform's sandbox, seccomp
 on Linux (agent/sandbox_linux.py), Capsicum on FreeBSD
 (agent/sandbox_freebsd.py).  A sandbox that cannot be installed stops

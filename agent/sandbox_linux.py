@@ -2,7 +2,7 @@
 
 The parent's filter is the union of the roles the process plays (ROLES,
 picked from the config by agent.sandbox.parent_roles): SERVICE, the event
-loop of agent/service.py and everything it calls; FRONTEND_LINK when it runs
+loop of agent/engine/service.py and everything it calls; FRONTEND_LINK when it runs
 a frontend; METRICS when it writes the metrics file.  A new duty is a new
 role here, measured with `make syscalls`.  SECCOMP_FILTER_FLAG_TSYNC puts the
 filter on every thread the parent already has (multiprocessing-logging's
@@ -113,7 +113,7 @@ ROLES: dict[str, tuple[Rule, ...]] = {
     "metrics": METRICS,
 }
 
-# The frontend process (agent/frontend.py) loads its own filter once it has let
+# The frontend process (agent/frontend/main.py) loads its own filter once it has let
 # go of what it inherited: it talks to untrusted local clients.  Its calls were
 # measured like the others' (tools/measure_syscalls.py, scene "frontend").
 FRONTEND = Policy(role="frontend", default=KILL_PROCESS, rules=(

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from agent import scratch
+from agent.dev import scratch
 from bench import measure
 from bench.common import kib, machine, ms, ratio
 

@@ -1,7 +1,7 @@
 """The root child: holds the freezes, obeys six words, thaws on anything odd.
 
 Started by root as a fresh interpreter (python -I -B -S, its sys.path the
-standard library alone; agent/child_link.py), with its end of a
+standard library alone; agent/engine/child_link.py), with its end of a
 SOCK_SEQPACKET socketpair as the only descriptor it inherits.  main() reads
 top to bottom: harden (capabilities first) -> config -> state files ->
 recover -> backend -> Landlock and seccomp -> HELLO -> loop, and every way

@@ -1,7 +1,9 @@
 """Fixtures: scratch filesystems the tests create, freeze and remove themselves.
 
-These tests need root and loop devices; CI has both, so they are not skipped:
-without them they fail, saying so.
+Most tests need root and loop devices: those that use these fixtures, or are
+marked `root`.  As root (CI, `make test`) they all run, and a missing loop
+device or filesystem tool is a failure that says so; as anyone else they are
+skipped with one reason, and the tests that need no privilege still run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,26 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent import scratch
+from agent.dev import scratch
+
+ROOT_FIXTURES = frozenset({"workdir", "make_fs", "ext4_xfs"})
+NEEDS_ROOT = ("needs root: it makes loop-device filesystems, freezes them or starts the agent "
+              "(run `make test` as root)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"root: {NEEDS_ROOT}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """As root, everything runs (and a missing loop device or tool is a failure); as anyone
+    else, the tests that need root are skipped with that one reason, the rest run."""
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason=NEEDS_ROOT)
+    for item in items:
+        if "root" in item.keywords or ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(skip)
 
 
 def _require_root() -> None:

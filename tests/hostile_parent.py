@@ -40,7 +40,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from agent.child_link import ChildLink
+from agent.engine.child_link import ChildLink
 from privileged import wire
 from tests.helpers import write_config
 

@@ -34,6 +34,8 @@ from tests.hostile_parent import (
     request,
 )
 
+pytestmark = pytest.mark.root
+
 MIN_FRAMES = 100_000
 EXAMPLES = 110
 
@@ -41,7 +43,7 @@ EXAMPLES = 110
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """One scratch filesystem and one hostile parent for the whole module (speed)."""
-    from agent import scratch
+    from agent.dev import scratch
     from tests.conftest import _require_root
 
     _require_root()

@@ -36,9 +36,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import child_link
-from agent.child_link import ChildLink
-from agent.demo import Writer
+from agent.dev.demo import Writer
+from agent.engine import child_link
+from agent.engine.child_link import ChildLink
 from agent.kernel import linux_wire as lw
 from privileged import wire
 from privileged.capabilities import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN
@@ -301,7 +301,7 @@ def test_modules_planted_beside_privileged_never_run_as_root(workdir, make_fs):
             f.write(f"open({marker!r}, 'a').write({name!r} + ' ran as uid %d\\n' % "
                     "__import__('os').getuid())\nraise ImportError('planted')\n")
         os.chown(path, ATTACKER, -1)
-    from agent import integrity
+    from agent.engine import integrity
 
     site_packages = integrity.site.getsitepackages()[0]
     code = (f"import sys; sys.path.remove('') if '' in sys.path else None; "
@@ -324,7 +324,7 @@ def test_modules_planted_beside_privileged_never_run_as_root(workdir, make_fs):
 def test_the_child_s_sys_path_is_checked_even_where_it_names_nothing(monkeypatch, workdir):
     """A sys.path entry that does not exist (python311.zip) is refused if someone else
     could create it."""
-    from agent import integrity
+    from agent.engine import integrity
     from agent.errors import StartupError
 
     user = attacker_dir(workdir, "lib")

@@ -21,8 +21,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.child_link import ChildLink
-from agent.demo import Writer
+from agent.dev.demo import Writer
+from agent.engine.child_link import ChildLink
 from agent.kernel import linux_wire as lw
 from privileged import wire
 from privileged.budget import Bucket

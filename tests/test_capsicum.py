@@ -113,7 +113,7 @@ def test_confine_parent_on_freebsd_limits_then_enters(device, monkeypatch):
     assert kernel.in_mode and kernel.ioctls[device] == (IOCHVVSSREAD, IOCHVVSSWRITE)
     other = os.dup(device)
     try:
-        sandbox.limit_device(other)  # the REOPEN path in agent/service.py
+        sandbox.limit_device(other)  # the REOPEN path in agent/engine/service.py
         assert kernel.ioctls[other] == (IOCHVVSSREAD, IOCHVVSSWRITE)
     finally:
         os.close(other)

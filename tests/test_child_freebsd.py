@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from agent.child_link import ChildLink
+from agent.engine.child_link import ChildLink
 from privileged import wire
 from privileged.budget import Bucket
 from privileged.child import Child

@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from agent.child_link import ChildGone, ChildLink
+from agent.engine.child_link import ChildGone, ChildLink
 from privileged import wire
 from privileged.child import EXIT_OK, EXIT_VIOLATION, REOPEN_BURST
 from privileged.wire import Op

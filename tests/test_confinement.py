@@ -17,7 +17,7 @@ import textwrap
 
 import psutil
 
-from agent.child_link import ChildLink
+from agent.engine.child_link import ChildLink
 from privileged import wire
 from privileged.syscall_table import SYSCALLS
 from tests.helpers import (
@@ -215,7 +215,8 @@ def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
     code = textwrap.dedent(f"""\
         import errno, os, sys
         sys.path.insert(0, {REPO!r})
-        from agent import privdrop, sandbox
+        from agent import sandbox
+        from agent.engine import privdrop
         r, w = os.pipe()
         privdrop.drop(privdrop.lookup_account("hvvss"), {os.path.join(workdir, "empty")!r})
         def attempt(path):
@@ -266,7 +267,7 @@ def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_
                                                                    monkeypatch):
     """The real child, a whole conversation (CHECK, FREEZE, THAW, REOPEN, QUIT); at its exit
     it writes the names of every module it had loaded."""
-    from agent import child_link
+    from agent.engine import child_link
     from privileged import wire
 
     fs = make_fs("ext4")

@@ -12,7 +12,7 @@ import signal
 import struct
 import time
 
-from agent.demo import Writer
+from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
 from tests.helpers import (
     Probe,
@@ -155,7 +155,7 @@ def test_logs_are_held_while_frozen_even_when_the_log_is_on_a_frozen_disk(workdi
 
 def test_probe_itself_detects_a_frozen_filesystem(make_fs):
     """The probe this suite relies on really blocks on a frozen filesystem."""
-    from agent import scratch
+    from agent.dev import scratch
 
     fs = make_fs("ext4")
     fd = os.open(fs.mountpoint, os.O_RDONLY)

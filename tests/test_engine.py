@@ -1,10 +1,10 @@
-"""agent/engine.py: the transaction flows, without any I/O."""
+"""agent/engine/machine.py: the transaction flows, without any I/O."""
 
 from __future__ import annotations
 
 import pytest
 
-from agent import engine as E
+from agent.engine import machine as E
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.messages import KernelRequest

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent import engine as E
-from agent.frontend_wire import Outcome, SubscriberResult
+from agent.engine import machine as E
 from agent.kernel.messages import KernelRequest, Operation
+from agent.protocols.frontend import Outcome, SubscriberResult
 from privileged import wire
 
 CHECK = KernelRequest(Operation.CHECK, 2, bytes(12))

@@ -63,7 +63,7 @@ def test_child_death_fails_the_pending_request(workdir, ext4_xfs):
     finally:
         agent.stop()
         for m in mounts:  # the killed child could not thaw; the next start would
-            from agent import scratch
+            from agent.dev import scratch
 
             scratch.thaw(m)
 

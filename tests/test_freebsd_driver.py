@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from agent import engine as E
+from agent.engine import machine as E
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import transport
 from agent.kernel.messages import KernelProtocolError, KernelRequest, Operation

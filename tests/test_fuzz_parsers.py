@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
-from agent.child_link import ChildGone, ChildLink
+from agent.engine.child_link import ChildGone, ChildLink
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.messages import KernelProtocolError, Operation

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from agent.hook import default_name
+from agent.clients.hook import default_name
+from agent.dev.scratch import ScratchFS
 from agent.kernel import linux_wire as lw
-from agent.scratch import ScratchFS
 from tests.helpers import (
     PY,
     REPO,

@@ -1,5 +1,5 @@
-"""`hook`'s machinery in this process: its processes (agent/hook_process.py) and its
-reading of the agent (agent/hook.py), where no backup run shows them reliably.
+"""`hook`'s machinery in this process: its processes (agent/clients/hook_process.py) and its
+reading of the agent (agent/clients/hook.py), where no backup run shows them reliably.
 
 The end-to-end behaviour (the real agent, an unprivileged client) is in test_hook.py.
 """
@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from agent.hook import HookClient
-from agent.hook_process import Supervisor
-from agent.notify_client import Subscription
+from agent.clients.hook import HookClient
+from agent.clients.hook_process import Supervisor
+from agent.clients.notify import Subscription
 
 
 @pytest.fixture

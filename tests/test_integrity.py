@@ -1,4 +1,4 @@
-"""A tampered install is refused before root runs anything (agent/integrity.py).
+"""A tampered install is refused before root runs anything (agent/engine/integrity.py).
 
 Each case runs the real command line from a copy of the code (or through a
 virtualenv) that the test made unsafe in one place, and expects exit 1 with
@@ -68,7 +68,7 @@ def test_an_untouched_install_passes_the_check(workdir, install):
     ("privileged/wire.py", 0o664, "{p} is writable by group or others (mode 0664)"),
     ("privileged/child.py", 0o646, "{p} is writable by group or others (mode 0646)"),
     ("privileged", 0o775, "directory {p} is writable by group or others (mode 0775)"),
-    ("agent/daemon.py", 0o666, "{p} is writable by group or others (mode 0666)"),
+    ("agent/engine/daemon.py", 0o666, "{p} is writable by group or others (mode 0666)"),
     ("", 0o777, "directory {p} is writable by group or others (mode 0777)"),
 ])
 def test_a_writable_package_file_or_directory_is_refused(workdir, install, target, mode, says):

@@ -1,10 +1,10 @@
-"""agent/logs.py FreezeGate: nothing reaches the target while held; nothing is lost silently."""
+"""engine/logs.py FreezeGate: nothing reaches the target while held; nothing is lost silently."""
 
 from __future__ import annotations
 
 import logging
 
-from agent.logs import FreezeGate
+from agent.engine.logs import FreezeGate
 
 
 class Recorder(logging.Handler):

@@ -28,6 +28,7 @@ def trace(tmp_path_factory) -> Trace:
     return measure(str(work))
 
 
+@pytest.mark.root
 def test_every_syscall_made_once_sandboxed_is_allowed(trace):
     lines = report(trace)
     assert lines[-1] == "every syscall made is allowed", "\n".join(lines)
@@ -40,6 +41,7 @@ def test_every_syscall_made_once_sandboxed_is_allowed(trace):
     assert {"accept4", "getsockopt", "rseq"} <= set(trace.calls["frontend"])
 
 
+@pytest.mark.root
 def test_the_unit_allows_every_syscall_the_agent_makes(trace):
     """systemd's SystemCallFilter applies from exec on: start-up included."""
     assert sorted(trace.everything - syscall_filter()) == []

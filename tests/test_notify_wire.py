@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import frontend_wire as fw
-from agent import notify_wire as nw
-from agent.frontend_link import FrontendLink
+from agent.engine.frontend_link import FrontendLink
+from agent.protocols import frontend as fw
+from agent.protocols import notify as nw
 
 GOOD_SUBSCRIBER_LINES = [
     (b"HELLO 1 pgsql\n", nw.Hello(1, "pgsql")),

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import scratch
+from agent.dev import scratch
 from tests.helpers import REPO, USER_PY, assert_blocked, running_agent, wait_for
 
 SQLITE_WRITER = """\

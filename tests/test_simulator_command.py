@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import daemon
 from agent.config import AgentConfig
+from agent.engine import daemon
 from agent.errors import StartupError
 from agent.simulator.server import Simulator
 from privileged.config import ChildConfig, FreezeConfig

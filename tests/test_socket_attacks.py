@@ -19,10 +19,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import listeners
+from agent.engine import listeners
+from agent.engine.listeners import Access, listen_unix
 from agent.errors import StartupError
-from agent.frontend import MAX_PER_UID
-from agent.listeners import Access, listen_unix
+from agent.frontend.main import MAX_PER_UID
 from tests.helpers import REPO, USER_PY, Agent, running_agent, wait_for
 from tests.test_status_metrics import status_json
 

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
+from agent.clients.status import render_text
+from agent.engine.metrics import FILENAME
 from agent.kernel import linux_wire as lw
-from agent.metrics import FILENAME
-from agent.status import render_text
 from tests.helpers import (
     PY,
     REPO,
@@ -87,7 +87,7 @@ def test_status_and_json_after_a_few_cycles(workdir, make_fs):
 
         assert st["state"] == "thawed" and st["frozen_since"] is None
         assert st["agent"]["pid"] == agent.parent.pid
-        assert st["agent"]["frontend_pid"] == agent.frontend.pid
+        assert st["agent"]["frontend_pid"] == agent.frontend.main.pid
         assert st["child"] == {"pid": agent.child.pid, "health": "running", "selected": 1,
                                "recovered": 0}
         assert st["kernel"] == {"connected": True}
@@ -113,7 +113,7 @@ def test_status_and_json_after_a_few_cycles(workdir, make_fs):
         procs = st["processes"]
         assert procs["root child"]["threads"] == 1 and procs["root child"]["uids"] == [0, 0, 0]
         assert procs["engine"]["rss"] > 0 and 0 not in procs["engine"]["uids"]
-        assert procs["frontend"]["pid"] == agent.frontend.pid
+        assert procs["frontend"]["pid"] == agent.frontend.main.pid
         for words in ("state: thawed", f"root child: pid {agent.child.pid}, running",
                       "freeze: ok", "freeze db: ok", "thaw db: ok", "requests_freeze=4",
                       "engine process"):

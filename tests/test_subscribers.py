@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent import notify_wire as nw
-from agent.frontend_wire import Outcome
+from agent.frontend.subscribers import Garbage, Heard, Registry
 from agent.peercred import PeerCred
-from agent.subscribers import Garbage, Heard, Registry
+from agent.protocols import notify as nw
+from agent.protocols.frontend import Outcome
 
 CRED = PeerCred(101, 101, frozenset({101}), 4242)
 

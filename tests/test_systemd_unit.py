@@ -19,7 +19,7 @@ import re
 import shlex
 import subprocess
 
-from agent.metrics import FILENAME
+from agent.engine.metrics import FILENAME
 from tests.helpers import PY, REPO, Agent, assert_blocked, assert_writable, wait_for
 from tests.unit_file import UNIT, directives
 

@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from agent import scratch, status_client
-from agent.notify_client import AgentGone, Subscription
+from agent.clients import status as status_client
+from agent.clients.notify import AgentGone, Subscription
+from agent.dev import scratch
 from agent.sandbox import parent_roles
 from agent.sandbox_linux import FRONTEND, parent_policy
 from agent.simulator.server import Simulator
@@ -66,7 +67,7 @@ PARENT = f"""
 import sys
 sys.path.insert(0, {REPO!r})
 {ALLOW_ALL}
-import agent.child_link as link
+import agent.engine.child_link as link
 _bootstrap = link.child_bootstrap
 link.child_bootstrap = lambda: _bootstrap(
     "{ALLOW_ALL}; from privileged.child import main; sys.exit(main())")

@@ -8,7 +8,7 @@ Two sets, found by importing rather than by guessing:
   starts (privileged/freeze_memory.py is refused to root; freeze_freebsd is
   not loaded on Linux);
 - the parent before its drop: every agent/ and privileged/ module the
-  command line and agent.daemon import (they all run their top level as
+  command line and agent.engine.daemon import (they all run their top level as
   root, and start-up runs part of them).
 A code line is one that is not blank, not only a comment and not part of a
 docstring.  The standard library the child imports runs as root too; it is
@@ -68,7 +68,7 @@ def ours(modules: list[tuple[str, str]], package: str) -> dict[str, int]:
 def main() -> int:
     child_modules = loaded("privileged.child", ("-I", "-B", "-S"))
     child = ours(child_modules, "privileged")
-    parent_modules = loaded("agent.cli, agent.daemon", ("-I", "-B"))
+    parent_modules = loaded("agent.cli, agent.engine.daemon", ("-I", "-B"))
     parent = ours(parent_modules, "agent") | ours(parent_modules, "privileged")
     stdlib = [n for n, p in child_modules if not p.startswith(TOP)]
     for title, table in (("root child", child), ("parent before the drop", parent)):

@@ -25,10 +25,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent import scratch
 from agent.config import native_protocol
+from agent.dev import scratch
+from agent.engine.privdrop import DropError, lookup_account
 from agent.errors import StartupError
-from agent.privdrop import DropError, lookup_account
 from agent.simulator.host import HostRequest
 from agent.simulator.server import Simulator
 

@@ -2,7 +2,7 @@
 
 The frontend is a multiprocessing child (so that multiprocessing-logging can
 carry its records), but nothing crosses this link as a pickle: NOTIFY and
-STATUS go down, DONE comes up, all in agent/frontend_wire.py's fixed layouts.
+STATUS go down, DONE comes up, all in agent/protocols/frontend.py's fixed layouts.
 Everything the frontend sends is decoded strictly; a record that does not
 decode, carries descriptors or is truncated means the frontend is not what
 we started, and FrontendGone ends the service.
@@ -17,8 +17,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from agent import frontend_wire as fw
-from agent.service import FrontendGone
+from agent.engine.service import FrontendGone
+from agent.protocols import frontend as fw
 
 log = logging.getLogger("hv-vss-agent")
 

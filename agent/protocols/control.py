@@ -44,3 +44,25 @@ def decode_answer(data: bytes) -> dict[str, object]:
     if not isinstance(status, dict):
         raise ControlError("the agent's answer is not a JSON object")
     return status
+
+
+def brought_up_to(status: dict[str, object] | None, now_w: float,
+                  now_m: float) -> dict[str, object] | None:
+    """The snapshot as of now (the frontend, answering): its clocks moved on by how old it is.
+
+    Ages by the monotonic clock, so a wall-clock step while frozen changes neither
+    the frozen time nor the watchdog's time left."""
+    if status is None:
+        return None
+    built = status.get("monotonic")
+    if not isinstance(built, float | int) or isinstance(built, bool):
+        return status
+    age = max(0.0, now_m - built)
+    out = {**status, "time": round(now_w, 3), "monotonic": now_m}
+    frozen_for = status.get("frozen_seconds")
+    if isinstance(frozen_for, float | int):
+        out["frozen_seconds"] = round(frozen_for + age, 3)
+    wd = status.get("watchdog")
+    if isinstance(wd, dict) and isinstance(wd.get("seconds_left"), float | int):
+        out["watchdog"] = {**wd, "seconds_left": round(max(0.0, wd["seconds_left"] - age), 3)}
+    return out

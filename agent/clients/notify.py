@@ -1,6 +1,6 @@
 """A small Python API for applications that subscribe to the agent directly.
 
-    from agent.notify_client import Subscription, Veto
+    from agent.clients.notify import Subscription, Veto
 
     def on_freeze(notice):          # notice.ms: how long we have to answer
         db.execute("CHECKPOINT")
@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from agent import notify_wire as nw
-from agent.notify_wire import Event, Notice, NotifyProtocolError
+from agent.protocols import notify as nw
+from agent.protocols.notify import Event, Notice, NotifyProtocolError
 
 Handler = Callable[[Notice], None]
 

@@ -27,13 +27,19 @@ import stat
 import sys
 import time
 
-from agent import frontend, logs, mp_logging, privdrop
-from agent.child_link import ChildGone, ChildLink
+from agent import mp_logging
 from agent.config import AgentConfig
-from agent.engine import Engine, NotifyPolicy
+from agent.engine import logs, privdrop
+from agent.engine.child_link import ChildGone, ChildLink
+from agent.engine.frontend_link import FrontendLink
+from agent.engine.integrity import absent_reason, check_install
+from agent.engine.listeners import Access, listen_unix, trusted_directory
+from agent.engine.machine import Engine, NotifyPolicy
+from agent.engine.metrics import MetricsWriter, open_metrics_dir, render
+from agent.engine.service import Service
+from agent.engine.status import snapshot
 from agent.errors import StartupError
-from agent.frontend_link import FrontendLink
-from agent.integrity import absent_reason, check_install
+from agent.frontend import main as frontend
 from agent.kernel.transport import (
     Endpoint,
     KernelChannel,
@@ -42,12 +48,8 @@ from agent.kernel.transport import (
     SocketEndpoint,
     attach,
 )
-from agent.listeners import Access, listen_unix, trusted_directory
-from agent.metrics import MetricsWriter, open_metrics_dir, render
 from agent.peercred import Allowlist, group_id
 from agent.sandbox import SandboxError, confine_parent, parent_roles
-from agent.service import Service
-from agent.status import snapshot
 from privileged.child import pick_freezer
 from privileged.device import open_device
 from privileged.selection import select_targets
@@ -289,7 +291,7 @@ def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.soc
     allow = Allowlist.from_names(cfg.notify.allow_users, cfg.notify.allow_groups, "[notify]")
     admin_gid = group_id(cfg.control.admin_group, "[control] admin_group") \
         if cfg.control.admin_group else None
-    # The kernel lets in only who may connect (agent/listeners.py); the frontend checks again.
+    # The kernel lets in only who may connect (engine/listeners.py); the frontend checks again.
     notify = listen_unix(cfg.notify.socket, Access.for_allowlist(allow), "[notify] socket") \
         if cfg.notify.socket else None
     control = listen_unix(cfg.control.socket, Access(group=admin_gid), "[control] socket") \

@@ -37,14 +37,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent import control, mp_logging
-from agent import frontend_wire as fw
-from agent import notify_wire as nw
-from agent.frontend_wire import Outcome
+from agent import mp_logging
+from agent.frontend.subscribers import FROM_WIRE, Garbage, Heard, Registry, Subscriber
 from agent.peercred import Allowlist, PeerCred, describe, peer_credentials
+from agent.protocols import control
+from agent.protocols import frontend as fw
+from agent.protocols import notify as nw
+from agent.protocols.frontend import Outcome
 from agent.sandbox import confine_frontend
-from agent.status import brought_up_to
-from agent.subscribers import FROM_WIRE, Garbage, Heard, Registry, Subscriber
 
 log = logging.getLogger("hv-vss-agent.frontend")
 
@@ -367,7 +367,7 @@ class Frontend:
             return
         self.counters["status_requests"] += 1
         # Written as the client reads it, never blocking: subscribers may be waiting.
-        engine = brought_up_to(self.engine_status, time.time(), time.monotonic())
+        engine = control.brought_up_to(self.engine_status, time.time(), time.monotonic())
         conn.out = control.encode_answer(engine, self.status())
         self.poller.modify(conn.sock.fileno(), select.POLLOUT)
         self._write_answer(conn)

@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from agent import engine as E
-from agent.child_link import ChildGone, ChildLink
-from agent.frontend_wire import Done
+from agent.engine import machine as E
+from agent.engine.child_link import ChildGone, ChildLink
+from agent.engine.logs import FreezeGate
 from agent.kernel.messages import KernelRequest
 from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
-from agent.logs import FreezeGate
+from agent.protocols.frontend import Done
 from agent.sandbox import limit_device
 from privileged import wire
 
@@ -46,7 +46,7 @@ class FrontendGone(Exception):
 
 
 class Notifier(Protocol):
-    """The frontend that speaks to subscribers (agent/frontend_link.py).
+    """The frontend that speaks to subscribers (agent/engine/frontend_link.py).
 
     Its methods raise FrontendGone when the frontend can no longer be trusted."""
 

@@ -41,9 +41,9 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.frontend_wire import Outcome, SubscriberResult
-from agent.histogram import FREEZE_BUCKETS, FROZEN_BUCKETS, Histogram
+from agent.engine.histogram import FREEZE_BUCKETS, FROZEN_BUCKETS, Histogram
 from agent.kernel.messages import KernelRequest
+from agent.protocols.frontend import Outcome, SubscriberResult
 from privileged import wire
 
 log = logging.getLogger("hv-vss-agent")

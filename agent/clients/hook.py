@@ -37,7 +37,7 @@ If the agent goes away between FREEZE and THAW, the thaw hooks run anyway
 (its root child thaws when the agent ends).  A hook is done when it exits;
 what it leaves running in the background (a lock holder) may keep its output
 open, which is logged line by line whenever it comes.  Nothing a hook starts
-outlives this command (agent/hook_process.py).
+outlives this command (agent/clients/hook_process.py).
 
 A hook that others could modify is refused: it must be owned by root or by
 the user running this command, and not be writable by group or others.
@@ -55,9 +55,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from agent.hook_process import Supervisor
-from agent.notify_client import AgentGone, SubscribeError, Subscription
-from agent.notify_wire import Event, Notice
+from agent.clients.hook_process import Supervisor
+from agent.clients.notify import AgentGone, SubscribeError, Subscription
+from agent.protocols.notify import Event, Notice
 
 log = logging.getLogger("hv-vss-agent.hook")
 

@@ -10,7 +10,7 @@ the one group allowed in; a [notify] allowlist with users or several groups
 becomes a POSIX ACL (Linux: the `system.posix_acl_access` xattr, written
 here in the kernel's own format).  Nobody else can even queue a connection,
 so nobody else can fill the listen queue.  The frontend checks the peer's
-credentials again on every connection (agent/frontend.py).
+credentials again on every connection (agent/frontend/main.py).
 
 Nothing is ever changed by a path that someone else could redirect:
 

@@ -16,14 +16,16 @@ import datetime
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
-from agent import control
-from agent.status import render_text
+from agent.protocols import control
+
+SHOWN_TRANSACTIONS = 10
 
 TIMEOUT = 5.0
 EXIT_FAILED = 1
@@ -155,3 +157,107 @@ def _emit(out: TextIO, text: str) -> int:
             os.dup2(null.fileno(), out.fileno())
         return EXIT_PIPE
     return 0
+
+
+# --- the rendering ----------------------------------------------------------------------------
+# The answer came through the frontend, which faces untrusted clients: every field is
+# optional, of any type, and printed without control characters.
+
+# Control characters, and the line separators and bidi overrides that could disguise a line.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+class _View:
+    def __init__(self, d: object) -> None:
+        self.d: dict[str, Any] = d if isinstance(d, dict) else {}
+
+    def __getitem__(self, key: str) -> _View:
+        return _View(self.d.get(key))
+
+    def text(self, key: str, default: str = "?") -> str:
+        v = self.d.get(key)
+        return default if v is None or v == "" else _UNPRINTABLE.sub("?", str(v))[:300]
+
+    def num(self, key: str) -> float:
+        v = self.d.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+    def when(self, key: str) -> str:
+        v = self.d.get(key)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            return "?"
+        try:
+            return datetime.datetime.fromtimestamp(v).isoformat(sep=" ", timespec="seconds")
+        except (OverflowError, OSError, ValueError):
+            return "?"
+
+    def views(self, key: str) -> list[_View]:
+        v = self.d.get(key)
+        return [_View(x) for x in v] if isinstance(v, list) else []
+
+    def pairs(self, key: str) -> list[tuple[str, str]]:
+        return [(_UNPRINTABLE.sub("?", str(k))[:80], self[key].text(k))
+                for k in self[key].d]
+
+
+def render_text(status: dict[str, object], processes: dict[str, dict[str, object]]) -> str:
+    st = _View(status)
+    agent, child, frontend = st["agent"], st["child"], st["frontend"]
+    lines = [f"hv-vss-agent {agent.text('version')}: engine pid {agent.text('pid')}, frontend "
+             f"pid {agent.text('frontend_pid')}, up since {agent.when('started')}",
+             f"root child: pid {child.text('pid')}, {child.text('health')}, "
+             f"{child.text('selected')} filesystem(s) selected at start"]
+    if st.text("state") == "frozen":
+        mounts = ", ".join(_UNPRINTABLE.sub("?", str(m)) for m in st.d.get("frozen_mounts") or []
+                           ) if isinstance(st.d.get("frozen_mounts"), list) else "?"
+        frozen_for = st.num("frozen_seconds") if "frozen_seconds" in st.d \
+            else st.num("time") - st.num("frozen_since")
+        lines.append(f"state: FROZEN for {frozen_for:.1f} s (since {st.when('frozen_since')}): "
+                     f"{mounts or '?'}")
+        wd = st["watchdog"]
+        if wd.d.get("seconds_left") is not None:
+            lines.append(f"watchdog: thaws them in {wd.num('seconds_left'):.1f} s at the latest "
+                         f"([watchdog] max_frozen_seconds {wd.text('max_frozen_seconds')})")
+    else:
+        busy = st.text("busy", "")
+        lines.append("state: thawed" + (f" (busy: {busy})" if busy else ""))
+    notify = st["notify"]
+    lines.append(f"kernel: {'connected' if st['kernel'].d.get('connected') else 'NOT connected'}"
+                 "; notifications: " + (f"on (policy {notify.text('policy')}, budget "
+                                        f"{notify.text('budget')} s)"
+                                        if notify.d.get("enabled") else "off"))
+    subs = frontend.views("subscribers")
+    lines.append(f"subscribers: {len(subs)}")
+    lines += [f"  {s.text('name', '(no HELLO yet)')} uid {s.text('uid')} pid {s.text('pid')}, "
+              f"connected since {s.when('connected_since')}" for s in subs]
+    txs = st.views("transactions")
+    lines.append(f"last transactions ({min(len(txs), SHOWN_TRANSACTIONS)} of {len(txs)}):")
+    for tx in txs[-SHOWN_TRANSACTIONS:]:
+        secs = tx["seconds"]
+        stages = ", ".join(f"{k} {secs.num(k):.3f}" for k in secs.d if k != "total")
+        detail = tx.text("detail", "")
+        lines.append(f"  #{tx.text('id')} {tx.when('started')} {tx.text('op')}: "
+                     f"{tx.text('result')} in {secs.num('total'):.3f} s"
+                     + (f" [{stages}]" if stages else "") + (f" - {detail}" if detail else ""))
+        for s in tx.views("subscribers"):
+            reason = s.text("reason", "")
+            lines.append(f"      {s.text('event')} {s.text('name')}: {s.text('result')}"
+                         + (f" ({reason})" if reason else "")
+                         + f" after {s.num('seconds'):.3f} s")
+    events = st.views("events")
+    if events:
+        lines.append("events:")
+        lines += [f"  {ev.when('time')} {ev.text('kind')}: {ev.text('detail')}"
+                  for ev in events[-SHOWN_TRANSACTIONS:]]
+    counters = st.pairs("counters") + [(f"frontend_{k}", v)
+                                       for k, v in frontend.pairs("counters")]
+    lines.append("counters since start: "
+                 + (", ".join(f"{k}={v}" for k, v in counters) or "none"))
+    for role, facts in processes.items():
+        p = _View(facts)
+        if "error" in p.d:
+            lines.append(f"{role} process: {p.text('error')}")
+        else:
+            lines.append(f"{role} process {p.text('pid')}: rss {p.num('rss') / 2**20:.1f} MiB, "
+                         f"{p.text('threads')} thread(s), {p.text('fds')} descriptor(s)")
+    return "\n".join(lines)

@@ -27,9 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent import notify_wire as nw
-from agent.frontend_wire import Done, Outcome, SubscriberResult, WireEvent
 from agent.peercred import PeerCred
+from agent.protocols import notify as nw
+from agent.protocols.frontend import Done, Outcome, SubscriberResult, WireEvent
 
 MARGIN_MAX = 0.2  # seconds kept back from the engine's deadline
 

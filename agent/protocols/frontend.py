@@ -4,7 +4,7 @@ The frontend talks to untrusted local clients, so the engine decodes what it
 sends as strictly as the root child decodes the engine: exact lengths,
 bounded counts, known codes, names from a closed alphabet, reasons clipped
 and printable.  Any deviation is a WireError, and the engine then treats the
-frontend as compromised (it stops; see agent/service.py).
+frontend as compromised (it stops; see agent/engine/service.py).
 
 Layouts (little endian), one SOCK_SEQPACKET record each:
 
@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import TypeVar
 
-from agent.notify_wire import MAX_NAME, MAX_REASON, NAME, clean_reason
+from agent.protocols.notify import MAX_NAME, MAX_REASON, NAME, clean_reason
 
 VERSION = 1
 MAX_SUBSCRIBERS = 64

@@ -1,0 +1,1 @@
+"""Programs for operators and applications: status, hook, the notify API."""

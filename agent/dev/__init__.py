@@ -1,0 +1,1 @@
+"""Developer tooling: the demo and scratch filesystems (never imported by the daemon)."""

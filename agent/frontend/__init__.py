@@ -1,0 +1,1 @@
+"""The frontend process: the one that talks to untrusted local clients."""

@@ -1,0 +1,1 @@
+"""What crosses between processes and clients, declared once; no I/O."""
