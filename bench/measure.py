@@ -164,7 +164,7 @@ def startup(workdir: str, mount: str, reps: int,
         times.append(time.monotonic() - t)
         prss.append(agent.parent.memory_info().rss)
         crss.append(agent.child.memory_info().rss)
-        frss.append(agent.frontend.main.memory_info().rss if frontend else 0)
+        frss.append(agent.frontend.memory_info().rss if frontend else 0)
         agent.stop()
     bare_t = []
     for _ in range(reps):

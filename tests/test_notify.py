@@ -125,7 +125,7 @@ def test_the_engine_keeps_its_own_deadline(workdir, make_fs):
     """Even a frontend that never answers cannot hold the FREEZE past [notify] budget."""
     fs = make_fs("ext4")
     with running_agent(workdir, [fs.mountpoint], notify={"budget": 1.0}) as agent:
-        frontend = agent.frontend.main
+        frontend = agent.frontend
         os.kill(frontend.pid, signal.SIGSTOP)
         try:
             freeze = agent.sim.request("freeze", timeout=20)
@@ -156,7 +156,7 @@ def test_frontend_log_records_are_held_while_frozen(workdir, make_fs):
 def test_frontend_is_unprivileged_and_holds_only_its_sockets(workdir, make_fs):
     fs = make_fs("ext4")
     with running_agent(workdir, [fs.mountpoint]) as agent:
-        frontend, parent = agent.frontend.main, agent.parent
+        frontend, parent = agent.frontend, agent.parent
         assert all(u != 0 for u in frontend.uids())
         assert os.readlink(f"/proc/{frontend.pid}/root") == os.path.join(workdir, "empty")
         with open(f"/proc/{frontend.pid}/status", encoding="ascii") as f:
@@ -177,7 +177,7 @@ def test_frontend_is_unprivileged_and_holds_only_its_sockets(workdir, make_fs):
 def test_frontend_exits_when_the_engine_is_killed(workdir, make_fs):
     fs = make_fs("ext4")
     with running_agent(workdir, [fs.mountpoint]) as agent:
-        frontend = agent.frontend.main
+        frontend = agent.frontend
         os.kill(agent.parent.pid, signal.SIGKILL)
         assert wait_for(lambda: not frontend.is_running() or frontend.status() == "zombie", 10)
 

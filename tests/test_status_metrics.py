@@ -87,7 +87,7 @@ def test_status_and_json_after_a_few_cycles(workdir, make_fs):
 
         assert st["state"] == "thawed" and st["frozen_since"] is None
         assert st["agent"]["pid"] == agent.parent.pid
-        assert st["agent"]["frontend_pid"] == agent.frontend.main.pid
+        assert st["agent"]["frontend_pid"] == agent.frontend.pid
         assert st["child"] == {"pid": agent.child.pid, "health": "running", "selected": 1,
                                "recovered": 0}
         assert st["kernel"] == {"connected": True}
@@ -113,7 +113,7 @@ def test_status_and_json_after_a_few_cycles(workdir, make_fs):
         procs = st["processes"]
         assert procs["root child"]["threads"] == 1 and procs["root child"]["uids"] == [0, 0, 0]
         assert procs["engine"]["rss"] > 0 and 0 not in procs["engine"]["uids"]
-        assert procs["frontend"]["pid"] == agent.frontend.main.pid
+        assert procs["frontend"]["pid"] == agent.frontend.pid
         for words in ("state: thawed", f"root child: pid {agent.child.pid}, running",
                       "freeze: ok", "freeze db: ok", "thaw db: ok", "requests_freeze=4",
                       "engine process"):
