@@ -157,7 +157,11 @@ install:
 	else "$(LIBDIR)/bin/python" -m compileall -q "$(LIBDIR)/lib"; fi; \
 	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSUSERSDIR)" \
 	  "$(DESTDIR)$(TMPFILESDIR)" "$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(SYSCONFDIR)"; \
-	ln -sfn "$(LIBDIR)/bin/hv-vss-agent" "$(DESTDIR)$(BINDIR)/hv-vss-agent"; \
+	main=$$("$(DESTDIR)$(LIBDIR)/bin/python" -I -c 'import agent, os; print(os.path.join(os.path.dirname(agent.__file__), "__main__.py"))'); \
+	main=$${main#"$(DESTDIR)"}; rm -f "$(DESTDIR)$(BINDIR)/hv-vss-agent"; \
+	printf '#!/bin/sh\n# -I: no PYTHON* variable, no user site; -S: no site.py, so no .pth file runs as root.\nexec %s -I -S %s "$$@"\n' \
+	  "$(LIBDIR)/bin/python" "$$main" > "$(DESTDIR)$(BINDIR)/hv-vss-agent"; \
+	chmod 0755 "$(DESTDIR)$(BINDIR)/hv-vss-agent"; \
 	sed 's|/usr/local/bin/hv-vss-agent|$(BINDIR)/hv-vss-agent|' etc/systemd/hv-vss-agent.service \
 	  > "$(DESTDIR)$(UNITDIR)/hv-vss-agent.service"; \
 	chmod 0644 "$(DESTDIR)$(UNITDIR)/hv-vss-agent.service"; \

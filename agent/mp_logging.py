@@ -34,6 +34,7 @@ import multiprocessing
 import multiprocessing.popen_fork  # Process.start() imports it lazily: after the chroot
 import multiprocessing.queues
 import pickle
+import threading
 from multiprocessing.reduction import ForkingPickler
 
 import multiprocessing_logging
@@ -109,18 +110,39 @@ def _refused(what: str) -> logging.LogRecord:
 
 
 _frontend_handlers: list[logging.Handler] = []
+_receivers: list[threading.Thread] = []
 
 
 def install() -> None:
-    """Root, before the drop: the fork start method, the queue and its receiver thread
-    (which hands the frontend's records to the engine's handlers), the restricted loads."""
+    """Before the chroot: the fork start method, the queue, the restricted loads.
+
+    The queue's semaphores live in /dev/shm, which the chroot does not have, so the
+    handlers are made here; but the library starts each handler's receiver thread in
+    its constructor, and a thread keeps the capabilities it was born with (they are
+    per thread): so the threads are held back here and started by start_receivers()
+    once the engine holds no capability (agent/engine/privdrop.py)."""
     # multiprocessing-logging needs the fork start method; set it first (3.14 defaults to
-    # forkserver, which would also start helper processes while we are root).
+    # forkserver, which would also start helper processes).
     multiprocessing.set_start_method("fork", force=True)
-    _frontend_handlers[:] = [
-        multiprocessing_logging.MultiProcessingHandler(f"mp-handler-{i}", sub_handler=h)
-        for i, h in enumerate(logging.getLogger().handlers)]
+    start = threading.Thread.start
+    threading.Thread.start = _hold  # type: ignore[method-assign,assignment]
+    try:
+        _frontend_handlers[:] = [
+            multiprocessing_logging.MultiProcessingHandler(f"mp-handler-{i}", sub_handler=h)
+            for i, h in enumerate(logging.getLogger().handlers)]
+    finally:
+        threading.Thread.start = start  # type: ignore[method-assign]
     multiprocessing.queues._ForkingPickler = LogRecordPickler  # type: ignore[attr-defined]
+
+
+def _hold(thread: threading.Thread) -> None:
+    _receivers.append(thread)
+
+
+def start_receivers() -> None:
+    """After the last capability is gone: the receivers install() held back."""
+    while _receivers:
+        _receivers.pop().start()
 
 
 def use_queue() -> None:

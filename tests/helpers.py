@@ -26,6 +26,8 @@ PY = sys.executable
 USER_PY = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else PY
 EXT4_IOC_SHUTDOWN = 0x8004587D
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# How the daemon is started: the launcher by its path, no site.py, no .pth, no PYTHON*.
+LAUNCH = ("-I", "-S", os.path.join(REPO, "agent", "__main__.py"))
 
 PROBE = """\
 import os, sys
@@ -137,7 +139,7 @@ dir = "{os.path.join(workdir, 'state')}"
 
 
 class Agent:
-    """The real agent (`python -m agent -n`) connected to a simulator."""
+    """The real agent (`python -I -S agent/__main__.py -n`) connected to a simulator."""
 
     def __init__(self, workdir: str, mounts: list[str], *, protocol: str = "linux",
                  sim_timeouts: dict[str, float] | None = None, extra_args: tuple[str, ...] = (),
@@ -150,7 +152,7 @@ class Agent:
         self.log_path = log_path or os.path.join(workdir, "agent.log")
         self.extra_args = extra_args
         self.python = PY  # the interpreter (and so the install) the agent runs from
-        self.argv_prefix: list[str] | None = None  # in place of `python -I -m agent`
+        self.argv_prefix: list[str] | None = None  # in place of the launcher below
         self.cwd = REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -161,7 +163,7 @@ class Agent:
     def launch(self, wait: bool = True) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*(self.argv_prefix or [self.python, "-I", "-m", "agent"]), "-n", "-d",
+                [*(self.argv_prefix or [self.python, *LAUNCH]), "-n", "-d",
                  "--config", self.config,
                  "--device", self.socket, *self.extra_args], stderr=log, cwd=self.cwd)
         if wait:

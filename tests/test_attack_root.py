@@ -301,14 +301,8 @@ def test_modules_planted_beside_privileged_never_run_as_root(workdir, make_fs):
             f.write(f"open({marker!r}, 'a').write({name!r} + ' ran as uid %d\\n' % "
                     "__import__('os').getuid())\nraise ImportError('planted')\n")
         os.chown(path, ATTACKER, -1)
-    from agent.engine import integrity
-
-    site_packages = integrity.site.getsitepackages()[0]
-    code = (f"import sys; sys.path.remove('') if '' in sys.path else None; "
-            f"sys.path.append({top!r}); sys.path.append({site_packages!r}); "
-            "from agent.cli import main; sys.exit(main())")
     agent = Agent(workdir, [fs.mountpoint], frontend=False)
-    agent.argv_prefix = [PY, "-I", "-B", "-c", code]
+    agent.argv_prefix = [PY, "-I", "-S", "-B", os.path.join(top, "agent", "__main__.py")]
     try:
         agent.start()
         assert agent.sim.request("freeze").status == lw.HV_S_OK

@@ -33,7 +33,10 @@ from tests.helpers import (
 O_CLOEXEC = 0o2000000
 
 
-def status(pid: int) -> dict[str, str]:
+CAP_SYS_CHROOT = 18
+
+
+def status(pid: int | str) -> dict[str, str]:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
 
@@ -76,6 +79,12 @@ def _same_for_parent_and_frontend(pid: int, chroot: str) -> None:
     assert st["Groups"] == ""
     assert (st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"]) == ("1", "2", "1")
     assert int(st["CapPrm"], 16) == int(st["CapEff"], 16) == 0  # no capability left
+    # ... in any of its threads (capabilities are per thread: a thread started before
+    # the last one was dropped would keep it), and none to be had again
+    for task in os.listdir(f"/proc/{pid}/task"):
+        t = status(f"{pid}/task/{task}")
+        assert int(t["CapPrm"], 16) == int(t["CapEff"], 16) == int(t["CapInh"], 16) == 0, task
+        assert int(t["CapBnd"], 16) & ~(1 << CAP_SYS_CHROOT) == 0, t["CapBnd"]
     assert os.readlink(f"/proc/{pid}/root") == chroot
     assert os.readlink(f"/proc/{pid}/cwd") == chroot
     assert os.listdir(f"/proc/{pid}/root/") == []  # all it can see: nothing

@@ -17,6 +17,7 @@ import pytest
 from agent.engine import machine as E
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import transport
+from agent.kernel.channel import KernelChannel
 from agent.kernel.messages import KernelProtocolError, KernelRequest, Operation
 from agent.simulator import host
 from agent.simulator.freebsd_driver import NEGOTIATE, NOTHING_PENDING, FreeBSDDriver
@@ -312,11 +313,11 @@ def loop(monkeypatch):
     d = opened(chain_timeout=15.0)
     fake = ModelIoctl(d)
     monkeypatch.setattr(transport, "fcntl", fake)
-    channel = transport.KernelChannel(transport.IoctlEndpoint(-1), "freebsd")
+    channel = KernelChannel(transport.IoctlEndpoint(-1), "freebsd")
     return d, fake, channel, E.Engine("freebsd")
 
 
-def serve(channel: transport.KernelChannel, engine: E.Engine, fake: ModelIoctl,
+def serve(channel: KernelChannel, engine: E.Engine, fake: ModelIoctl,
           child: wire.Status = wire.Status.OK,
           meanwhile: Callable[[], None] | None = None) -> KernelRequest | None:
     """One turn of the service loop: READ, let the engine decide, WRITE the answer.

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from agent.cli import daemon_parser, hook_parser, status_parser
+from agent.cli import daemon_parser
+from agent.clients.cli import hook_parser, status_parser
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.freebsd_model

@@ -23,8 +23,9 @@ from agent import config
 from agent.engine.child_link import ChildGone, ChildLink
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
+from agent.kernel.channel import KernelChannel, KernelLost
 from agent.kernel.messages import KernelProtocolError, Operation
-from agent.kernel.transport import KernelChannel, KernelLost, SocketEndpoint
+from agent.kernel.transport import SocketEndpoint
 from agent.simulator import wire as sim_wire
 from privileged import wire
 from privileged.budget import Bucket

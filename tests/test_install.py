@@ -9,6 +9,7 @@ in what it will execute.
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 
 from tests.helpers import REPO
@@ -35,8 +36,13 @@ def test_install_into_a_destdir_with_another_prefix(workdir):
     assert _top_level() == before  # built from a copy: no build/ or egg-info here
 
     venv = f"{dest}{PREFIX}/lib/hv-vss-agent"
-    assert os.readlink(f"{dest}{PREFIX}/bin/hv-vss-agent") == \
-        f"{PREFIX}/lib/hv-vss-agent/bin/hv-vss-agent"
+    # The command starts the interpreter with -I -S: no .pth file ever runs as root.
+    with open(f"{dest}{PREFIX}/bin/hv-vss-agent", encoding="utf-8") as f:
+        command = f.read().splitlines()
+    assert command[0] == "#!/bin/sh"
+    assert command[-1] == (f'exec {PREFIX}/lib/hv-vss-agent/bin/python -I -S {venv[len(dest):]}'
+                           f'/lib/python{sys.version_info.major}.{sys.version_info.minor}'
+                           '/site-packages/agent/__main__.py "$@"')
     with open(f"{venv}/bin/hv-vss-agent", encoding="utf-8") as f:
         assert f.readline() == f"#!{PREFIX}/lib/hv-vss-agent/bin/python\n"
     for name in os.listdir(f"{venv}/bin"):

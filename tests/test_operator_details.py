@@ -13,7 +13,7 @@ import tomllib
 import pytest
 
 from agent import config
-from agent.engine.daemon import missing_device_hint
+from agent.engine.root import missing_device_hint
 from privileged import config as child_config
 from tests.helpers import PY, REPO, Agent, running_agent, wait_for
 

@@ -20,7 +20,8 @@ import pytest
 
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
-from agent.kernel.transport import KernelChannel, KernelLost, attach
+from agent.kernel.channel import KernelChannel, KernelLost
+from agent.kernel.transport import attach
 from agent.simulator import host, wire
 from agent.simulator.freebsd_driver import NOTHING_PENDING
 from agent.simulator.server import Simulator

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.config import AgentConfig
-from agent.engine import daemon
+from agent.engine import root
 from agent.errors import StartupError
 from agent.simulator.server import Simulator
 from privileged.config import ChildConfig, FreezeConfig
@@ -213,9 +213,9 @@ def test_agent_serves_a_simulator_with_no_freeze_only_when_told_to(workdir):
 
 def test_the_refusal_is_only_for_sockets():
     everything = AgentConfig(device="/dev/vmbus/hv_vss")
-    daemon.refuse_simulator_freezing_all(everything, is_socket=False)  # the real device
+    root.refuse_simulator_freezing_all(everything, is_socket=False)  # the real device
     restricted = AgentConfig(device="/x.sock",
                              child=ChildConfig(freeze=FreezeConfig(only=("/mnt/scratch",))))
-    daemon.refuse_simulator_freezing_all(restricted, is_socket=True)
+    root.refuse_simulator_freezing_all(restricted, is_socket=True)
     with pytest.raises(StartupError, match=r"pass --simulator-may-freeze-all$"):
-        daemon.refuse_simulator_freezing_all(everything, is_socket=True)
+        root.refuse_simulator_freezing_all(everything, is_socket=True)

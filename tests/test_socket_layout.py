@@ -9,7 +9,7 @@ from __future__ import annotations
 import grp
 import os
 
-from agent.cli import DEFAULT_CONTROL_SOCKET, DEFAULT_NOTIFY_SOCKET
+from agent.clients.cli import DEFAULT_CONTROL_SOCKET, DEFAULT_NOTIFY_SOCKET
 from privileged.config import ChildConfig
 from tests.helpers import REPO, cli, running_agent, wait_for
 from tests.test_socket_attacks import DAEMON, EACCES, NOBODY, hook_subscribes, knock

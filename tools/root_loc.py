@@ -7,9 +7,10 @@ Two sets, found by importing rather than by guessing:
   interpreter has loaded once privileged.child is imported, as the child
   starts (privileged/freeze_memory.py is refused to root; freeze_freebsd is
   not loaded on Linux);
-- the parent before its drop: every agent/ and privileged/ module the
-  command line and agent.engine.daemon import (they all run their top level as
-  root, and start-up runs part of them).
+- the parent before its drop: every agent/ and privileged/ module the real
+  agent, started as root with every root-side feature configured, opens
+  before its first setresuid() (tools/parent_trace.py, under strace; needs
+  root).
 A code line is one that is not blank, not only a comment and not part of a
 docstring.  The standard library the child imports runs as root too; it is
 counted separately, as modules.
@@ -68,8 +69,9 @@ def ours(modules: list[tuple[str, str]], package: str) -> dict[str, int]:
 def main() -> int:
     child_modules = loaded("privileged.child", ("-I", "-B", "-S"))
     child = ours(child_modules, "privileged")
-    parent_modules = loaded("agent.cli, agent.engine.daemon", ("-I", "-B"))
-    parent = ours(parent_modules, "agent") | ours(parent_modules, "privileged")
+    from tools.parent_trace import trace
+
+    parent = trace().modules  # the real agent under strace, up to its setresuid()
     stdlib = [n for n, p in child_modules if not p.startswith(TOP)]
     for title, table in (("root child", child), ("parent before the drop", parent)):
         print(f"{title}: {sum(table.values())} code lines in {len(table)} files")

@@ -4,8 +4,9 @@ OpenSSH's StrictModes, applied to the install: the code root runs (privileged/,
 and agent/ which runs as root until the drop), the interpreter, its prefix,
 its shared library and its standard library (bytecode caches included), a
 virtualenv's pyvenv.cfg (its "home" says where that standard library is), the
-site-packages directory and its .pth files (site.py executes them), every
-module file root has imported by the time of the check, and the config file
+site-packages directory and the third-party modules the parent imports there
+once it is unprivileged (it still holds the kernel device then), every module
+file root has imported by the time of the check, and the config file
 must all be owned by root and writable by nobody else, and so must every
 directory above them.  Otherwise the unprivileged account, or any other, could
 make root run its code (the mistake behind CVE-2020-26880).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import os
-import site
 import subprocess
 import sys
 import sysconfig
@@ -24,6 +24,9 @@ import agent
 import privileged
 from agent.errors import StartupError
 from privileged.trust import directories_reason, untrusted_reason, untrusted_tree_reason
+
+# What the parent imports from site-packages, once unprivileged (agent/engine/root.py).
+THIRD_PARTY = ("multiprocessing_logging.py",)
 
 # Never imported by either process; the child runs with -S, so the interpreter's
 # own site-packages (which pyenv keeps inside the stdlib directory) is not on its
@@ -44,16 +47,31 @@ def paths_to_check() -> tuple[list[str], list[str]]:
         optional.append(os.path.join(sysconfig.get_config_var("LIBDIR"),
                                      sysconfig.get_config_var("INSTSONAME")))
     singles += [p for p in optional if os.path.isfile(p)]
-    for sp in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}:
-        if os.path.isdir(sp):
-            singles.append(sp)
-            singles += [os.path.join(sp, n) for n in sorted(os.listdir(sp)) if n.endswith(".pth")]
+    for sp in site_packages():
+        singles.append(sp)
+        singles += [p for p in (os.path.join(sp, n) for n in THIRD_PARTY) if os.path.exists(p)]
     # Everything root has imported so far (third-party modules included).
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if path and os.path.exists(path):
             singles.append(os.path.abspath(path))
     return trees, singles
+
+
+def site_packages() -> list[str]:
+    """The site-packages directories the parent appends to sys.path once unprivileged.
+
+    Its interpreter starts with -S, so site.py never runs (no .pth file is executed,
+    ever) and a virtualenv is not recognised: it is found here, as site.py would,
+    by the pyvenv.cfg beside the interpreter's directory."""
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    if os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        scheme, prefix = "venv", venv  # Debian's default scheme would say dist-packages
+    else:
+        scheme, prefix = sysconfig.get_default_scheme(), sys.prefix
+    vars_ = {"base": prefix, "platbase": prefix}
+    found = (sysconfig.get_path(k, scheme, vars_) for k in ("purelib", "platlib"))
+    return [p for p in dict.fromkeys(found) if os.path.isdir(p)]
 
 
 def child_sys_path() -> list[str]:

@@ -23,16 +23,13 @@ a directory outside the chroot is a way out of it.  openat(fd, "..") walks
 up from there to the real root, so the engine can reach every file that the
 unprivileged account may read or write, chroot or not; the chroot no longer
 limits the engine's file access, only the account's permissions do (and the
-seccomp filter, issue 4).  The frontend, which faces untrusted clients, never
+seccomp filter).  The frontend, which faces untrusted clients, never
 holds this descriptor.  Leave [metrics] dir unset to keep the chroot whole.
 """
 
 from __future__ import annotations
 
 import os
-import stat
-
-from agent.errors import StartupError
 
 FILENAME = "hv_vss_agent.prom"
 PREFIX = "hv_vss_agent"
@@ -114,31 +111,3 @@ class MetricsWriter:
         finally:
             os.close(fd)
         os.rename(tmp, FILENAME, src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
-
-
-def open_metrics_dir(path: str, uid: int | None, gid: int | None,
-                     frozen_devices: dict[int, str]) -> int:
-    """Root, before the chroot: check the directory and keep a descriptor to it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StartupError(f"[metrics] dir {path}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if st.st_dev in frozen_devices:
-        os.close(fd)
-        raise StartupError(f"[metrics] dir {path} is on {frozen_devices[st.st_dev]}, which the "
-                           "agent freezes: choose a directory on a filesystem it does not "
-                           "freeze, such as one under /run")
-    if uid is not None and not _writable_by(st, uid, gid):
-        os.close(fd)
-        raise StartupError(f"[metrics] dir {path} is not writable by uid {uid}: "
-                           f"chown {uid} {path}")
-    return fd
-
-
-def _writable_by(st: os.stat_result, uid: int, gid: int | None) -> bool:
-    if st.st_uid == uid:
-        return bool(st.st_mode & stat.S_IWUSR)
-    if gid is not None and st.st_gid == gid:
-        return bool(st.st_mode & stat.S_IWGRP)
-    return bool(st.st_mode & stat.S_IWOTH)

@@ -1,10 +1,19 @@
-"""Drop root for good: chroot, groups, gids, uids, verified; then no new privileges.
+"""Drop root for good: groups, gids, uids, verified; no new privileges; the chroot.
 
 Order as OpenSSH's privsep_child_demote and OpenBSD's engine(): chroot (into
 an empty root-owned directory, checked first, as btd does) -> chdir("/") ->
 setgroups -> setresgid -> setresuid.  Then verify like permanently_set_uid:
 every id is the new one and regaining uid 0 or gid 0 fails.  Finally
-NO_NEW_PRIVS, so no exec can ever give privileges back.
+NO_NEW_PRIVS, so no exec can ever give privileges back.  That is drop(), used
+where Linux capabilities are not (FreeBSD).
+
+On Linux the ids go first and the chroot last (become(), then enter_chroot()):
+root runs only what needs root, and the rest of the parent is imported by the
+unprivileged account.  Between the two the process keeps one capability,
+CAP_SYS_CHROOT (every other one is gone from all its sets, the bounding set
+included), under NO_NEW_PRIVS; enter_chroot() then drops it and checks with
+capget() that nothing is left.  Capabilities belong to threads: no thread may
+be started before enter_chroot() (agent/mp_logging.py defers its receiver).
 """
 
 from __future__ import annotations
@@ -17,7 +26,13 @@ import stat
 import sys
 from dataclasses import dataclass
 
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+CAP_SYS_CHROOT = 18
+_CAP_VERSION_3 = 0x20080522
 PROC_NO_NEW_PRIVS_CTL = 19  # FreeBSD 14+ procctl(2)
 P_PID = 0
 
@@ -114,3 +129,72 @@ def verify(account: Account) -> None:
         except PermissionError:
             continue
         raise DropError(f"{regain.__name__}(0) succeeded after dropping privileges")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _prctl(libc: ctypes.CDLL, *args: int) -> int:
+    return int(libc.prctl(*(ctypes.c_ulong(a) for a in args)))
+
+
+def _capset(libc: ctypes.CDLL, mask: int) -> None:
+    """Effective and permitted = mask (one 64-bit set), inheritable empty."""
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        data[i].effective = data[i].permitted = (mask >> (32 * i)) & 0xFFFFFFFF
+    if libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        raise DropError(f"capset: {os.strerror(ctypes.get_errno())}")
+
+
+def capabilities() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of this thread, each as one 64-bit mask."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), data) != 0:
+        raise DropError(f"capget: {os.strerror(ctypes.get_errno())}")
+
+    def mask(field: str) -> int:
+        return int(getattr(data[0], field)) | int(getattr(data[1], field)) << 32
+
+    return mask("effective"), mask("permitted"), mask("inheritable")
+
+
+def become(account: Account) -> None:
+    """Linux, root: become the account, keeping CAP_SYS_CHROOT alone for enter_chroot()."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    cap = 0  # the bounding set, while CAP_SETPCAP is still ours: all but CAP_SYS_CHROOT
+    while _prctl(libc, PR_CAPBSET_READ, cap) >= 0:
+        if cap != CAP_SYS_CHROOT and _prctl(libc, PR_CAPBSET_DROP, cap) != 0:
+            raise DropError(f"cannot drop capability {cap} from the bounding set: "
+                            f"{os.strerror(ctypes.get_errno())}")
+        cap += 1
+    _prctl(libc, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before 4.3: none
+    if _prctl(libc, PR_SET_KEEPCAPS, 1) != 0:
+        raise DropError(f"PR_SET_KEEPCAPS: {os.strerror(ctypes.get_errno())}")
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    _prctl(libc, PR_SET_KEEPCAPS, 0)
+    _capset(libc, 1 << CAP_SYS_CHROOT)
+    verify(account)
+    no_new_privs()
+    if capabilities() != (1 << CAP_SYS_CHROOT, 1 << CAP_SYS_CHROOT, 0):
+        raise DropError(f"capabilities {capabilities()} after becoming {account.name}")
+
+
+def enter_chroot(chroot: str | None) -> None:
+    """Linux, after become(): the chroot, then the last capability goes."""
+    if chroot is not None:
+        check_chroot(chroot)
+        os.chroot(chroot)
+        os.chdir("/")
+    _capset(ctypes.CDLL(None, use_errno=True), 0)
+    if capabilities() != (0, 0, 0):
+        raise DropError(f"capabilities {capabilities()} remain after the drop")

@@ -25,8 +25,9 @@ from typing import Protocol
 from agent.engine import machine as E
 from agent.engine.child_link import ChildGone, ChildLink
 from agent.engine.logs import FreezeGate
+from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
 from agent.kernel.messages import KernelRequest
-from agent.kernel.transport import KernelChannel, KernelLost, KernelProtocolError, attach
+from agent.kernel.transport import attach
 from agent.protocols.frontend import Done
 from agent.sandbox import limit_device
 from privileged import wire

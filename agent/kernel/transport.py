@@ -22,8 +22,7 @@ import socket
 import stat
 from typing import Protocol
 
-from agent.kernel import freebsd_wire, linux_wire
-from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.kernel import freebsd_wire
 from agent.simulator import wire as sim_wire
 
 OPEN_STATUS = sim_wire.OPEN_STATUS
@@ -160,60 +159,4 @@ def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
     return DeviceEndpoint(fd)
 
 
-class KernelChannel:
-    """One protocol over one endpoint: register, read a request, reply."""
-
-    def __init__(self, endpoint: Endpoint, protocol: str) -> None:
-        self.endpoint = endpoint
-        self.protocol = protocol
-        self.poll_mask = POLL_EVENTS
-
-    def fileno(self) -> int:
-        return self.endpoint.fileno()
-
-    def register(self, timeout: float = 5.0) -> int | None:
-        """Linux handshake (VSS_OP_REGISTER1 -> 4-byte answer); FreeBSD has none."""
-        if self.protocol != "linux":
-            return None
-        self._write(linux_wire.encode_register())
-        poller = select.poll()
-        poller.register(self.fileno(), self.poll_mask)
-        if not poller.poll(int(timeout * 1000)):
-            raise KernelLost("no answer to registration")
-        return linux_wire.decode_register_answer(self._read())
-
-    def read_request(self) -> KernelRequest | None:
-        frame = self._read()
-        if self.protocol == "freebsd":
-            return freebsd_wire.decode_request(frame)
-        return linux_wire.decode_request(frame)
-
-    def reply(self, req: KernelRequest, ok: bool) -> None:
-        if self.protocol == "freebsd":
-            self._write(freebsd_wire.encode_reply(req, ok))
-        else:
-            self._write(linux_wire.encode_reply(req, ok))
-
-    def _read(self) -> bytes:
-        try:
-            data = self.endpoint.read()
-        except OSError as e:
-            raise KernelLost(f"read failed: {e.strerror}") from None
-        if not data:
-            raise KernelLost("the device was closed")
-        return data
-
-    def _write(self, frame: bytes) -> None:
-        try:
-            self.endpoint.write(frame)
-        except OSError as e:
-            raise KernelLost(f"write failed: {e.strerror}") from None
-
-    def close(self) -> None:
-        try:
-            self.endpoint.close()
-        except OSError:
-            pass
-
-
-__all__ = ["KernelChannel", "KernelLost", "KernelProtocolError", "attach"]
+__all__ = ["Endpoint", "KernelLost", "SocketEndpoint", "attach"]

@@ -1,0 +1,41 @@
+"""What the parent runs as root, seen from outside (strace): only its root phase.
+
+The daemon is started as the unit starts it (python -I -S, the launcher by its
+path) with every root-side feature configured; tools/parent_trace.py reads the
+parent's system calls up to its setresuid().
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import LAUNCH, PY
+from tools import parent_trace
+
+pytestmark = pytest.mark.root
+
+# Modules that serve, talk to clients or confine: loaded only by the unprivileged account.
+NEVER_AS_ROOT = ("agent/engine/service.py", "agent/engine/machine.py", "agent/engine/daemon.py",
+                 "agent/mp_logging.py", "agent/frontend/main.py", "agent/sandbox.py",
+                 "agent/engine/status.py", "agent/engine/metrics.py",
+                 "agent/kernel/channel.py", "agent/clients/cli.py", "privileged/selection.py")
+
+
+def test_the_parent_runs_only_its_root_phase_as_root():
+    seen = parent_trace.trace()
+    assert seen.dropped  # it did reach its setresuid()
+    assert seen.pth == []  # site.py never ran: no .pth file was even opened
+    assert seen.third_party == []
+    assert seen.threads == 0
+    assert "agent/engine/root.py" in seen.modules
+    assert [m for m in NEVER_AS_ROOT if m in seen.modules] == []
+
+
+def test_the_trace_sees_what_site_py_would_run():
+    """The same trace, with the interpreter started as `python -I -m agent` (site.py on):
+    the .pth files of site-packages are opened as root, and the trace says so."""
+    seen = parent_trace.trace(launch=(PY, "-I", "-m", "agent"))
+    assert seen.pth, seen
+    assert LAUNCH[-1].endswith(os.path.join("agent", "__main__.py"))
