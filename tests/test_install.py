@@ -9,8 +9,8 @@ in what it will execute.
 from __future__ import annotations
 
 import os
-import sys
 import subprocess
+import sys
 
 from tests.helpers import REPO
 
