@@ -202,7 +202,9 @@ def _run(args: argparse.Namespace, protocol: str, work: str, fss: list[scratch.S
     agent: subprocess.Popen[bytes] | None = None
     with Simulator(sock, protocol) as sim, open(log_path, "wb") as log_file:
         try:
-            cmd = [sys.executable, "-m", "agent", "-n", "--config", cfg, "--device", sock,
+            # as the installed command starts it: -I -S, the launcher by its path
+            launcher = os.path.join(os.path.dirname(os.path.dirname(__file__)), "__main__.py")
+            cmd = [sys.executable, "-I", "-S", launcher, "-n", "--config", cfg, "--device", sock,
                    "--protocol", protocol, *(["-d"] if args.debug else []),
                    *([] if fss else ["--in-memory"])]
             tl.say("starting the agent: " + " ".join(cmd[1:]))

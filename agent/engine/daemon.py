@@ -51,10 +51,11 @@ def run(prep: Prepared) -> int:
                           selected_devices(cfg, account is None))
     if prep.engine_end is not None:
         mp_logging.install()
-    if account is not None:
+    if account is not None and prep.chroot_fd is not None:
         if sys.platform.startswith("linux"):
-            privdrop.enter_chroot(cfg.chroot)
+            privdrop.enter_chroot(prep.chroot_fd, cfg.chroot)
         else:
+            os.close(prep.chroot_fd)
             privdrop.drop(account, cfg.chroot)
         log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
                  account.gid, cfg.chroot)

@@ -189,12 +189,23 @@ def become(account: Account) -> None:
         raise DropError(f"capabilities {capabilities()} after becoming {account.name}")
 
 
-def enter_chroot(chroot: str | None) -> None:
-    """Linux, after become(): the chroot, then the last capability goes."""
-    if chroot is not None:
-        check_chroot(chroot)
-        os.chroot(chroot)
-        os.chdir("/")
+def open_chroot(path: str) -> int:
+    """Root: the checked chroot directory, held open, so that the account need not reach
+    it by its path (which may pass through directories only root can search)."""
+    check_chroot(path)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def enter_chroot(dirfd: int, path: str) -> None:
+    """Linux, after become(): the chroot into the directory held open, then the last
+    capability goes."""
+    st = os.fstat(dirfd)
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or os.listdir(dirfd):
+        raise DropError(f"chroot directory {path} changed since it was checked")
+    os.fchdir(dirfd)
+    os.chroot(".")
+    os.chdir("/")
+    os.close(dirfd)
     _capset(ctypes.CDLL(None, use_errno=True), 0)
     if capabilities() != (0, 0, 0):
         raise DropError(f"capabilities {capabilities()} remain after the drop")

@@ -59,6 +59,7 @@ class Prepared:
     endpoint: Endpoint
     child: ChildLink
     account: privdrop.Account | None
+    chroot_fd: int | None
     metrics_fd: int | None = None
     # The frontend's: only with [notify] or [control] sockets.
     engine_end: socket.socket | None = None
@@ -82,8 +83,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     check_install(cfg.path)
     check_socket_directories(cfg)
     account = None if in_memory else privdrop.lookup_account(cfg.user)
-    if account is not None:
-        privdrop.check_chroot(cfg.chroot)
+    chroot_fd = privdrop.open_chroot(cfg.chroot) if account is not None else None
     gate = start_logging(cfg, foreground, debug)
     if not foreground:
         daemonize()
@@ -91,7 +91,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     check_device_path(cfg.device_path)
     endpoint = wait_for_device(cfg.device_path, cfg.protocol)
     _refuse_opened_simulator(cfg, endpoint, freeze_all_ok, foreground)
-    prep = Prepared(cfg, gate, endpoint, start_child(cfg, debug, in_memory), account)
+    prep = Prepared(cfg, gate, endpoint, start_child(cfg, debug, in_memory), account, chroot_fd)
     if cfg.notify.socket or cfg.control.socket:
         prepare_frontend(prep)
     if cfg.metrics.dir:
