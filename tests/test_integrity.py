@@ -11,7 +11,7 @@ import os
 import shutil
 import site
 import subprocess
-import textwrap
+import sys
 
 import pytest
 
@@ -49,15 +49,10 @@ PASSED = "account 'no-such-account' ([agent] user) does not exist"
 
 
 def run_from(python: str, install: str, config: str) -> subprocess.CompletedProcess[str]:
-    code = textwrap.dedent(f"""\
-        import sys
-        sys.path[:0] = [{install!r}]
-        sys.path.append({SITE_PACKAGES!r})
-        from agent.cli import main
-        sys.exit(main(["-n", "--config", {config!r}, "--device", "/nonexistent"]))
-        """)
-    return subprocess.run([python, "-I", "-B", "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd="/", check=False)
+    """The daemon as the installed command starts it: -I -S, the launcher by its path."""
+    return subprocess.run([python, "-I", "-S", "-B", os.path.join(install, "agent", "__main__.py"),
+                           "-n", "--config", config, "--device", "/nonexistent"],
+                          capture_output=True, text=True, timeout=60, cwd="/", check=False)
 
 
 def test_an_untouched_install_passes_the_check(workdir, install):
@@ -108,6 +103,20 @@ def test_a_writable_interpreter_prefix_is_refused(workdir, install, venv, case):
     os.chmod(path, mode)
     one_line_error(run_from(python, install, config), 1,
                    "refusing to run as root: " + says.format(p=path))
+
+
+def test_a_third_party_module_the_parent_imports_unprivileged_is_checked(workdir, install,
+                                                                          venv):
+    """The parent imports multiprocessing-logging from site-packages once it is hvvss, still
+    holding the kernel device: a copy there that is not root's is refused as root starts."""
+    python = os.path.join(venv, "bin", "python")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    path = os.path.join(venv, "lib", version, "site-packages", "multiprocessing_logging.py")
+    shutil.copy(os.path.join(SITE_PACKAGES, "multiprocessing_logging.py"), path)
+    config = config_file(workdir)
+    one_line_error(run_from(python, install, config), 1, PASSED)
+    os.chown(path, 999, 999)
+    one_line_error(run_from(python, install, config), 1, f"{path} is owned by uid 999, not root")
 
 
 def test_a_writable_config_is_refused(workdir, install):
