@@ -50,9 +50,8 @@ from agent.kernel.transport import (
 )
 from agent.peercred import Allowlist, group_id
 from agent.sandbox import SandboxError, confine_parent, parent_roles
-from privileged.child import pick_freezer
+from privileged import wire
 from privileged.device import open_device
-from privileged.selection import select_targets
 from privileged.trust import untrusted_reason
 
 log = logging.getLogger("hv-vss-agent")
@@ -201,7 +200,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     if cfg.metrics.dir:
         metrics_fd = open_metrics_dir(cfg.metrics.dir, account.uid if account else None,
                                       account.gid if account else None,
-                                      selected_devices(cfg, in_memory))
+                                      selected_devices(child.hello, cfg.metrics.dir))
 
     if account is not None:
         privdrop.drop(account, cfg.chroot)
@@ -303,16 +302,18 @@ def prepare_frontend(cfg: AgentConfig) -> tuple[frontend.Plan | None, socket.soc
     return frontend.Plan(theirs, notify, control, allow, admin_gid, cfg.notify.timeout), ours
 
 
-def selected_devices(cfg: AgentConfig, in_memory: bool) -> dict[int, str]:
-    """The filesystems the child would freeze now, by device number (root, before the drop)."""
-    if in_memory:
-        return {}
-    freezer = pick_freezer()
-    devices = {}
-    for m in select_targets(freezer.mounts(), cfg.child, freezer.platform).targets:
+def selected_devices(hello: wire.Hello | None, near: str) -> dict[int, str]:
+    """The filesystems the root child selected, by device number (from its HELLO: the
+    parent never selects as root), each named by the topmost directory above `near` on it,
+    for the message."""
+    named = {}
+    for dev in hello.devices if hello else ():
+        top = os.path.realpath(near)
         with contextlib.suppress(OSError):
-            devices[os.stat(m.mountpoint).st_dev] = m.mountpoint
-    return devices
+            while top != "/" and os.stat(os.path.dirname(top)).st_dev == dev:
+                top = os.path.dirname(top)
+        named[dev] = top
+    return named
 
 
 class Publisher:
