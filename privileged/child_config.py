@@ -29,8 +29,10 @@ from privileged.safe_path import Untrusted, open_trusted
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from typing import NoReturn
+    from collections.abc import Callable, Mapping
+    from typing import Any, NoReturn, TypeVar
+
+    T = TypeVar("T")
 
 CHILD_SECTIONS = ("freeze", "check", "watchdog", "state")
 _MAX_FILE = 1 << 20
@@ -96,58 +98,31 @@ class Table:
             raise ConfigError(f"[{name}] must be a table")
         self.name, self.raw, self.seen = name, raw or {}, set[str]()
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.raw
-
-    def take(self, key: str) -> object:
-        """The key's value; None if it is absent (TOML has no null)."""
+    def get(self, key: str, default: T, expected: str, ok: Callable[[Any], bool]) -> T:
+        """The key's value (`default` if absent: TOML has no null), if `ok` takes it."""
         self.seen.add(key)
-        return self.raw.get(key)
-
-    def bad(self, key: str, expected: str) -> ConfigError:
-        return ConfigError(f"[{self.name}] {key}: expected {expected}, got {self.raw[key]!r}")
-
-    def boolean(self, key: str, default: bool) -> bool:
-        v = self.take(key)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise self.bad(key, "true or false")
-        return v
+        v = self.raw.get(key)
+        if v is not None and not ok(v):
+            raise ConfigError(f"[{self.name}] {key}: expected {expected}, got {v!r}")
+        return default if v is None else v
 
     def number(self, key: str, default: float, lo: float, hi: float) -> float:
-        v = self.take(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:  # noqa: PLR0124 (NaN)
-            raise self.bad(key, "a number")
+        v = self.get(key, default, "a number", lambda v: isinstance(v, int | float)
+                     and not isinstance(v, bool) and v == v)  # noqa: PLR0124 (not NaN)
         if not lo <= v <= hi:
             raise ConfigError(f"[{self.name}] {key}: {v} is outside {lo:g}..{hi:g}")
         return float(v)
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        v = self.take(key)
-        if v is None:
-            return default
-        if not isinstance(v, str) or v not in choices:
-            raise self.bad(key, f"one of {', '.join(choices)}")
-        return v
+        return self.get(key, default, f"one of {', '.join(choices)}", lambda v: v in choices)
 
     def path(self, key: str, default: str) -> str:
-        v = self.take(key)
-        if v is None:
-            return default
-        if not isinstance(v, str) or not v.startswith("/") or "\0" in v:
-            raise self.bad(key, "an absolute path")
-        return os.path.normpath(v)
+        return os.path.normpath(self.get(key, default, "an absolute path", lambda v: isinstance(
+            v, str) and v.startswith("/") and "\0" not in v))
 
     def strings(self, key: str, absolute: bool = False) -> tuple[str, ...]:
-        v = self.take(key)
-        if v is None:
-            return ()
-        if not isinstance(v, list) or not all(isinstance(s, str) and s and "\0" not in s
-                                              for s in v):
-            raise ConfigError(f"[{self.name}] {key}: expected a list of non-empty strings")
+        v: list[str] = self.get(key, [], "a list of non-empty strings", lambda v: isinstance(
+            v, list) and all(isinstance(s, str) and s and "\0" not in s for s in v))
         for s in v if absolute else ():
             if not s.startswith("/"):
                 raise ConfigError(f"[{self.name}] {key}: {s!r} is not an absolute path")
@@ -162,12 +137,12 @@ class Table:
 def parse_child_sections(doc: Mapping[str, object]) -> ChildConfig:
     f = Table("freeze", doc.get("freeze"))
     freeze = FreezeConfig(f.strings("only", absolute=True), f.strings("exclude"),
-                          f.boolean("presync", True))
+                          f.get("presync", True, "true or false", lambda v: isinstance(v, bool)))
     c = Table("check", doc.get("check"))
     check = CheckConfig(c.choice("mode", "default", ("default", "strict")),
                         c.choice("zfs", "ignore", ("ignore", "veto")))
     w = Table("watchdog", doc.get("watchdog"))
-    if "cooldown_seconds" in w:
+    if "cooldown_seconds" in w.raw:
         raise ConfigError("[watchdog] cooldown_seconds: no longer a setting; the frozen-time "
                           "budget (budget_seconds, budget_seconds_per_hour) replaces it")
     most = w.number("max_frozen_seconds", 60.0, 0.1, 3600.0)

@@ -31,22 +31,15 @@ class Section(Table):
     """The child's key readers, and those only the parent's sections need."""
 
     def integer(self, key: str, default: int, lo: int, hi: int) -> int:
-        v = self.take(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.bad(key, "an integer")
+        v = self.get(key, default, "an integer",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool))
         if not lo <= v <= hi:
             raise ConfigError(f"[{self.name}] {key}: {v} is outside {lo}..{hi}")
         return v
 
     def string(self, key: str, default: str) -> str:
-        v = self.take(key)
-        if v is None:
-            return default
-        if not isinstance(v, str) or not v or "\0" in v:
-            raise self.bad(key, "a non-empty string")
-        return v
+        return self.get(key, default, "a non-empty string",
+                        lambda v: isinstance(v, str) and v != "" and "\0" not in v)
 
     def optional_path(self, key: str) -> str | None:
         if self.raw.get(key) is None:
