@@ -64,6 +64,7 @@ lint: venv
 	$(VENV)/bin/ruff check agent privileged tests tools bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/bandit -q -ll -c bandit.yaml -r agent privileged
+	$(VPY) -m tools.root_loc --no-rss --figures
 
 # The syscalls the sandboxed agent makes, measured with strace (see SECURITY.md).
 syscalls: deps account venv

@@ -15,29 +15,25 @@ starts from what the last one left (FreeBSD keeps no state directory: there
 the budget lasts as long as the child).
 """
 
+
 from __future__ import annotations
 
-from dataclasses import dataclass
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from privileged.statefile import StateDir
 
-from privileged.statefile import StateDir
 
-
-@dataclass
 class Bucket:
-    capacity: float
-    per_second: float
-    left: float
-    when: float  # the clock time `left` was reckoned at
+    def __init__(self, capacity: float, per_second: float, left: float, when: float) -> None:
+        self.capacity, self.per_second = capacity, per_second
+        self.left, self.when = left, when  # `left` as reckoned at clock time `when`
 
     @classmethod
     def load(cls, state: StateDir, capacity: float, per_hour: float, now: float) -> Bucket:
         """The budget as the previous child left it (full if there is none)."""
-        budget = cls(capacity, per_hour / 3600.0, capacity, now)
-        saved = state.read_budget()
-        if saved is not None:
-            left, when = saved
-            budget.left, budget.when = max(0.0, min(left, capacity)), min(when, now)
-            budget.refill(now)
+        left, when = state.read_budget() or (capacity, now)
+        budget = cls(capacity, per_hour / 3600.0, max(0.0, min(left, capacity)), min(when, now))
+        budget.refill(now)
         return budget
 
     def refill(self, now: float) -> None:

@@ -15,135 +15,157 @@ seen the thaw yet, so its THAW (already on the way, or sent to resync) is
 answered, not punished.
 
 The watchdog's deadline is stamped before the first flush of a FREEZE; the
-thaw guard (guard.py) keeps it while freezing, the loop below keeps it
+thaw guard (freezer.py) keeps it while freezing, the loop below keeps it
 afterwards.  The frozen-time budget (budget.py) decides whether a FREEZE may
 start at all.
+
+What the child imports is kept to what it needs: no logging, argparse, enum
+or dataclasses (each would load a dozen or more standard modules into root);
+its log lines travel to the parent as LOG records, and the parent writes them.
 """
 
 from __future__ import annotations
 
-import argparse
-import enum
+import _signal  # type: ignore[import-not-found]  # signal's C half, without enum
+import _socket
 import errno
-import logging
 import os
 import select
-import signal
-import socket
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from privileged import wire
+from privileged import protocol as p
+from privileged import records
 from privileged.budget import Bucket
-from privileged.channel import Channel, FrameLogHandler, ProtocolViolation
-from privileged.config import ChildConfig, ConfigError, load_child_config
+from privileged.child_config import ChildConfig, ConfigError, load_child_config
 from privileged.device import Identity, identify, open_device
-from privileged.freezer import FreezeFailed, Freezer, Held, freeze_all, thaw
+from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
-from privileged.sandbox import confine_child
+from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
-from privileged.trust import directories_reason
-from privileged.wire import Op, Status
 
-log = logging.getLogger("hv-vss-agent.child")
+if sys.platform.startswith("freebsd"):
+    from privileged.freeze_freebsd import FreeBSDFreezer as NativeFreezer
 
-EXIT_OK = 0
-EXIT_VIOLATION = 2
-EXIT_ERROR = 3
+    def confine_child(device: str | None) -> str:
+        """No sandbox: the child opens /dev/ufssuspend once per filesystem at FREEZE time,
+        which Capsicum's capability mode forbids (SECURITY.md, Known limits)."""
+        return "no sandbox on this system"
+else:
+    from privileged.freeze_linux import LinuxFreezer as NativeFreezer
+    from privileged.sandbox import confine_child
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from privileged.freezer import Freezer
+
+EXIT_OK, EXIT_VIOLATION, EXIT_ERROR = 0, 2, 3
 # The loop wakes at least this often to see a signal's flag: a signal wake-up
 # pipe would be two more descriptors, and the socket is to be the only one.
 TICK_MS = 250
 # REOPEN: a burst of this many, then one every REOPEN_EVERY seconds (the parent backs
 # off up to 5 s between attempts; anything faster is not a parent reconnecting).
-REOPEN_BURST = 4
-REOPEN_EVERY = 2.0
-
-
-class State(enum.Enum):
-    THAWED = "thawed"
-    FROZEN = "frozen"
-    AUTO_THAWED = "auto-thawed"
-
-
-PERMITTED: dict[State, frozenset[Op]] = {
-    State.THAWED: frozenset({Op.CHECK, Op.FREEZE, Op.PING, Op.QUIT, Op.REOPEN}),
-    State.FROZEN: frozenset({Op.THAW, Op.PING}),
-    State.AUTO_THAWED: frozenset({Op.THAW, Op.PING}),
+REOPEN_BURST, REOPEN_EVERY = 4, 2.0
+THAWED, FROZEN, AUTO_THAWED = "thawed", "frozen", "auto-thawed"
+PERMITTED = {
+    THAWED: frozenset({p.CHECK, p.FREEZE, p.PING, p.QUIT, p.REOPEN}),
+    FROZEN: frozenset({p.THAW, p.PING}),
+    AUTO_THAWED: frozenset({p.THAW, p.PING}),
 }
+
+
+class ProtocolViolation(Exception):
+    pass
 
 
 class Quit(Exception):
     pass
 
 
-@dataclass
+class _Log:
+    sock: _socket.socket | None = None  # once the channel is up
+    threshold = p.INFO
+    dropped = 0
+
+
+def log(level: int, text: str) -> None:
+    """One line of the child's log, sent to the parent as a LOG record.  Never blocks: a
+    line the parent has no room for is dropped (and counted)."""
+    if level >= _Log.threshold and _Log.sock is not None:
+        try:
+            _Log.dropped += not records.send(_Log.sock, p.log(level, text), block=False)
+        except OSError:
+            pass  # the parent is gone; the loop will see EOF
+
+
 class Child:
-    channel: Channel
-    freezer: Freezer
-    cfg: ChildConfig
-    device: str | None
-    statedir: StateDir
-    budget: Bucket
-    clock: Callable[[], float] = time.monotonic
-    state: State = State.THAWED
-    held: list[Held] = field(default_factory=list)
-    frozen_since: float = 0.0  # stamped before the first flush of the last FREEZE
-    deadline: float = 0.0  # the watchdog's, for the filesystems held now
-    device_identity: Identity | None = None  # what REOPEN may open: the device at start-up
-    reopens: Bucket = field(default_factory=lambda: Bucket(REOPEN_BURST, 1 / REOPEN_EVERY,
-                                                          REOPEN_BURST, time.monotonic()))
-    recovered: int = 0  # filesystems thawed at start-up from a predecessor's crash record
-    next_seq: int = 1
-    signals: list[int] = field(default_factory=list)  # appended to by the signal handler
+    def __init__(self, sock: _socket.socket, freezer: Freezer, cfg: ChildConfig,
+                 statedir: StateDir, budget: Bucket, *, device: str | None = None,
+                 device_identity: Identity | None = None, recovered: int = 0,
+                 signals: list[int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sock, self.freezer, self.cfg, self.device = sock, freezer, cfg, device
+        self.statedir, self.budget, self.clock = statedir, budget, clock
+        self.device_identity = device_identity  # what REOPEN may open: the device at start-up
+        self.recovered = recovered  # filesystems thawed from a predecessor's crash record
+        self.signals = signals if signals is not None else []  # the signal handler's flags
+        self.state, self.next_seq = THAWED, 1
+        self.held: list[Held] = []
+        self.frozen_since = 0.0  # stamped before the first flush of the last FREEZE
+        self.deadline = 0.0  # the watchdog's, for the filesystems held now
+        self.reopens = Bucket(REOPEN_BURST, 1 / REOPEN_EVERY, REOPEN_BURST, clock())
 
     # --- the loop ------------------------------------------------------------
 
     def serve(self) -> None:
         poller = select.poll()
-        poller.register(self.channel.fileno(), select.POLLIN)
+        poller.register(self.sock.fileno(), select.POLLIN)
         while True:
-            timeout_ms = TICK_MS
-            if self.state is State.FROZEN:
-                left = self.deadline - self.clock()
-                timeout_ms = min(TICK_MS, max(0, int(left * 1000) + 1))
-            ready = dict(poller.poll(timeout_ms))
+            timeout = TICK_MS
+            if self.state == FROZEN:
+                timeout = min(TICK_MS, max(0, int((self.deadline - self.clock()) * 1000) + 1))
+            ready = poller.poll(timeout)
             if self.signals:
-                self.auto_thaw(wire.Reason.SIGNAL)
-                log.info("stopping on signal %d", self.signals[0])
+                self.auto_thaw(p.SIGNAL)
+                log(p.INFO, f"stopping on signal {self.signals[0]}")
                 return
-            if self.state is State.FROZEN and self.clock() >= self.deadline:
-                self.auto_thaw(wire.Reason.WATCHDOG)
-            if self.channel.fileno() in ready:
-                frame = self.channel.receive()
-                if frame is None:
+            if self.state == FROZEN and self.clock() >= self.deadline:
+                self.auto_thaw(p.WATCHDOG)
+            if ready:
+                try:
+                    record, _ = records.receive(self.sock, p.MAX_RECORD, drain=False)
+                except records.RecordError as e:
+                    raise ProtocolViolation(f"the parent sent {e}") from None
+                if not record:
                     if self.held:
-                        log.warning("parent closed the channel while frozen: thawing")
+                        log(p.WARNING, "parent closed the channel while frozen: thawing")
                     return
                 try:
-                    self.handle(frame)
+                    self.handle(record)
                 except Quit:
                     return
 
-    def handle(self, frame: bytes) -> None:
+    def handle(self, record: bytes) -> None:
         try:
-            req = wire.decode_request(frame)
-        except wire.WireError as e:
+            op, seq = p.decode_request(record)
+        except p.WireError as e:
             raise ProtocolViolation(str(e)) from None
-        if req.seq != self.next_seq:
-            raise ProtocolViolation(f"sequence {req.seq}, expected {self.next_seq}")
+        if seq != self.next_seq:
+            raise ProtocolViolation(f"sequence {seq}, expected {self.next_seq}")
         self.next_seq = (self.next_seq + 1) & 0xFFFFFFFF
-        if req.op not in PERMITTED[self.state]:
-            raise ProtocolViolation(f"{req.op.name} is not permitted while {self.state.value}")
-        HANDLERS[req.op](self, req)
+        if op not in PERMITTED[self.state]:
+            raise ProtocolViolation(f"{p.OP_NAMES[op]} is not permitted while {self.state}")
+        HANDLERS[op](self, op, seq)
 
-    def answer(self, req: wire.Request, status: Status, *, err: int = 0, count: int = 0,
+    def answer(self, op: int, seq: int, status: int, *, err: int = 0, count: int = 0,
                elapsed_us: int = 0, mount: str = "", fds: tuple[int, ...] = ()) -> None:
-        res = wire.Result(req.op, status, req.seq, err, count, elapsed_us, mount)
-        self.channel.send(wire.encode_result(res), fds)
+        record = p.result(op, status, seq, err=err, count=count, elapsed_us=elapsed_us,
+                          mount=mount)
+        if not records.send(self.sock, record, fds, block=False):
+            raise ProtocolViolation("the parent is not reading its answers")
 
     # --- handlers: one per request ---------------------------------------------
 
@@ -154,293 +176,284 @@ class Child:
             if d.verdict is Verdict.CRASH_ONLY:
                 crash_only.setdefault(d.reason, []).append(d.mount.mountpoint)
             elif d.verdict is not Verdict.IGNORE:
-                log.debug("%s: %s", d.mount.mountpoint, d.verdict.value)
+                log(p.DEBUG, f"{d.mount.mountpoint}: {d.verdict}")
         for reason, mountpoints in crash_only.items():
-            log.info("%s: %s", reason, ", ".join(mountpoints))
+            log(p.INFO, f"{reason}: {', '.join(mountpoints)}")
         return sel
 
     def blocker(self, sel: Selection) -> tuple[str, str] | None:
-        veto = sel.veto_reason()
-        if veto:
-            return veto
+        """Why CHECK must say no and FREEZE must not start: (mountpoint, why), if any."""
         for m in sel.targets if self.statedir.enabled else ():
             if under(self.statedir.real, m.mountpoint):
                 return m.mountpoint, (f"holds the state directory {self.statedir.path}; "
                                       "set [state] dir to a path on tmpfs such as /run")
-        return None
+        return sel.veto_reason()
 
-    def handle_check(self, req: wire.Request) -> None:
+    def handle_check(self, op: int, seq: int) -> None:
         sel = self.selection()
         veto = self.blocker(sel)
         if veto:
-            log.warning("CHECK vetoed by %s: %s", *veto)
-            self.answer(req, Status.REFUSED, err=errno.EPERM, count=len(sel.targets),
+            log(p.WARNING, f"CHECK vetoed by {veto[0]}: {veto[1]}")
+            self.answer(op, seq, p.REFUSED, err=errno.EPERM, count=len(sel.targets),
                         mount=veto[0])
             return
-        log.info("CHECK: %d filesystem(s) can be frozen: %s", len(sel.targets),
-                 ", ".join(m.mountpoint for m in sel.targets) or "none")
-        self.answer(req, Status.OK, count=len(sel.targets))
+        log(p.INFO, f"CHECK: {len(sel.targets)} filesystem(s) can be frozen: "
+                    f"{', '.join(m.mountpoint for m in sel.targets) or 'none'}")
+        self.answer(op, seq, p.OK, count=len(sel.targets))
 
-    def handle_freeze(self, req: wire.Request) -> None:
+    def handle_freeze(self, op: int, seq: int) -> None:
         window = self.cfg.watchdog.max_frozen_seconds
         threads = thread_count()
         if threads != 1:
-            log.error("FREEZE refused: this process has %d threads, not 1", threads)
-            self.answer(req, Status.FAILED, err=errno.EDEADLK)
+            log(p.ERROR, f"FREEZE refused: this process has {threads} threads, not 1")
+            self.answer(op, seq, p.FAILED, err=errno.EDEADLK)
             return
         sel = self.selection()
         veto = self.blocker(sel)
         if veto:
-            log.warning("FREEZE refused, %s: %s", *veto)
-            self.answer(req, Status.REFUSED, err=errno.EPERM, mount=veto[0])
+            log(p.WARNING, f"FREEZE refused, {veto[0]}: {veto[1]}")
+            self.answer(op, seq, p.REFUSED, err=errno.EPERM, mount=veto[0])
             return
         start = self.clock()
         if not self.budget.take(window, start):
             wait = self.budget.seconds_until(window, start)
-            log.warning("FREEZE refused: the frozen-time budget holds %.1f s, a freeze needs "
-                        "%.1f s ([watchdog] max_frozen_seconds); %s", self.budget.left, window,
-                        f"enough again in {wait:.0f} s" if wait < float("inf") else
-                        "it does not refill ([watchdog] budget_seconds_per_hour = 0)")
-            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
+            log(p.WARNING, f"FREEZE refused: the frozen-time budget holds {self.budget.left:.1f} "
+                           f"s, a freeze needs {window:.1f} s ([watchdog] max_frozen_seconds); "
+                           + (f"enough again in {wait:.0f} s" if wait < float("inf") else
+                              "it does not refill ([watchdog] budget_seconds_per_hour = 0)"))
+            self.answer(op, seq, p.REFUSED, err=errno.EAGAIN)
             return
         self.budget.save(self.statedir)  # spent before anything is frozen: a crash keeps it
         self.statedir.write([(m.fs_key, m.mountpoint) for m in sel.targets])
         self.frozen_since, self.deadline = start, start + window
         try:
-            held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
-                              deadline=self.deadline, clock=self.clock)
+            self.held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
+                                   deadline=self.deadline, clock=self.clock)
         except FreezeFailed as e:
             self.statedir.clear()
             self.refund()
             # Logged only now, after the rollback: never while anything is frozen.
-            log.error("FREEZE failed on %s (%s); everything thawed again", e.mountpoint, e.why)
-            self.answer(req, Status.FAILED, err=e.errno, mount=e.mountpoint,
+            log(p.ERROR, f"FREEZE failed on {e.mountpoint} ({e.why}); everything thawed again")
+            self.answer(op, seq, p.FAILED, err=e.errno, mount=e.mountpoint,
                         elapsed_us=int((self.clock() - start) * 1e6))
             return
         elapsed_us = int((self.clock() - start) * 1e6)
-        for h in held:
-            if h.fd is None:
-                self.statedir.drop(h.fs_key)
-        self.held = held
-        self.state = State.FROZEN
+        theirs = [h for h in self.held if h.fd is None]  # frozen by someone else: not ours
+        for h in theirs:
+            self.statedir.drop(h.fs_key)
+        self.state = FROZEN
         # The mount field names what is frozen, for the parent's status (clipped by the wire).
-        self.answer(req, Status.OK, count=len(held), elapsed_us=elapsed_us,
-                    mount=", ".join(h.mountpoint for h in held))
-        for h in held:
-            if h.fd is None:
-                log.warning("%s was already frozen by someone else: counted, and left to them",
-                            h.mountpoint)
-        log.info("FROZEN: %s", ", ".join(h.mountpoint for h in held) or "nothing")
+        frozen = ", ".join(h.mountpoint for h in self.held)
+        self.answer(op, seq, p.OK, count=len(self.held), elapsed_us=elapsed_us, mount=frozen)
+        for h in theirs:
+            log(p.WARNING, f"{h.mountpoint} was already frozen by someone else: counted, and "
+                           "left to them")
+        log(p.INFO, f"FROZEN: {frozen or 'nothing'}")
 
     def refund(self) -> None:
         """Give back the part of the last FREEZE's window that was not spent frozen."""
         now = self.clock()
-        unused = self.deadline - max(now, self.frozen_since)
-        self.budget.give_back(unused, now)
+        self.budget.give_back(self.deadline - max(now, self.frozen_since), now)
         self.budget.save(self.statedir)
 
-    def thaw_held(self) -> tuple[int, list[str]]:
+    def thaw_held(self, why: str) -> list[str]:
+        """Thaw what is held; the problems, each also logged with `why`."""
         held, self.held = self.held, []
         problems = thaw(self.freezer, held)
         self.statedir.clear()
         self.refund()
-        return len(held), problems
+        for problem in problems:
+            log(p.WARNING, f"{why}: {problem}")
+        return problems
 
-    def handle_thaw(self, req: wire.Request) -> None:
-        if self.state is State.AUTO_THAWED:
-            self.state = State.THAWED
-            self.answer(req, Status.OK, count=0)
+    def handle_thaw(self, op: int, seq: int) -> None:
+        if self.state == AUTO_THAWED:  # thawed already; the parent catches up
+            self.state = THAWED
+            self.answer(op, seq, p.OK)
             return
-        start = self.clock()
-        count, problems = self.thaw_held()
+        start, count = self.clock(), len(self.held)
+        hard = [problem for problem in self.thaw_held("THAW") if "already thawed" not in problem]
+        self.state = THAWED
         elapsed_us = int((self.clock() - start) * 1e6)
-        self.state = State.THAWED
-        hard = [p for p in problems if "already thawed" not in p]
         if hard:
-            self.answer(req, Status.FAILED, err=errno.EIO, count=count, elapsed_us=elapsed_us,
+            self.answer(op, seq, p.FAILED, err=errno.EIO, count=count, elapsed_us=elapsed_us,
                         mount=hard[0].split(":")[0])
         else:
-            self.answer(req, Status.OK, count=count, elapsed_us=elapsed_us)
-        for p in problems:
-            log.warning("THAW: %s", p)
-        log.info("THAWED %d filesystem(s)", count)
+            self.answer(op, seq, p.OK, count=count, elapsed_us=elapsed_us)
+        log(p.INFO, f"THAWED {count} filesystem(s)")
 
-    def handle_ping(self, req: wire.Request) -> None:
-        self.answer(req, Status.OK, count=len(self.held))
+    def handle_ping(self, op: int, seq: int) -> None:
+        self.answer(op, seq, p.OK, count=len(self.held))
 
-    def handle_quit(self, req: wire.Request) -> None:
-        self.answer(req, Status.OK)
+    def handle_quit(self, op: int, seq: int) -> None:
+        self.answer(op, seq, p.OK)
         raise Quit
 
-    def handle_reopen(self, req: wire.Request) -> None:
+    def handle_reopen(self, op: int, seq: int) -> None:
         if self.device is None or self.device_identity is None:
-            self.answer(req, Status.FAILED, err=errno.ENODEV)
+            self.answer(op, seq, p.FAILED, err=errno.ENODEV)
             return
         if not self.reopens.take(1, self.clock()):
-            log.warning("REOPEN refused: more than %d in a row, then one every %g s",
-                        REOPEN_BURST, REOPEN_EVERY)
-            self.answer(req, Status.REFUSED, err=errno.EAGAIN)
+            log(p.WARNING, f"REOPEN refused: more than {REOPEN_BURST} in a row, then one every "
+                           f"{REOPEN_EVERY:g} s")
+            self.answer(op, seq, p.REFUSED, err=errno.EAGAIN)
             return
         try:
             fd = open_device(self.device, self.device_identity)
         except OSError as e:
-            log.warning("REOPEN of %s failed: %s", self.device, e.strerror or e)
-            self.answer(req, Status.FAILED, err=e.errno or errno.EIO)
+            log(p.WARNING, f"REOPEN of {self.device} failed: {e.strerror or e}")
+            self.answer(op, seq, p.FAILED, err=e.errno or errno.EIO)
             return
         try:
-            self.answer(req, Status.OK, fds=(fd,))
+            self.answer(op, seq, p.OK, fds=(fd,))
         finally:
             os.close(fd)
 
-    def auto_thaw(self, reason: wire.Reason) -> None:
+    def auto_thaw(self, reason: int) -> None:
         """Thaw without being asked (watchdog or signal), and tell the parent."""
-        if self.state is not State.FROZEN:
+        if self.state != FROZEN:
             return
-        count, problems = self.thaw_held()
-        self.state = State.AUTO_THAWED
-        event = wire.Event(wire.EventCode.AUTO_THAW, reason, count)
+        count = len(self.held)
+        self.thaw_held("THAW")
+        self.state = AUTO_THAWED
         try:
-            self.channel.send(wire.encode_event(event))
-        except (ProtocolViolation, OSError):
+            records.send(self.sock, p.event(reason, count), block=False)
+        except OSError:
             pass  # the parent is not listening; thawing was what mattered
-        why = ("watchdog: frozen longer than [watchdog] max_frozen_seconds"
-               if reason is wire.Reason.WATCHDOG else "signal")
-        log.warning("automatic THAW of %d filesystem(s) (%s)", count, why)
-        for p in problems:
-            log.warning("THAW: %s", p)
+        log(p.WARNING, f"automatic THAW of {count} filesystem(s) (" + (
+            "watchdog: frozen longer than [watchdog] max_frozen_seconds"
+            if reason == p.WATCHDOG else "signal") + ")")
 
     def shutdown(self) -> None:
         """Every exit path: thaw what we hold.  Never raises."""
         try:
             if self.held:
-                count, problems = self.thaw_held()
-                log.warning("thawed %d filesystem(s) on the way out", count)
-                for p in problems:
-                    log.warning("THAW: %s", p)
+                count = len(self.held)
+                self.thaw_held("THAW")
+                log(p.WARNING, f"thawed {count} filesystem(s) on the way out")
         except Exception as e:
-            log.error("thaw on exit failed: %s", e)
+            log(p.ERROR, f"thaw on exit failed: {e}")
 
 
-HANDLERS: dict[Op, Callable[[Child, wire.Request], None]] = {
-    Op.CHECK: Child.handle_check,
-    Op.FREEZE: Child.handle_freeze,
-    Op.THAW: Child.handle_thaw,
-    Op.PING: Child.handle_ping,
-    Op.QUIT: Child.handle_quit,
-    Op.REOPEN: Child.handle_reopen,
+HANDLERS: dict[int, Callable[[Child, int, int], None]] = {
+    p.CHECK: Child.handle_check,
+    p.FREEZE: Child.handle_freeze,
+    p.THAW: Child.handle_thaw,
+    p.PING: Child.handle_ping,
+    p.QUIT: Child.handle_quit,
+    p.REOPEN: Child.handle_reopen,
 }
 
 
 def pick_freezer(memory: bool = False) -> Freezer:
-    """The one place the child asks which system it is on."""
-    if memory:
-        if os.geteuid() == 0:
-            raise OSError("the in-memory freezer is refused to root")
-        from privileged.freeze_memory import MemoryFreezer
+    """This system's freezer, or the demo's stand-in (which is refused to root)."""
+    if not memory:
+        return NativeFreezer()
+    if os.geteuid() == 0:
+        raise OSError(errno.EPERM, "the in-memory freezer is refused to root")
+    from privileged.freeze_memory import MemoryFreezer
 
-        return MemoryFreezer()
-    if sys.platform.startswith("freebsd"):
-        from privileged.freeze_freebsd import FreeBSDFreezer
-
-        return FreeBSDFreezer()
-    from privileged.freeze_linux import LinuxFreezer
-
-    return LinuxFreezer()
+    return MemoryFreezer()
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hv-vss-agent-child", add_help=False)
-    p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--ppid", type=int, required=True)
-    p.add_argument("--config")
-    p.add_argument("--device")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("--memory", action="store_true")  # demo without root; refused to root
-    return p.parse_args(argv)
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """--fd N --ppid N [--config PATH] [--device PATH] [--debug] [--memory], as root's
+    command line gives them (agent/child_link.py); anything else is a ValueError."""
+    args, words = {}, iter(argv)
+    for word in words:
+        if word in ("--debug", "--memory"):
+            args[word] = ""
+        elif word in ("--fd", "--ppid", "--config", "--device"):
+            args[word] = next(words, "")
+        else:
+            raise ValueError(f"unknown argument {word!r}")
+    if not args.get("--fd", "").isdigit() or not args.get("--ppid", "").isdigit():
+        raise ValueError("--fd and --ppid are required")
+    return args
 
 
-def start(args: argparse.Namespace, channel: Channel, stop: list[int]) -> Child:
+def start(args: dict[str, str], sock: _socket.socket, stop: list[int]) -> Child:
     """Config, state files, crash recovery, budget: everything before the sandbox."""
-    if args.config is not None and not os.path.isabs(args.config):
-        raise ConfigError(f"config file {args.config}: not an absolute path")
-    cfg = load_child_config(args.config)
-    for path in cfg.freeze.only:
+    cfg = load_child_config(args.get("--config"))
+    for only in cfg.freeze.only:
         # Names, not identities: whoever may rename a directory above a mountpoint may
         # exchange what is mounted there with another of their mounts (never follow a
-        # symlink there: opens are checked against the mount table, freezer.py).  A path
-        # that is not there is for selection to say.
-        reason = os.path.lexists(path) and directories_reason(path, links=True)
+        # symlink there: opens are checked against the mount table, freeze_linux.py).  A
+        # path that is not there is for selection to say.
+        reason = os.path.lexists(only) and directories_reason(only, links=True)
         if reason:
-            log.warning("[freeze] only %s: %s", path, reason)
-    freezer = pick_freezer(args.memory)
+            log(p.WARNING, f"[freeze] only {only}: {reason}")
+    freezer = pick_freezer("--memory" in args)
     statedir = StateDir(cfg.state.dir, enabled=freezer.platform.freeze_outlives_holder)
     statedir.open()
-    device_identity = identify(args.device) if args.device else None
+    device = args.get("--device")
+    device_identity = identify(device) if device else None
 
     # Before anything else: thaw what a killed predecessor left frozen.  Its freeze
     # window was taken from the budget before it froze, so the budget is right as it is.
     recovered = 0
-    records = statedir.read()
-    if records:
-        for note in freezer.recover(records):
-            log.warning("recovery: %s", note)
+    crashed = statedir.read()
+    if crashed:
+        for note in freezer.recover(crashed):
+            log(p.WARNING, f"recovery: {note}")
             recovered += note.startswith("thawed")
         statedir.clear()
     watchdog = cfg.watchdog
     budget = Bucket.load(statedir, watchdog.budget_seconds, watchdog.budget_seconds_per_hour,
                          time.monotonic())
-    return Child(channel, freezer, cfg, args.device, statedir, budget, signals=stop,
+    return Child(sock, freezer, cfg, statedir, budget, device=device, signals=stop,
                  device_identity=device_identity, recovered=recovered)
 
 
+def devices(targets: list[str]) -> list[int]:
+    """The device numbers (st_dev) of these mountpoints, for HELLO."""
+    found = []
+    for mountpoint in targets:
+        try:
+            found.append(os.lstat(mountpoint).st_dev)
+        except OSError:
+            pass
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        harden_child(args.ppid)
-    except OSError as e:  # stderr is still the parent's: one line there
-        sys.stderr.write(f"hv-vss-agent child: cannot start: {e.strerror or e}\n")
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        harden_child(int(args["--ppid"]))
+        sock = _socket.socket(fileno=int(args["--fd"]))
+        if (sock.family, sock.type) != (_socket.AF_UNIX, _socket.SOCK_SEQPACKET):
+            raise OSError(errno.ENOTSOCK, "--fd is not a SOCK_SEQPACKET Unix socket")
+    except (OSError, ValueError) as e:  # stderr is still the parent's: one line there
+        sys.stderr.write(f"hv-vss-agent child: cannot start: {getattr(e, 'strerror', 0) or e}\n")
         return EXIT_ERROR
-    sock = socket.socket(fileno=args.fd)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
-        return EXIT_ERROR
-    sock.set_inheritable(False)
-    channel = Channel(sock)
-    root = logging.getLogger()
-    root.handlers[:] = [FrameLogHandler(channel)]
-    root.setLevel(logging.DEBUG if args.debug else logging.INFO)
-    quiet_stdio()  # from here on, errors travel as LOG frames
+    os.set_inheritable(sock.fileno(), False)
+    _Log.sock, _Log.threshold = sock, p.DEBUG if "--debug" in args else p.INFO
+    quiet_stdio()  # from here on, errors travel as LOG records
 
     stop: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.append(signum)  # only a flag; the loop does the work
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, on_signal)
-
+    for s in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        _signal.signal(s, lambda signum, _frame: stop.append(signum))  # the loop does the work
     try:
-        child = start(args, channel, stop)
+        child = start(args, sock, stop)
+        confined = confine_child(child.device)
+        log(p.INFO if "Landlock ABI" in confined else p.WARNING, f"confined: {confined}")
     except (ConfigError, OSError) as e:
-        log.error("cannot start: %s", e)
+        log(p.ERROR, f"cannot start: {e}")
         return EXIT_ERROR
     try:
-        confined = confine_child(args.device)
-        (log.info if "Landlock ABI" in confined else log.warning)("confined: %s", confined)
-    except OSError as e:
-        log.error("cannot start: %s", e)
-        return EXIT_ERROR
-    try:
-        targets = len(child.selection().targets)
-        channel.send(wire.encode_hello(wire.Hello(os.getpid(), targets, child.recovered)))
+        targets = [m.mountpoint for m in child.selection().targets]
+        hello = p.hello(os.getpid(), len(targets), child.recovered, devices(targets))
+        if not records.send(sock, hello, block=False):
+            raise ProtocolViolation("the parent is not reading")
         child.serve()
         return EXIT_OK
     except ProtocolViolation as e:
         child.shutdown()
-        log.error("protocol violation, exiting: %s", e)
+        log(p.ERROR, f"protocol violation, exiting: {e}")
         return EXIT_VIOLATION
     except Exception as e:
         child.shutdown()
-        log.error("internal error, exiting: %s: %s", type(e).__name__, e)
+        log(p.ERROR, f"internal error, exiting: {type(e).__name__}: {e}")
         return EXIT_ERROR
     finally:
         child.shutdown()

@@ -16,11 +16,12 @@ anything else is refused.  Elsewhere, where O_PATH or /proc may be missing,
 the node is opened with O_NOFOLLOW | O_NONBLOCK and checked after the open.
 """
 
+
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import socket
 import stat
 import sys
 
@@ -46,45 +47,31 @@ def open_device(path: str, expect: Identity | None = None) -> int:
     """A close-on-exec descriptor for `path`: the character device, or a SOCK_SEQPACKET
     connection when `path` is a Unix socket (the simulator).  With `expect`, anything
     but that device or socket is refused (ESTALE)."""
-    if not _LINUX:
-        return _open_then_check(path, expect)
-    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) if _LINUX else -1
     try:
-        st = os.fstat(handle)
-        found = identity(st)
+        found = identity(os.fstat(handle) if _LINUX else os.lstat(path))
         if expect is not None and found != expect:
             raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")
-        same_inode = f"/proc/self/fd/{handle}"
+        same = f"/proc/self/fd/{handle}" if _LINUX else path  # Linux: the inode just checked
         if found[0] == "sock":
-            return _connect(same_inode)
-        return os.open(same_inode, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+            try:
+                s.connect(same)
+            except BaseException:
+                s.close()
+                raise
+            return s.detach()
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY
+        fd = os.open(same, flags if _LINUX else flags | os.O_NOFOLLOW | os.O_NONBLOCK)
     finally:
-        os.close(handle)
-
-
-def _connect(path: str) -> int:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        s.connect(path)
-    except BaseException:
-        s.close()
-        raise
-    return s.detach()
-
-
-def _open_then_check(path: str, expect: Identity | None) -> int:
-    st = os.lstat(path)
-    if stat.S_ISSOCK(st.st_mode):
-        if expect is not None and identity(st) != expect:
-            raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")
-        return _connect(path)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        found = identity(os.fstat(fd))
-        if found[0] != "chr" or (expect is not None and found != expect):
-            raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
+        if _LINUX:
+            os.close(handle)
+    if not _LINUX:  # opened by path: what the open reached is checked now
+        try:
+            if identity(os.fstat(fd)) != found:
+                raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
     return fd

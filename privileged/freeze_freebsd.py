@@ -12,7 +12,7 @@ Facts this relies on (sys/ufs/ffs/ffs_suspend.c, ffs_susp_ioctl and friends):
   thaw, the rollback of a partial freeze, and the crash recovery: nothing
   outlives the child, so there is no crash record to keep (statefile.py);
   the descriptors are close-on-exec.  During a FREEZE the thaw guard
-  (guard.py), a fork, shares them: it resumes with UFSRESUME through the
+  (freezer.py), a fork, shares them: it resumes with UFSRESUME through the
   shared open file if the deadline passes, and it has exited before the
   child thaws or rolls back by closing, so the child's close is the last;
 - UFSSUSPEND refuses (EDEADLK) a process with more than one thread or holding
@@ -29,14 +29,18 @@ Facts this relies on (sys/ufs/ffs/ffs_suspend.c, ffs_susp_ioctl and friends):
 
 from __future__ import annotations
 
-import contextlib
 import errno
-from collections.abc import Sequence
 
 from privileged.freezer import FreezeFailed, Held
 from privileged.mounts_freebsd import FREEBSD, fsid_of, parse_mounts
-from privileged.selection import Mount
-from privileged.ufs_kernel import PATH_UFSSUSPEND, LibcUfsKernel, UfsKernel
+from privileged.ufs_kernel import PATH_UFSSUSPEND, LibcUfsKernel
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from privileged.mounts import Mount
+    from privileged.ufs_kernel import UfsKernel
 
 # Why ffs_susp_ioctl says no, in the order it checks.
 WHY = {
@@ -105,8 +109,10 @@ class FreeBSDFreezer:
         self.kernel.resume(fd)
 
     def close(self, fd: int) -> None:
-        with contextlib.suppress(OSError):
+        try:
             self.kernel.close(fd)
+        except OSError:
+            pass
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         """Nothing to do: a dead child's descriptors were closed, so its suspensions ended."""

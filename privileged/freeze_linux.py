@@ -22,24 +22,29 @@ reused) must belong to the superblock selection chose.  Otherwise nothing is
 frozen.  Crash recovery opens and checks the same way before it thaws.
 """
 
+
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Sequence
 
+from privileged import libc
 from privileged.freezer import FreezeFailed, Held
-from privileged.mounts_linux import LINUX, read_mounts
-from privileged.selection import Mount
+from privileged.mounts_linux import LINUX, read, read_mounts
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from privileged.mounts import Mount
 
 FIFREEZE = 0xC0045877  # _IOWR('X', 119, int)
 FITHAW = 0xC0045878  # _IOWR('X', 120, int)
 
 _STEP = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LAST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_syncfs = libc.function("syncfs")
 
 
 def open_nofollow(path: str) -> int:
@@ -48,69 +53,37 @@ def open_nofollow(path: str) -> int:
     names = path.split("/")[1:] if path != "/" else []
     if not path.startswith("/") or any(n in ("", ".", "..") for n in names):
         raise OSError(errno.EINVAL, f"{path!r} is not a normalized absolute path")
-    if not names:
-        return os.open("/", _LAST)
-    fd = os.open("/", _STEP)
+    fd = os.open("/", _STEP if names else _LAST)
     try:
-        for name in names[:-1]:
-            step = os.open(name, _STEP, dir_fd=fd)
+        for i, name in enumerate(names):
+            step = os.open(name, _LAST if i == len(names) - 1 else _STEP, dir_fd=fd)
             os.close(fd)
             fd = step
-        return os.open(names[-1], _LAST, dir_fd=fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def mount_id(fd: int) -> int:
     """The id of the mount an open descriptor is on (/proc/self/fdinfo, Linux 3.15+)."""
-    info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        text = os.read(info, 4096).decode("ascii", "replace")
-    finally:
-        os.close(info)
-    for line in text.splitlines():
+    for line in read(f"/proc/self/fdinfo/{fd}").splitlines():
         key, _, value = line.partition(":")
         if key == "mnt_id":
             return int(value)
     raise OSError(errno.ENOTSUP, "this kernel does not say which mount a descriptor is on")
 
 
-def check_identity(targets: Sequence[Mount], fds: Sequence[int],
-                   mounts: Callable[[], list[Mount]]) -> None:
-    """FreezeFailed unless each descriptor is on the superblock its target names."""
-    table = {m.mount_id: m for m in mounts()}  # read after the opens: ids are pinned
-    for m, fd in zip(targets, fds, strict=True):
-        found = table.get(mount_id(fd))
-        if found is None or found.fs_key != m.fs_key:
-            where = f"{found.mountpoint} ({found.fs_key})" if found else "an unlisted mount"
-            raise FreezeFailed(m.mountpoint, errno.EXDEV,
-                               f"the path now leads to {where}, not to the selected "
-                               f"filesystem {m.fs_key}: refused, nothing frozen")
-
-
-def _libc_syncfs() -> Callable[[int], None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.syncfs
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-
-    def syncfs(fd: int) -> None:
-        if fn(fd) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-
-    return syncfs
-
-
 class LinuxFreezer:
     platform = LINUX
 
     def __init__(self, mounts: Callable[[], list[Mount]] = read_mounts) -> None:
-        # Resolved now: no library loading once the sandbox is on.
-        self._syncfs = _libc_syncfs()
         self.mounts = mounts
 
     def open(self, targets: Sequence[Mount]) -> list[int]:
+        """Each target opened without following a symlink, then checked: the mount its
+        descriptor is on (read from the mount table after the opens, while the open
+        descriptors pin the ids) must belong to the superblock selection chose."""
         fds: list[int] = []
         try:
             for m in targets:
@@ -119,7 +92,14 @@ class LinuxFreezer:
                 except OSError as e:
                     raise FreezeFailed(m.mountpoint, e.errno or 0,
                                        f"open: {e.strerror}") from None
-            check_identity(targets, fds, self.mounts)
+            table = {m.mount_id: m for m in self.mounts()}
+            for m, fd in zip(targets, fds, strict=True):
+                found = table.get(mount_id(fd))
+                if found is None or found.fs_key != m.fs_key:
+                    where = f"{found.mountpoint} ({found.fs_key})" if found else "an unlisted mount"
+                    raise FreezeFailed(m.mountpoint, errno.EXDEV,
+                                       f"the path now leads to {where}, not to the selected "
+                                       f"filesystem {m.fs_key}: refused, nothing frozen")
         except BaseException:
             for fd in fds:
                 self.close(fd)
@@ -129,7 +109,7 @@ class LinuxFreezer:
     def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
         for m, fd in zip(targets, fds, strict=True):
             try:
-                self._syncfs(fd)
+                _syncfs(fd)
             except OSError as e:
                 raise FreezeFailed(m.mountpoint, e.errno or 0, f"syncfs: {e.strerror}") from None
 
@@ -159,8 +139,10 @@ class LinuxFreezer:
         fcntl.ioctl(fd, FITHAW, 0)
 
     def close(self, fd: int) -> None:
-        with contextlib.suppress(OSError):
+        try:
             os.close(fd)
+        except OSError:
+            pass
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         """Thaw what a previous child recorded and did not live to thaw."""
@@ -182,11 +164,8 @@ class LinuxFreezer:
             except FreezeFailed as e:
                 why = e.why
                 continue
-            try:
-                fcntl.ioctl(fd, FITHAW, 0)
+            problem = self.thaw_one(Held(m.mountpoint, fs_key, fd))
+            if problem is None:
                 return f"thawed {m.mountpoint}, left frozen by a previous instance"
-            except OSError as e:
-                return None if e.errno == errno.EINVAL else f"{m.mountpoint}: FITHAW: {e.strerror}"
-            finally:
-                os.close(fd)
+            return None if problem.endswith("by someone else") else problem
         return f"{mountpoint} ({fs_key}): {why}; left as it is"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from privileged.freezer import Held
+from privileged.mounts import Mount
 from privileged.mounts_linux import LINUX
-from privileged.selection import Mount
 
 MOUNTS = (
     Mount("/memory/a", "ext4", "memory-a", readonly=False, local=True, pseudo=False,

@@ -1,4 +1,4 @@
-"""The one interface every freeze backend implements, and the one freeze algorithm.
+"""The one freeze algorithm, the interface every freeze backend implements, and the thaw guard.
 
 A backend (Linux FIFREEZE, FreeBSD UFS, the demo's in-memory stand-in) does
 the single steps: open the targets, flush, freeze one, thaw one, and
@@ -6,7 +6,7 @@ the single steps: open the targets, flush, freeze one, thaw one, and
 descriptor).  freeze_all() puts them in order, the same on every system:
 
   open every target (refused as a whole if any is not what selection chose)
-  -> fork the thaw guard (privileged/guard.py) with the deadline
+  -> fork the thaw guard with the deadline
   -> flush -> freeze each, in order, telling the guard after each
   -> stop the guard.
 
@@ -15,68 +15,89 @@ after it, and one that a blocked freeze finishes only after it is thawed at
 once; meanwhile the guard has thawed the others at the deadline.  Either
 every target is frozen when freeze_all() returns, or nothing is and
 FreezeFailed names the target that failed.  thaw() never raises.
+
+The thaw guard, and why a process: FIFREEZE, syncfs and UFSSUSPEND can block
+in the kernel for as long as a filesystem's storage stalls (freeze_super
+syncs with s_umount held).  While the child is blocked freezing one target,
+the targets it froze before stay frozen, and its own watchdog cannot run.
+So for the length of each FREEZE the child forks a guard: it shares the
+child's target descriptors (the same open files), learns through a pipe
+which targets are frozen, and if the deadline passes before the child says
+DONE, it thaws those itself and exits with FIRED.  A thaw needs only the
+thawed superblock (Linux thaw_super takes that filesystem's s_umount;
+FreeBSD's UFSRESUME acts through the open file, whichever process holds it:
+ffs_susp_unsuspend notes that the suspension belongs to the descriptor and
+is inherited across fork), so a blocked freeze of one target never delays
+the thaw of another.  The guard also thaws at once if the child dies
+mid-freeze (the pipe reaches EOF without DONE).  It is a fork of the child,
+so it carries the child's confinement, and it stays single-threaded; the
+process that suspends UFS stays single-threaded too, as FreeBSD requires.
+The guard never logs and never touches the child's socket: it only polls,
+reads, thaws and exits.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import os
+import select
 
-from privileged.guard import Guard
-from privileged.selection import Mount, Platform
+from privileged.mounts import Mount
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Protocol
+
+    from privileged.mounts import Platform
+
+    class Freezer(Protocol):
+        platform: Platform
+
+        def mounts(self) -> list[Mount]: ...
+
+        def open(self, targets: Sequence[Mount]) -> list[int]:
+            """One descriptor per target; FreezeFailed (with nothing left open) if any is
+            not the filesystem selection chose."""
+
+        def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None: ...
+
+        def freeze_one(self, target: Mount, fd: int) -> bool:
+            """Freeze it: True, or False if someone else holds it frozen (not ours to
+            thaw); FreezeFailed otherwise."""
+
+        def thaw_one(self, held: Held) -> str | None:
+            """Thaw and close it; never raises, returns what went wrong."""
+
+        def release(self, fd: int) -> None:
+            """The guard's thaw, through a descriptor shared with the child."""
+
+        def close(self, fd: int) -> None:
+            """Let go of a descriptor that holds no freeze (never raises)."""
+
+        def recover(self, records: Sequence[tuple[str, str]]) -> list[str]: ...
+
+DONE = 0xFFFF  # the child's last word to its guard; a target's index is below it
 
 
-@dataclass(slots=True)
 class Held:
     """A filesystem that is frozen now.  fd None: frozen by someone else, not ours to thaw."""
 
-    mountpoint: str
-    fs_key: str
-    fd: int | None
+    def __init__(self, mountpoint: str, fs_key: str, fd: int | None) -> None:
+        self.mountpoint, self.fs_key, self.fd = mountpoint, fs_key, fd
 
 
 class FreezeFailed(Exception):
     def __init__(self, mountpoint: str, errno: int, why: str) -> None:
         super().__init__(f"{mountpoint}: {why}")
-        self.mountpoint = mountpoint
-        self.errno = errno
-        self.why = why
-
-
-class Freezer(Protocol):
-    platform: Platform
-
-    def mounts(self) -> list[Mount]: ...
-
-    def open(self, targets: Sequence[Mount]) -> list[int]:
-        """One descriptor per target; FreezeFailed (with nothing left open) if any is not
-        the filesystem selection chose."""
-
-    def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None: ...
-
-    def freeze_one(self, target: Mount, fd: int) -> bool:
-        """Freeze it: True, or False if someone else holds it frozen (not ours to thaw);
-        FreezeFailed otherwise."""
-
-    def thaw_one(self, held: Held) -> str | None:
-        """Thaw and close it; never raises, returns what went wrong."""
-
-    def release(self, fd: int) -> None:
-        """The guard's thaw, through a descriptor shared with the child."""
-
-    def close(self, fd: int) -> None:
-        """Let go of a descriptor that holds no freeze (never raises)."""
-
-    def recover(self, records: Sequence[tuple[str, str]]) -> list[str]: ...
+        self.mountpoint, self.errno, self.why = mountpoint, errno, why
 
 
 def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, deadline: float,
                clock: Callable[[], float]) -> list[Held]:
     fds = freezer.open(targets)
     try:
-        guard = Guard.start(fds, deadline, freezer.release, clock)
+        guard = Guard(fds, deadline, freezer.release, clock)
     except OSError as e:
         for fd in fds:
             freezer.close(fd)
@@ -94,13 +115,12 @@ def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, dea
             ours = freezer.freeze_one(m, fd)  # may block: the guard keeps the deadline
             held.append(Held(m.mountpoint, m.fs_key, fd if ours else None))
             if ours:
-                guard.frozen(i)
+                guard.tell(i)
             else:
                 freezer.close(fd)
             if clock() >= deadline:
-                raise FreezeFailed(m.mountpoint, errno.ETIMEDOUT,
-                                   "frozen only after the watchdog's deadline: its freeze "
-                                   "blocked in the kernel")
+                raise FreezeFailed(m.mountpoint, errno.ETIMEDOUT, "frozen only after the "
+                                   "watchdog's deadline: its freeze blocked in the kernel")
     except BaseException as e:
         failure = e
     fired = guard.stop()  # before any thaw or close: on FreeBSD its copies would keep them
@@ -119,10 +139,68 @@ def thaw(freezer: Freezer, held: Sequence[Held]) -> list[str]:
     """Thaw in reverse order; what went wrong, never an exception."""
     problems = []
     for h in reversed(held):
-        if h.fd is not None:
-            problem = freezer.thaw_one(h)
-            h.fd = None
-            if problem:
-                problems.append(problem)
+        problem = freezer.thaw_one(h) if h.fd is not None else None
+        h.fd = None
+        if problem:
+            problems.append(problem)
     return problems
 
+
+class Guard:
+    """The thaw guard of one FREEZE, seen from the child: a pid and a pipe."""
+
+    def __init__(self, fds: Sequence[int], deadline: float, release: Callable[[int], None],
+                 clock: Callable[[], float]) -> None:
+        if len(fds) >= DONE:
+            raise OSError(f"cannot guard {len(fds)} targets (at most {DONE - 1})")
+        r, self.pipe = os.pipe2(os.O_CLOEXEC)
+        self.pid = os.fork()
+        if self.pid == 0:  # the guard: never return into the child's stack
+            code = 1
+            try:
+                os.close(self.pipe)
+                code = watch(r, fds, deadline, release, clock)
+            finally:
+                os._exit(code)
+        os.close(r)
+
+    def tell(self, index: int) -> None:
+        """Target `index` is frozen now (or, DONE, all is well): the guard acts on it."""
+        try:
+            os.write(self.pipe, index.to_bytes(2, "little"))
+        except BrokenPipeError:
+            pass  # it fired and is gone: the deadline has passed, which the caller sees
+
+    def stop(self) -> bool:
+        """End the guard; True if it fired (what it thawed is thawed)."""
+        self.tell(DONE)
+        os.close(self.pipe)
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1]) != 0
+
+
+def watch(pipe: int, fds: Sequence[int], deadline: float, release: Callable[[int], None],
+          clock: Callable[[], float]) -> int:
+    """The guard's whole life: wait for DONE (exit 0), or thaw what is frozen at the deadline
+    or when the child dies (exit 1)."""
+    frozen: list[int] = []
+    pending = b""
+    poller = select.poll()
+    poller.register(pipe, select.POLLIN)
+    while (left := deadline - clock()) > 0:
+        if not poller.poll(int(left * 1000) + 1):
+            continue
+        data = os.read(pipe, 4096)
+        if not data:
+            break  # the child died mid-freeze: thaw what it froze, now
+        pending += data
+        while len(pending) >= 2:
+            index, pending = int.from_bytes(pending[:2], "little"), pending[2:]
+            if index == DONE:
+                return 0
+            frozen.append(index)
+    for index in reversed(frozen):
+        try:
+            release(fds[index])
+        except (OSError, IndexError):
+            pass  # thawed already (EINVAL), or nothing we can do from here
+    return 1

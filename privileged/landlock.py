@@ -14,91 +14,72 @@ domain (6+).
 Facts (Documentation/userspace-api/landlock.rst): the three syscalls are
 444, 445 and 446 on every architecture; the ABI version comes from
 landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION); the
-ruleset attribute grew with the ABI (8, 16, 24 bytes), so it is passed with
-the size the running kernel knows; a rule on a file may hold only file rights.
+ruleset attribute grew with the ABI (8, 16, 24 bytes: handled_access_fs,
+handled_access_net, scoped), so it is passed with the size the running
+kernel knows; a rule on a file may hold only file rights; struct
+landlock_path_beneath_attr is packed (u64 allowed_access, s32 parent_fd).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
+import struct
+
+from privileged import libc
 
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
-
+_CREATE_RULESET_VERSION, _RULE_PATH_BENEATH = 1, 1
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_FS_ABI1 = (1 << 13) - 1  # execute ... make_sym
-_FS_BY_ABI = {1: _FS_ABI1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
-_FS_LATEST = (1 << 16) - 1  # ABI 5 added IOCTL_DEV
-_NET_TCP = 0b11  # bind, connect (ABI 4)
-_SCOPES = 0b11  # abstract Unix sockets, signals (ABI 6)
+# Filesystem rights each ABI knows: 1, execute ... make_sym; 2, refer; 3, truncate;
+# 5, ioctl_dev.  Network (4): TCP bind and connect.  Scopes (6): abstract sockets, signals.
+_FS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
+_FS_LATEST, _NET_TCP, _SCOPES = (1 << 16) - 1, 0b11, 0b11
+_syscall = libc.function("syscall")
 
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-
-class _PathBeneath(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class Landlock:
-    """libc resolved now: nothing is loaded once a filter is on."""
-
-    def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-
-    def _call(self, *args: object) -> int:
-        rc = int(self._libc.syscall(*args))
-        if rc < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"Landlock: {os.strerror(e)}")
-        return rc
-
-    def abi(self) -> int:
-        """The kernel's Landlock ABI version; 0 if it has none, it is disabled at boot, or a
-        container's or service manager's seccomp filter refuses it (EPERM: the version
-        query fails no other way)."""
-        try:
-            return self._call(ctypes.c_long(_CREATE_RULESET), None, ctypes.c_size_t(0),
-                              ctypes.c_uint32(_CREATE_RULESET_VERSION))
-        except OSError as e:
-            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-                return 0
-            raise OSError(e.errno, f"Landlock: {e.strerror}") from None
-
-    def restrict(self, read_write_file: str | None) -> int:
-        """Restrict this process (and what it forks) for good; the ABI used, or 0 when
-        the kernel has no Landlock (nothing done)."""
-        abi = self.abi()
-        if abi == 0:
+def abi() -> int:
+    """The kernel's Landlock ABI version; 0 if it has none, it is disabled at boot, or a
+    container's or service manager's seccomp filter refuses it (EPERM: the version query
+    fails no other way)."""
+    try:
+        return _syscall(_CREATE_RULESET, None, 0, _CREATE_RULESET_VERSION)
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
             return 0
-        attr = _RulesetAttr(_FS_BY_ABI.get(abi, _FS_LATEST),
-                            _NET_TCP if abi >= 4 else 0, _SCOPES if abi >= 6 else 0)
-        size = 8 if abi < 4 else 16 if abi < 6 else 24
-        ruleset = self._call(ctypes.c_long(_CREATE_RULESET), ctypes.byref(attr),
-                             ctypes.c_size_t(size), ctypes.c_uint32(0))
+        raise OSError(e.errno, f"Landlock: {os.strerror(e.errno or 0)}") from None
+
+
+def restrict(read_write_file: str | None) -> int:
+    """Restrict this process (and what it forks) for good; the ABI used, or 0 when the
+    kernel has no Landlock (nothing done)."""
+    version = abi()
+    if version == 0:
+        return 0
+    attr = struct.pack("QQQ", _FS.get(version, _FS_LATEST), _NET_TCP * (version >= 4),
+                       _SCOPES * (version >= 6))
+    try:
+        ruleset = _syscall(_CREATE_RULESET, attr, 8 if version < 4 else 16 if version < 6
+                           else 24, 0)
         try:
-            self._allow(ruleset, "/", READ_FILE | READ_DIR)
+            _allow(ruleset, "/", READ_FILE | READ_DIR)
             if read_write_file is not None and _is_char_device(read_write_file):
-                self._allow(ruleset, read_write_file, READ_FILE | WRITE_FILE)
-            self._call(ctypes.c_long(_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0))
+                _allow(ruleset, read_write_file, READ_FILE | WRITE_FILE)
+            _syscall(_RESTRICT_SELF, ruleset, 0)
         finally:
             os.close(ruleset)
-        return abi
+    except OSError as e:
+        raise OSError(e.errno, f"Landlock: {os.strerror(e.errno or 0)}") from None
+    return version
 
-    def _allow(self, ruleset: int, path: str, access: int) -> None:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            rule = _PathBeneath(access, fd)
-            self._call(ctypes.c_long(_ADD_RULE), ctypes.c_int(ruleset),
-                       ctypes.c_int(_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
-        finally:
-            os.close(fd)
+
+def _allow(ruleset: int, path: str, access: int) -> None:
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _syscall(_ADD_RULE, ruleset, _RULE_PATH_BENEATH, struct.pack("=Qi", access, fd), 0)
+    finally:
+        os.close(fd)
 
 
 def _is_char_device(path: str) -> bool:

@@ -17,7 +17,7 @@ decides with [freeze] exclude.
 
 from __future__ import annotations
 
-from privileged.selection import Mount, Platform
+from privileged.mounts import Mount, Platform
 from privileged.statfs_freebsd import MNT_LOCAL, MNT_RDONLY, StatfsEntry, decode
 
 PSEUDO = frozenset({
@@ -25,28 +25,15 @@ PSEUDO = frozenset({
     "mqueuefs", "autofs",
 })
 
-FREEBSD = Platform(
-    name="freebsd",
-    freezable=frozenset({"ufs"}),
-    crash_consistent=frozenset({"msdosfs"}),
-    zfs=frozenset({"zfs"}),
-    ignored_prefixes=("/dev",),
-    strict_vetoes_every_writable=True,
-    freeze_outlives_holder=False,
-)
+FREEBSD = Platform("freebsd", frozenset({"ufs"}), frozenset({"msdosfs"}),
+                   ignored_prefixes=("/dev",), strict_vetoes_every_writable=True,
+                   freeze_outlives_holder=False)
 
 
 def to_mount(e: StatfsEntry) -> Mount:
     pseudo = e.fstypename in PSEUDO
-    return Mount(
-        mountpoint=e.mntonname,
-        fstype=e.fstypename,
-        source=e.mntfromname,
-        readonly=bool(e.flags & MNT_RDONLY),
-        local=bool(e.flags & MNT_LOCAL) or pseudo,
-        pseudo=pseudo,
-        fs_key=e.fsid.hex(),
-    )
+    return Mount(e.mntonname, e.fstypename, e.mntfromname, readonly=bool(e.flags & MNT_RDONLY),
+                 local=bool(e.flags & MNT_LOCAL) or pseudo, pseudo=pseudo, fs_key=e.fsid.hex())
 
 
 def fsid_of(m: Mount) -> bytes:

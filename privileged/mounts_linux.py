@@ -11,17 +11,15 @@ and a filesystem someone can write to is one to freeze.  FIFREEZE needs no
 write access to the mount it is issued on.
 """
 
+
 from __future__ import annotations
 
 import os
 import stat
 
-from privileged.selection import Mount, Platform
+from privileged.mounts import Mount, Platform, unescape
 
 MOUNTINFO = "/proc/self/mountinfo"
-# An explicit buffer size: open() then skips its isatty() probe, an ioctl
-# (TCGETS) that the child's seccomp filter refuses (privileged/sandbox.py).
-_BUFFERING = 1 << 16
 LOOP_MAJOR = 7
 
 # Filesystems whose superblock implements freeze (FIFREEZE would otherwise
@@ -34,30 +32,8 @@ NETWORK = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "ncpfs",
     "fuse.sshfs", "fuse.glusterfs", "lustre", "gpfs", "davfs", "fuse.s3fs", "ocfs2_dlmfs",
 })
-
-LINUX = Platform(
-    name="linux",
-    freezable=FREEZABLE,
-    crash_consistent=frozenset({"vfat", "msdos", "exfat"}),
-)
-
-
-_OCTAL = frozenset("01234567")
-
-
-def unescape(field: str) -> str:
-    r"""mountinfo escapes space, tab, newline and backslash as \ooo."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and set(field[i + 1:i + 4]) <= _OCTAL:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+__all__ = ["LINUX", "parse_mountinfo", "read", "read_mounts", "unescape"]
+LINUX = Platform("linux", FREEZABLE, crash_consistent=frozenset({"vfat", "msdos", "exfat"}))
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
@@ -72,49 +48,46 @@ def parse_mountinfo(text: str) -> list[Mount]:
         except (ValueError, IndexError):
             continue  # a line we do not understand is not a line we freeze
         source = unescape(source)
-        block = _is_block_backed(major, majmin, source)
-        mounts.append(Mount(
-            mountpoint=unescape(mountpoint),
-            fstype=fstype,
-            source=source,
-            readonly="ro" in super_opts.split(","),
-            local=fstype not in NETWORK and not fstype.startswith("nfs"),
-            pseudo=not block,
-            fs_key=majmin,
-            backing_file=_loop_backing_file(source) if block else None,
-            mount_id=mount_id,
-        ))
+        device = _block_device(source)
+        # btrfs (and a few others) report an anonymous device number (major 0): ask the source
+        block = os.path.exists(f"/sys/dev/block/{majmin}") if major else device is not None
+        mounts.append(Mount(unescape(mountpoint), fstype, source,
+                            readonly="ro" in super_opts.split(","),
+                            local=fstype not in NETWORK and not fstype.startswith("nfs"),
+                            pseudo=not block, fs_key=majmin,
+                            backing_file=_loop_backing_file(device) if block else None,
+                            mount_id=mount_id))
     return mounts
 
 
-def _is_block_backed(major: int, majmin: str, source: str) -> bool:
-    if major != 0:
-        return os.path.exists(f"/sys/dev/block/{majmin}")
-    # btrfs (and a few others) report an anonymous device number: ask the source.
-    if not source.startswith("/dev/"):
-        return False
+def _block_device(source: str) -> int | None:
+    """The device number of `source` if it is a block device under /dev."""
     try:
-        return stat.S_ISBLK(os.stat(source).st_mode)
+        st = os.stat(source) if source.startswith("/dev/") else None
     except OSError:
-        return False
+        return None
+    return st.st_rdev if st is not None and stat.S_ISBLK(st.st_mode) else None
 
 
-def _loop_backing_file(source: str) -> str | None:
+def _loop_backing_file(rdev: int | None) -> str | None:
+    if rdev is None or os.major(rdev) != LOOP_MAJOR:
+        return None
     try:
-        st = os.stat(source)
+        path = read(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/loop/backing_file")
     except OSError:
         return None
-    if not stat.S_ISBLK(st.st_mode) or os.major(st.st_rdev) != LOOP_MAJOR:
-        return None
-    name = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/loop/backing_file"
+    return path.rstrip("\n").removesuffix(" (deleted)") or None
+
+
+def read(path: str) -> str:
+    """A small kernel-written file, read with os calls alone (open() would probe it with
+    an isatty() ioctl, which the seccomp filter refuses)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open(name, encoding="utf-8", errors="replace", buffering=_BUFFERING) as f:
-            path = f.read().rstrip("\n")
-    except OSError:
-        return None
-    return path.removesuffix(" (deleted)") or None
+        return b"".join(iter(lambda: os.read(fd, 1 << 16), b"")).decode("utf-8", "surrogateescape")
+    finally:
+        os.close(fd)
 
 
 def read_mounts() -> list[Mount]:
-    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape", buffering=_BUFFERING) as f:
-        return parse_mountinfo(f.read())
+    return parse_mountinfo(read(MOUNTINFO))

@@ -2,7 +2,7 @@
 
 Linux, in this order, after start-up work (config read, state files opened,
 crash recovery, libc resolved) and before the first request is read:
-capabilities (privileged/capabilities.py, done first of all by main()),
+capabilities (privileged/hardening.py, done first of all by main()),
 Landlock (privileged/landlock.py), then this seccomp filter.  On FreeBSD the
 child must open /dev/ufssuspend once per filesystem at FREEZE time, which
 Capsicum's capability mode forbids (see SECURITY.md, "Known limits").
@@ -27,22 +27,20 @@ the same operation are listed with them and skipped where they do not exist.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
-import signal
-import socket
 import stat
-import sys
 
-from privileged import seccomp
+from privileged import landlock, seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
-from privileged.landlock import Landlock
 from privileged.seccomp import Allow, AllowIf, AllowIfClear, Policy, Rule, refuse_with
 
 O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE; O_TMPFILE adds O_DIRECTORY
 NEVER_OPEN = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_TMPFILE_BIT
 CLONE_CHILD_SETTID, CLONE_CHILD_CLEARTID = 0x01000000, 0x00200000
-FORK_FLAGS = CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | signal.SIGCHLD  # glibc's fork()
+SIGCHLD = 17  # asm-generic/signal.h, x86_64 and arm64 alike
+FORK_FLAGS = CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD  # glibc's fork()
 
 _COMMON: tuple[Rule, ...] = (
     Allow("the request loop: wait (with a tick, for signals), read a record, answer it",
@@ -74,7 +72,7 @@ _READ_WRITE = AllowIfClear("open read-only, or read-write where Landlock allows 
                            "node, for REOPEN): never to create, truncate or append",
                            "openat", 2, NEVER_OPEN, refuse_with(errno.EPERM))
 _SOCKET = (AllowIf("REOPEN of the simulator's socket: Unix sockets only",
-                   "socket", 0, (socket.AF_UNIX,), refuse_with(errno.EAFNOSUPPORT)),
+                   "socket", 0, (_socket.AF_UNIX,), refuse_with(errno.EAFNOSUPPORT)),
            Allow("REOPEN: connect to the simulator's socket", ("connect",)))
 
 
@@ -97,11 +95,9 @@ def is_simulator(device: str | None) -> bool:
 
 
 def confine_child(device: str | None) -> str:
-    """Landlock, then the seccomp filter (Linux); what is in force, for the log.  Raises
-    OSError (seccomp.SandboxError) if the filter cannot be loaded."""
-    if not sys.platform.startswith("linux"):
-        return "no sandbox on this system"
-    abi = Landlock().restrict(device)
+    """Landlock, then the seccomp filter; what is in force, for the log.  Raises OSError
+    (seccomp.SandboxError) if the filter cannot be loaded."""
+    abi = landlock.restrict(device)
     seccomp.confine(child_policy(simulated=is_simulator(device), landlock=abi > 0),
                     all_threads=True)
     if abi:

@@ -20,208 +20,173 @@ is) pseudo and network filesystems too, unless the operator left them out with
 [freeze] only or exclude.
 """
 
+
 from __future__ import annotations
 
-import enum
-import fnmatch
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from privileged.child_config import ChildConfig
+from privileged.mounts import Mount, Platform
 
-from privileged.config import ChildConfig
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
-
-@dataclass(frozen=True, slots=True)
-class Mount:
-    """A mounted filesystem as the root child sees it, on either platform."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-    readonly: bool
-    local: bool  # not a network filesystem
-    pseudo: bool  # no backing storage of its own (proc, tmpfs, devfs, nullfs, ...)
-    fs_key: str  # identity of the filesystem: Linux "maj:min" of the sb, FreeBSD fsid
-    backing_file: str | None = None  # Linux loop devices: the file behind the device
-    mount_id: int = 0  # Linux: mountinfo's first field, the kernel's id of this mount
+SAME = "same filesystem as another target"
 
 
-@dataclass(frozen=True, slots=True)
-class Platform:
-    """What a platform can freeze; the rest of the rules are shared."""
+class Verdict:
+    """What selection decides for a mount (strings, compared with `is`)."""
 
-    name: str
-    freezable: frozenset[str]
-    crash_consistent: frozenset[str]  # FAT: harmless to leave unfrozen by default
-    zfs: frozenset[str] = frozenset({"zfs"})
-    ignored_prefixes: tuple[str, ...] = ()  # FreeBSD: /dev, on a path boundary
-    # Strict mode is the stock hv_vss_daemon's rule: pseudo and network filesystems veto too.
-    strict_vetoes_every_writable: bool = False
-    # Linux: a freeze outlives its holder, so the child keeps a crash record (statefile.py);
-    # FreeBSD: closing the /dev/ufssuspend descriptor resumes, so there is nothing to record.
-    freeze_outlives_holder: bool = True
+    FREEZE, IGNORE, CRASH_ONLY, VETO = "freeze", "ignore", "crash-consistent only", "veto"
 
 
-class Verdict(enum.Enum):
-    FREEZE = "freeze"
-    IGNORE = "ignore"
-    CRASH_ONLY = "crash-consistent only"
-    VETO = "veto"
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
-    mount: Mount
-    verdict: Verdict
-    reason: str
+    def __init__(self, mount: Mount, verdict: str, reason: str) -> None:
+        self.mount, self.verdict, self.reason = mount, verdict, reason
 
 
-@dataclass(slots=True)
 class Selection:
-    targets: list[Mount] = field(default_factory=list)  # in freeze order
-    decisions: list[Decision] = field(default_factory=list)
-    missing_only: list[str] = field(default_factory=list)  # [freeze] only entries not found
+    def __init__(self) -> None:
+        self.targets: list[Mount] = []  # in freeze order
+        self.decisions: list[Decision] = []
+        self.missing_only: list[str] = []  # [freeze] only entries not found
 
-    @property
-    def vetoes(self) -> list[Decision]:
-        return [d for d in self.decisions if d.verdict is Verdict.VETO]
-
-    @property
-    def crash_only(self) -> list[Decision]:
-        return [d for d in self.decisions if d.verdict is Verdict.CRASH_ONLY]
+    def of(self, verdict: str) -> list[Decision]:
+        return [d for d in self.decisions if d.verdict is verdict]
 
     def veto_reason(self) -> tuple[str, str] | None:
         """(mountpoint, why) of the first reason CHECK must say no, if any."""
         if self.missing_only:
             return self.missing_only[0], "listed in [freeze] only but not a freezable mount"
-        for d in self.vetoes:
-            return d.mount.mountpoint, d.reason
-        return None
+        vetoes = self.of(Verdict.VETO)
+        return (vetoes[0].mount.mountpoint, vetoes[0].reason) if vetoes else None
 
 
 def under(path: str, top: str) -> bool:
     """True if `path` is `top` or below it, on a path-component boundary."""
-    if top == "/":
-        return path.startswith("/")
-    return path == top or path.startswith(top.rstrip("/") + "/")
+    return path.startswith("/") if top == "/" else path == top or path.startswith(top + "/")
 
 
-def _excluded(mountpoint: str, patterns: Iterable[str]) -> bool:
-    return any(mountpoint == p or fnmatch.fnmatchcase(mountpoint, p) for p in patterns)
+def glob_match(name: str, pattern: str) -> bool:
+    """fnmatch.fnmatchcase(name, pattern) without the re module: `*` (slashes too), `?`,
+    `[seq]` and `[!seq]` with ranges, a `[` without its `]` is itself.  Linear passes,
+    however many stars (tests/test_selection.py compares it with fnmatch)."""
+    items: list[tuple[bool, list[tuple[str, str]]] | None] = []  # (negated, ranges); None: *
+    i = 0
+    while i < len(pattern):
+        c, i = pattern[i], i + 1
+        # fnmatch's rule: the set ends at the first "]" after a leading "!" and one "]"
+        end = pattern.find("]", i + (pattern[i:i + 1] == "!") + 1) if c == "[" else -1
+        if c == "*":
+            items += [] if items and items[-1] is None else [None]
+        elif end < 0:
+            items.append((c == "?", [] if c == "?" else [(c, c)]))  # "?": not in no range
+        else:
+            body, i = pattern[i:end], end + 1
+            negated = body[:1] == "!"
+            body, ranges = body[negated:], []
+            while body:
+                step = 3 if body[1:2] == "-" and len(body) > 2 else 1  # "a-z", or one "a"
+                ranges.append((body[0], body[step - 1]))
+                body = body[step:]
+            items.append((negated, ranges))
+    n = p = 0
+    star = resume = -1
+    while n < len(name):
+        item = items[p] if p < len(items) else False
+        if item is None:  # a star: let it take nothing for now
+            star, resume, p = p + 1, n, p + 1
+        elif isinstance(item, tuple) and item[0] != any(lo <= name[n] <= hi
+                                                        for lo, hi in item[1]):
+            n, p = n + 1, p + 1
+        elif star >= 0:  # a mismatch: the last star takes one character more
+            resume += 1
+            n, p = resume, star
+        else:
+            return False
+    return all(item is None for item in items[p:])
 
 
 def classify(m: Mount, cfg: ChildConfig, plat: Platform) -> Decision:
     strict = cfg.check.mode == "strict"
-
-    def d(v: Verdict, why: str) -> Decision:
-        return Decision(m, v, why)
-
+    only, exclude = cfg.freeze.only, cfg.freeze.exclude
+    excluded = any(m.mountpoint == p or glob_match(m.mountpoint, p) for p in exclude)
     if any(under(m.mountpoint, p) for p in plat.ignored_prefixes):
-        return d(Verdict.IGNORE, "device filesystem")
+        return Decision(m, Verdict.IGNORE, "device filesystem")
     if m.readonly:
-        return d(Verdict.IGNORE, "read-only")
-    left_out = (cfg.freeze.only and m.mountpoint not in cfg.freeze.only) or _excluded(
-        m.mountpoint, cfg.freeze.exclude)
+        return Decision(m, Verdict.IGNORE, "read-only")
     if strict and plat.strict_vetoes_every_writable and m.fstype not in plat.freezable \
-            and not left_out:
-        only = ", ".join(sorted(plat.freezable))
-        return d(Verdict.VETO, f"read-write {m.fstype} filesystem ([check] mode = \"strict\": "
-                               f"only {only} may be mounted read-write, as in the stock daemon)")
+            and not excluded and (not only or m.mountpoint in only):
+        return Decision(m, Verdict.VETO, f"read-write {m.fstype} filesystem ([check] mode = "
+                        f"\"strict\": only {', '.join(sorted(plat.freezable))} may be mounted "
+                        "read-write, as in the stock daemon)")
     if not m.local:
-        return d(Verdict.IGNORE, f"network filesystem ({m.fstype})")
+        return Decision(m, Verdict.IGNORE, f"network filesystem ({m.fstype})")
     if m.pseudo:
-        return d(Verdict.IGNORE, f"pseudo filesystem ({m.fstype})")
-    if cfg.freeze.only and m.mountpoint not in cfg.freeze.only:
-        return d(Verdict.IGNORE, "not listed in [freeze] only")
-    if _excluded(m.mountpoint, cfg.freeze.exclude):
-        return d(Verdict.IGNORE, "excluded by [freeze] exclude")
+        return Decision(m, Verdict.IGNORE, f"pseudo filesystem ({m.fstype})")
+    if only and m.mountpoint not in only:
+        return Decision(m, Verdict.IGNORE, "not listed in [freeze] only")
+    if excluded:
+        return Decision(m, Verdict.IGNORE, "excluded by [freeze] exclude")
     if m.fstype in plat.freezable:
-        return d(Verdict.FREEZE, m.fstype)
+        return Decision(m, Verdict.FREEZE, m.fstype)
+    if m.fstype in plat.zfs and (cfg.check.zfs == "veto" or strict):
+        return Decision(m, Verdict.VETO, "ZFS cannot be suspended ([check] zfs = \"veto\")")
     if m.fstype in plat.zfs:
-        if cfg.check.zfs == "veto" or strict:
-            return d(Verdict.VETO, "ZFS cannot be suspended ([check] zfs = \"veto\")")
-        return d(Verdict.CRASH_ONLY, "ZFS datasets get crash consistency only "
-                                     "(copy-on-write keeps them intact)")
+        return Decision(m, Verdict.CRASH_ONLY, "ZFS datasets get crash consistency only "
+                                               "(copy-on-write keeps them intact)")
     if m.fstype in plat.crash_consistent and not strict:
-        return d(Verdict.CRASH_ONLY, f"{m.fstype} cannot be frozen: crash-consistent only")
-    return d(Verdict.VETO, f"read-write local {m.fstype} filesystem cannot be frozen")
+        return Decision(m, Verdict.CRASH_ONLY, f"{m.fstype} cannot be frozen: "
+                                               "crash-consistent only")
+    return Decision(m, Verdict.VETO, f"read-write local {m.fstype} filesystem cannot be frozen")
 
 
 def select_targets(mounts: Sequence[Mount], cfg: ChildConfig, plat: Platform) -> Selection:
     sel = Selection()
-    seen: set[str] = set()
-    chosen: list[tuple[int, Mount]] = []
-    for i, m in enumerate(mounts):
-        dec = classify(m, cfg, plat)
-        if dec.verdict is Verdict.FREEZE and m.fs_key in seen:
-            dec = Decision(m, Verdict.IGNORE, "same filesystem as another target")
-        elif dec.verdict is Verdict.FREEZE:
-            seen.add(m.fs_key)
-            chosen.append((i, m))
-        sel.decisions.append(dec)
-    found = {m.mountpoint for _, m in chosen} | {
-        d.mount.mountpoint for d in sel.decisions if d.reason == "same filesystem as another target"
-    }
+    chosen: dict[str, Mount] = {}  # fs_key -> its first mount, in mount order
+    for m in mounts:
+        d = classify(m, cfg, plat)
+        if d.verdict is Verdict.FREEZE and m.fs_key in chosen:
+            d = Decision(m, Verdict.IGNORE, SAME)
+        elif d.verdict is Verdict.FREEZE:
+            chosen[m.fs_key] = m
+        sel.decisions.append(d)
+    found = {d.mount.mountpoint for d in sel.decisions if d.verdict is Verdict.FREEZE
+             or d.reason == SAME}
     sel.missing_only = [p for p in cfg.freeze.only if p not in found]
-    sel.targets = order(chosen, mounts)
+    sel.targets = order(list(chosen.values()), mounts)
     return sel
 
 
-def order(chosen: Sequence[tuple[int, Mount]], mounts: Sequence[Mount]) -> list[Mount]:
+def order(chosen: list[Mount], mounts: Sequence[Mount]) -> list[Mount]:
     """Freeze order: what depends on a filesystem is frozen before it.
 
-    A filesystem mounted inside another goes first, and so does a loop-backed
-    filesystem before the one holding its backing file (freezing the outer one
-    first would leave the inner one's flush blocked on it).  `/` goes last.
-    Ties go newest mount first, as the peer agents do.  Thaw is the reverse.
-    """
-    must_precede = _dependencies([m for _, m in chosen], mounts)
-    indegree = dict.fromkeys(must_precede, 0)
-    for later_keys in must_precede.values():
-        for later in later_keys:
-            indegree[later] += 1
-    by_key = {m.fs_key: (i, m) for i, m in chosen}
+    A filesystem mounted inside another goes first (inside any of the other's
+    mountpoints: bind mounts count), and so does a loop-backed filesystem
+    before the one holding its backing file (freezing the outer one first
+    would leave the inner one's flush blocked on it); so `/` goes last.
+    Otherwise newest mount first, as the peer agents do.  A cycle (odd bind
+    mounts) is broken where it closes.  Thaw is the reverse."""
+    places = {t.fs_key: [m.mountpoint for m in mounts if m.fs_key == t.fs_key] for t in chosen}
+
+    def holder(path: str) -> str:
+        """The filesystem a path lives on: the longest (then newest) mountpoint above it."""
+        above = [m for m in mounts if under(path, m.mountpoint)]
+        return max(above, key=lambda m: len(m.mountpoint)).fs_key if above else ""
+
+    def before(u: Mount, t: Mount) -> bool:
+        return u.fs_key != t.fs_key and (
+            any(under(u.mountpoint, p) and u.mountpoint != p for p in places[t.fs_key])
+            or (u.backing_file is not None and holder(u.backing_file) == t.fs_key))
+
     result: list[Mount] = []
-    ready = [k for k, n in indegree.items() if n == 0]
-    while ready:
-        # newest first, `/` only when nothing else is ready
-        ready.sort(key=lambda k: (by_key[k][1].mountpoint == "/", -by_key[k][0]))
-        k = ready.pop(0)
-        result.append(by_key[k][1])
-        for later in must_precede[k]:
-            indegree[later] -= 1
-            if indegree[later] == 0:
-                ready.append(later)
-    if len(result) < len(by_key):  # a cycle (odd bind mounts): fall back to newest first
-        rest = sorted((t for t in by_key.values() if t[1] not in result), key=lambda t: -t[0])
-        result.extend(m for _, m in rest)
+
+    def place(t: Mount, path: list[Mount]) -> None:
+        if t not in result and t not in path:
+            for u in reversed(chosen):
+                if before(u, t):
+                    place(u, [*path, t])
+            result.append(t)
+
+    for t in reversed(chosen):
+        place(t, [])
     return result
-
-
-def _dependencies(targets: Sequence[Mount], mounts: Sequence[Mount]) -> dict[str, set[str]]:
-    """fs_key -> the fs_keys that must be frozen after it."""
-    keys = {m.fs_key for m in targets}
-    # Every mountpoint of each target filesystem, to match bind mounts too.
-    mountpoints: dict[str, list[str]] = {k: [] for k in keys}
-    for m in mounts:
-        if m.fs_key in mountpoints:
-            mountpoints[m.fs_key].append(m.mountpoint)
-    must_precede: dict[str, set[str]] = {k: set() for k in keys}
-    for a in targets:
-        for b in targets:
-            if a.fs_key != b.fs_key and any(
-                    under(a.mountpoint, p) and a.mountpoint != p for p in mountpoints[b.fs_key]):
-                must_precede[a.fs_key].add(b.fs_key)
-        holder = _holder_of(a.backing_file, mounts) if a.backing_file else None
-        if holder in keys and holder != a.fs_key:
-            must_precede[a.fs_key].add(holder)
-    return must_precede
-
-
-def _holder_of(path: str, mounts: Sequence[Mount]) -> str | None:
-    """The filesystem a path lives on: the longest mountpoint above it."""
-    best: Mount | None = None
-    for m in mounts:
-        longer = best is None or len(m.mountpoint) >= len(best.mountpoint)
-        if longer and under(path, m.mountpoint):
-            best = m
-    return best.fs_key if best else None

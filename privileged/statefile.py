@@ -26,24 +26,19 @@ closes a dead child's descriptors, which resumes its filesystems
 (ffs_susp_dtor).  The budget then lasts as long as the child does.
 """
 
+
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import stat
 
-from privileged.mounts_linux import unescape
-from privileged.trust import directories_reason
+from privileged.mounts import escape, unescape
+from privileged.safe_path import directories_reason
 
-RECORD = "frozen"
-BUDGET = "budget"
+RECORD, BUDGET = "frozen", "budget"
 _MAX_READ = 1 << 20
 _BUDGET_FORMAT = "{:020.6f} {:020.6f}\n"  # always 42 bytes: rewritten in place
-
-
-def _escape(path: str) -> str:
-    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
 class StateError(OSError):
@@ -52,17 +47,14 @@ class StateError(OSError):
 
 class StateDir:
     def __init__(self, path: str, enabled: bool = True) -> None:
-        self.path = path
-        self.real = os.path.realpath(path)  # what the check and the open saw
-        self.enabled = enabled
-        self._record = -1
-        self._budget = -1
+        self.path, self.real, self.enabled = path, os.path.realpath(path), enabled
+        self._record = self._budget = -1
 
     def open(self) -> None:
         """Make the directory if need be, check it, and open both files for good."""
         if not self.enabled:
             return
-        real = self.real = os.path.realpath(self.path)
+        real = self.real = os.path.realpath(self.path)  # what the check and the open see
         reason = directories_reason(real)
         if reason:
             raise StateError(f"state directory {self.path}: {reason}")
@@ -90,7 +82,7 @@ class StateDir:
     def write(self, entries: list[tuple[str, str]]) -> None:
         if self.enabled:
             os.ftruncate(self._record, 0)
-            os.write(self._record, "".join(f"{k} {_escape(p)}\n" for k, p in entries).encode())
+            os.write(self._record, "".join(f"{k} {escape(p)}\n" for k, p in entries).encode())
 
     def drop(self, fs_key: str) -> None:
         """A target that is not ours to thaw after all."""
@@ -102,31 +94,22 @@ class StateDir:
             os.ftruncate(self._record, 0)
 
     def read(self) -> list[tuple[str, str]]:
-        if not self.enabled:
-            return []
-        entries: list[tuple[str, str]] = []
-        dropped: set[str] = set()
-        text = os.pread(self._record, _MAX_READ, 0).decode("utf-8", "replace")
-        for line in text.split("\n")[:-1]:  # a last line without its newline was torn
-            key, sep, path = line.partition(" ")
-            if key.startswith("-") and not sep:
-                dropped.add(key[1:])
-            elif sep and key and path.startswith("/"):
-                entries.append((key, unescape(path)))
-        return [(k, p) for k, p in entries if k not in dropped]
+        text = os.pread(self._record, _MAX_READ, 0).decode("utf-8", "replace") \
+            if self.enabled else ""
+        entries = [line.partition(" ") for line in text.split("\n")[:-1]]  # [:-1]: torn
+        dropped = {key[1:] for key, sep, _ in entries if key.startswith("-") and not sep}
+        return [(key, unescape(path)) for key, sep, path in entries
+                if sep and key[:1] not in ("", "-") and path.startswith("/") and key not in dropped]
 
     # --- the budget -----------------------------------------------------------------------
 
     def read_budget(self) -> tuple[float, float] | None:
         """(seconds left, when), or None if there is no readable record."""
-        if not self.enabled:
-            return None
-        words = os.pread(self._budget, 64, 0).split()
         try:
-            left, when = float(words[0]), float(words[1])
-        except (IndexError, ValueError):
+            left, when = map(float, os.pread(self._budget, 64, 0).split()[:2])
+        except (OSError, ValueError):  # not enabled (fd -1), or not two numbers
             return None
-        return (left, when) if math.isfinite(left) and math.isfinite(when) else None
+        return (left, when) if all(abs(x) < float("inf") for x in (left, when)) else None
 
     def write_budget(self, left: float, when: float) -> None:
         if self.enabled:

@@ -16,7 +16,6 @@ caller was not privileged, and is refused too.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 STATFS_VERSION = 0x20140518
 FREEBSD11_STATFS_VERSION = 0x20030518
@@ -47,13 +46,13 @@ class StatfsError(OSError):
     """The mount table is not one we can read safely: refuse, do not guess."""
 
 
-@dataclass(frozen=True, slots=True)
 class StatfsEntry:
-    flags: int
-    fsid: bytes  # fsid_t, 8 bytes exactly as the kernel gave them
-    fstypename: str
-    mntfromname: str
-    mntonname: str
+    """The fields of one struct statfs the child uses; fsid: fsid_t, 8 bytes as given."""
+
+    def __init__(self, flags: int, fsid: bytes, fstypename: str, mntfromname: str,
+                 mntonname: str) -> None:
+        self.flags, self.fsid, self.fstypename = flags, fsid, fstypename
+        self.mntfromname, self.mntonname = mntfromname, mntonname
 
 
 def _cstring(field: bytes) -> str:

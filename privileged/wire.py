@@ -1,24 +1,8 @@
-"""The parent <-> root child messages: declared once, no I/O.
+"""The parent's view of the child's protocol: the numbers of protocol.py as enums, the
+records as dataclasses, and the strict decoder of everything the child sends.
 
-Every message is one SOCK_SEQPACKET record with a fixed layout.  Requests
-(parent -> child) carry no argument at all beyond a sequence number: the child
-decides what to freeze by itself, so there is nothing in a request that could
-name a path, an fsid or an index.  Answers and log lines (child -> parent) are
-decoded just as strictly, although the parent trusts the child more.
-
-Layouts (little endian):
-
-  REQUEST  <BBHI        version, op, reserved=0, seq                     8 bytes
-  RESULT   <BBBBIHHI200s version, kind, op, status, seq, errno, count,
-                          elapsed_us, mount (UTF-8, NUL padded)         216 bytes
-  EVENT    <BBBBHH      version, kind, code, reason, count, reserved=0    8 bytes
-  HELLO    <BBHIHH      version, kind, reserved=0, pid, targets,
-                          recovered                                      12 bytes
-  LOG      <BBBBH + text version, kind, level, reserved=0, length,
-                          then exactly `length` bytes of UTF-8 (1..1024)
-
-RESULT's mount names the filesystem a request failed on; after a successful
-FREEZE it lists what is frozen (comma-separated, clipped to the field).
+The layouts and numbers are declared once, in privileged/protocol.py (the
+child's module); this module is never loaded by the root child.
 """
 
 from __future__ import annotations
@@ -27,59 +11,53 @@ import enum
 import struct
 from dataclasses import dataclass
 
-VERSION = 1
+from privileged import protocol as p
+from privileged.protocol import (
+    MAX_LOG_TEXT,
+    MAX_RECORD,
+    MOUNT_FIELD,
+    VERSION,
+    WireError,
+)
 
-#: Largest record either side ever sends; receivers use a bigger buffer and
-#: treat MSG_TRUNC as a violation, so an oversized record is never half-read.
-MAX_RECORD = 1030
-MAX_LOG_TEXT = 1024
-MOUNT_FIELD = 200
+__all__ = ["MAX_LOG_TEXT", "MAX_RECORD", "MOUNT_FIELD", "VERSION", "WireError"]
+
+REQUEST, RESULT, EVENT, HELLO = p.REQUEST_LAYOUT, p.RESULT_LAYOUT, p.EVENT_LAYOUT, p.HELLO_LAYOUT
+LOG_HEADER = p.LOG_HEADER
+LOG_LEVELS = frozenset({10, 20, 30, 40, 50})
 
 
 class Op(enum.IntEnum):
     """Requests.  Numbered below 0x80; everything the child sends is above."""
 
-    CHECK = 1
-    FREEZE = 2
-    THAW = 3
-    PING = 4
-    QUIT = 5
-    REOPEN = 6  # open the kernel device named at start-up and pass its fd back
+    CHECK = p.CHECK
+    FREEZE = p.FREEZE
+    THAW = p.THAW
+    PING = p.PING
+    QUIT = p.QUIT
+    REOPEN = p.REOPEN  # open the kernel device named at start-up and pass its fd back
 
 
 class Kind(enum.IntEnum):
-    RESULT = 0x81
-    EVENT = 0x82
-    HELLO = 0x83
-    LOG = 0x84
+    RESULT = p.RESULT
+    EVENT = p.EVENT
+    HELLO = p.HELLO
+    LOG = p.LOG
 
 
 class Status(enum.IntEnum):
-    OK = 0
-    FAILED = 1  # tried and failed (errno and mount say why); nothing left frozen
-    REFUSED = 2  # not attempted: cooldown, or CHECK policy veto
+    OK = p.OK
+    FAILED = p.FAILED  # tried and failed (errno and mount say why); nothing left frozen
+    REFUSED = p.REFUSED  # not attempted: the budget, or a CHECK policy veto
 
 
 class EventCode(enum.IntEnum):
-    AUTO_THAW = 1
+    AUTO_THAW = p.AUTO_THAW
 
 
 class Reason(enum.IntEnum):
-    WATCHDOG = 1
-    SIGNAL = 2
-
-
-LOG_LEVELS = frozenset({10, 20, 30, 40, 50})
-
-REQUEST = struct.Struct("<BBHI")
-RESULT = struct.Struct("<BBBBIHHI200s")
-EVENT = struct.Struct("<BBBBHH")
-HELLO = struct.Struct("<BBHIHH")
-LOG_HEADER = struct.Struct("<BBBBH")
-
-
-class WireError(Exception):
-    """A record that is not exactly one of the messages above."""
+    WATCHDOG = p.WATCHDOG
+    SIGNAL = p.SIGNAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +89,7 @@ class Hello:
     pid: int
     targets: int
     recovered: int
+    devices: tuple[int, ...] = ()  # st_dev of each target's mountpoint (the first 255)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,53 +106,25 @@ def encode_request(req: Request) -> bytes:
 
 
 def decode_request(frame: bytes) -> Request:
-    if len(frame) != REQUEST.size:
-        raise WireError(f"request of {len(frame)} bytes, expected {REQUEST.size}")
-    version, op, reserved, seq = REQUEST.unpack(frame)
-    if version != VERSION:
-        raise WireError(f"protocol version {version}, expected {VERSION}")
-    if reserved != 0:
-        raise WireError("reserved field is not zero")
-    try:
-        return Request(Op(op), seq)
-    except ValueError:
-        raise WireError(f"unknown request type {op}") from None
-
-
-def _clip_utf8(text: str, limit: int) -> bytes:
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return data
-    # Cut on a character boundary so the receiver's strict decode succeeds.
-    return data[:limit].decode("utf-8", "ignore").encode("utf-8")
+    op, seq = p.decode_request(frame)
+    return Request(Op(op), seq)
 
 
 def encode_result(res: Result) -> bytes:
-    return RESULT.pack(
-        VERSION,
-        Kind.RESULT,
-        res.op,
-        res.status,
-        res.seq,
-        min(res.errno, 0xFFFF),
-        min(res.count, 0xFFFF),
-        min(res.elapsed_us, 0xFFFFFFFF),
-        _clip_utf8(res.mount, MOUNT_FIELD),
-    )
+    return p.result(res.op, res.status, res.seq, err=res.errno, count=res.count,
+                    elapsed_us=res.elapsed_us, mount=res.mount)
 
 
 def encode_event(ev: Event) -> bytes:
-    return EVENT.pack(VERSION, Kind.EVENT, ev.code, ev.reason, min(ev.count, 0xFFFF), 0)
+    return p.event(ev.reason, ev.count)
 
 
 def encode_hello(h: Hello) -> bytes:
-    return HELLO.pack(VERSION, Kind.HELLO, 0, h.pid, min(h.targets, 0xFFFF),
-                      min(h.recovered, 0xFFFF))
+    return p.hello(h.pid, h.targets, h.recovered, list(h.devices))
 
 
 def encode_log(level: int, text: str) -> bytes:
-    data = _clip_utf8(text, MAX_LOG_TEXT) or b"-"
-    return LOG_HEADER.pack(VERSION, Kind.LOG, level, 0, len(data)) + data
+    return p.log(level, text)
 
 
 def _enum(cls: type[enum.IntEnum], value: int, what: str) -> enum.IntEnum:
@@ -192,7 +143,9 @@ def decode_child(frame: bytes) -> ChildMessage:
     kind = _enum(Kind, frame[1], "record kind")
     if kind is Kind.LOG:
         return _decode_log(frame)
-    layout = {Kind.RESULT: RESULT, Kind.EVENT: EVENT, Kind.HELLO: HELLO}[Kind(kind)]
+    if kind is Kind.HELLO:
+        return _decode_hello(frame)
+    layout = RESULT if kind is Kind.RESULT else EVENT
     if len(frame) != layout.size:
         raise WireError(f"{kind.name} of {len(frame)} bytes, expected {layout.size}")
     if kind is Kind.RESULT:
@@ -206,16 +159,20 @@ def decode_child(frame: bytes) -> ChildMessage:
             elapsed,
             _decode_text(mount.rstrip(b"\0")),
         )
-    if kind is Kind.EVENT:
-        _, _, code, reason, count, reserved = EVENT.unpack(frame)
-        if reserved:
-            raise WireError("reserved field is not zero")
-        return Event(EventCode(_enum(EventCode, code, "event")),
-                     Reason(_enum(Reason, reason, "reason")), count)
-    _, _, reserved, pid, targets, recovered = HELLO.unpack(frame)
+    _, _, code, reason, count, reserved = EVENT.unpack(frame)
     if reserved:
         raise WireError("reserved field is not zero")
-    return Hello(pid, targets, recovered)
+    return Event(EventCode(_enum(EventCode, code, "event")),
+                 Reason(_enum(Reason, reason, "reason")), count)
+
+
+def _decode_hello(frame: bytes) -> Hello:
+    if len(frame) < HELLO.size:
+        raise WireError(f"HELLO of {len(frame)} bytes, at least {HELLO.size} expected")
+    _, _, n, pid, targets, recovered = HELLO.unpack_from(frame)
+    if n > p.MAX_DEVICES or len(frame) != HELLO.size + 8 * n:
+        raise WireError(f"HELLO of {len(frame)} bytes with {n} devices")
+    return Hello(pid, targets, recovered, struct.unpack_from(f"<{n}Q", frame, HELLO.size))
 
 
 def _decode_text(data: bytes) -> str:

@@ -328,3 +328,28 @@ def cli(*args: str, user: str | None = None, group: str | None = None,
                           capture_output=True, text=True,
                           user=user, group=group, extra_groups=extra_groups, timeout=timeout,
                           check=False)
+
+
+def child_conversation_modules(workdir: str, mountpoint: str,
+                               monkeypatch) -> tuple[object, set[str]]:
+    """The real child, started by ChildLink for `mountpoint`, through a whole conversation
+    (CHECK, FREEZE, THAW, REOPEN, PING, QUIT): its HELLO, and every module it had loaded
+    at its exit."""
+    from agent.engine import child_link
+    from privileged import wire
+
+    out = os.path.join(workdir, "modules")
+    real_bootstrap = child_link.child_bootstrap
+    # the file is opened before main() confines the child: it may write only what it holds
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(
+        f"f = open({out!r}, 'w'); from privileged.child import main; rc = main(); "
+        "f.write(' '.join(sorted(sys.modules))); f.close(); sys.exit(rc)"))
+    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
+                                                   [mountpoint], workdir), None)
+    hello = link.wait_hello()
+    for op in (wire.Op.CHECK, wire.Op.FREEZE, wire.Op.THAW, wire.Op.REOPEN, wire.Op.PING,
+               wire.Op.QUIT):
+        assert link.request(op)[0].op is op
+    assert link.exit_status(10) == 0
+    with open(out, encoding="ascii") as f:
+        return hello, set(f.read().split())

@@ -321,8 +321,8 @@ class HostileParent:
         """One record (None at EOF), EVENT and LOG already acted on."""
         try:
             data, _, msg_flags, _ = link.sock.recvmsg(wire.MAX_RECORD + 1)
-        except ConnectionResetError:
-            data, msg_flags = b"", 0
+        except ConnectionResetError:  # the child exited with frames of ours unread; what it
+            data, _, msg_flags, _ = link.sock.recvmsg(wire.MAX_RECORD + 1)  # sent is still there
         read_at = time.monotonic()
         if msg_flags & socket.MSG_TRUNC:
             raise InvariantBroken("an oversized record from the child")

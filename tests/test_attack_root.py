@@ -41,9 +41,9 @@ from agent.engine import child_link
 from agent.engine.child_link import ChildLink
 from agent.kernel import linux_wire as lw
 from privileged import wire
-from privileged.capabilities import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN
 from privileged.child import REOPEN_BURST, REOPEN_EVERY
 from privileged.freeze_linux import FIFREEZE, FITHAW
+from privileged.hardening import CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN
 from tests.helpers import (
     PY,
     REPO,
@@ -451,7 +451,7 @@ def test_a_device_in_a_user_s_directory_is_refused(workdir):
 ATTACK = """
 import ctypes, errno, json, os, socket
 from privileged import child as _child
-def _attack(child, req, _ping=_child.HANDLERS[_child.Op.PING]):
+def _attack(child, op, seq, _ping=_child.HANDLERS[_child.p.PING]):
     libc = ctypes.CDLL(None, use_errno=True)
     out = {}
     def attempt(name, fn):
@@ -489,9 +489,9 @@ def _attack(child, req, _ping=_child.HANDLERS[_child.Op.PING]):
         status = {l.split(":")[0]: l.split()[1] for l in f if l.startswith(("Cap", "NoNew"))}
     out["caps"] = {k: v for k, v in status.items() if k.startswith("Cap")}
     out["no_new_privs"] = status["NoNewPrivs"]
-    _child.log.warning("ATTACK " + json.dumps(out))
-    _ping(child, req)
-_child.HANDLERS[_child.Op.PING] = _attack
+    _child.log(_child.p.WARNING, "ATTACK " + json.dumps(out))
+    _ping(child, op, seq)
+_child.HANDLERS[_child.p.PING] = _attack
 """
 
 
@@ -513,7 +513,7 @@ def compromised_child(workdir, make_fs, monkeypatch):
 
     def run(landlock: bool) -> dict[str, object]:
         then = setup + ATTACK + ("" if landlock else (
-            "import privileged.landlock as _l; _l.Landlock.abi = lambda self: 0\n")) + \
+            "import privileged.landlock as _l; _l.abi = lambda: 0\n")) + \
             "sys.exit(_child.main())"
         monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(then))
         config = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)

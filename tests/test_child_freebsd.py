@@ -22,10 +22,9 @@ import sys
 import pytest
 
 from agent.engine.child_link import ChildLink
-from privileged import wire
+from privileged import child, wire
 from privileged.budget import Bucket
-from privileged.child import Child
-from privileged.config import parse_child_sections
+from privileged.child_config import parse_child_sections
 from privileged.freeze_freebsd import FreeBSDFreezer
 from privileged.statefile import StateDir
 from privileged.wire import Op
@@ -125,21 +124,31 @@ def test_without_releasing_stderr_the_kernel_refuses_and_all_is_rolled_back(work
 
 
 class Sent:
-    """Stands in for the child's channel: keeps what it would have sent."""
+    """Stands in for the child's socket: keeps what it would have sent."""
 
     def __init__(self) -> None:
         self.results: list[wire.ChildMessage] = []
 
-    def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> None:
-        self.results.append(wire.decode_child(frame))
+    def sendmsg(self, buffers: list[bytes], anc: object = (), flags: int = 0) -> int:
+        self.results.append(wire.decode_child(buffers[0]))
+        return len(buffers[0])
+
+
+@pytest.fixture
+def child_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """What the child logs (in a process it would be LOG records to the parent)."""
+    lines: list[tuple[int, str]] = []
+    monkeypatch.setattr(child, "log", lambda level, text: lines.append((level, text)))
+    return lines
 
 
 def check_on(mounts: list[ModelMount], **sections: dict[str, object]) -> wire.ChildMessage:
     freezer = FreeBSDFreezer(UfsModel(mounts, threads=lambda: 1))
-    child = Child(Sent(), freezer, parse_child_sections(sections), None,  # type: ignore[arg-type]
-                  StateDir("/nonexistent", enabled=False), Bucket(60, 0, 60, 0))
-    child.handle_check(wire.Request(Op.CHECK, 1))
-    (res,) = child.channel.results  # type: ignore[attr-defined]
+    sent = Sent()
+    one = child.Child(sent, freezer, parse_child_sections(sections),  # type: ignore[arg-type]
+                      StateDir("/nonexistent", enabled=False), Bucket(60, 0, 60, 0))
+    one.handle_check(Op.CHECK, 1)
+    (res,) = sent.results
     return res
 
 
@@ -152,19 +161,18 @@ TYPICAL = [
 ]
 
 
-def test_zfs_datasets_get_one_log_line_per_check(caplog):
-    caplog.set_level(logging.INFO, "hv-vss-agent.child")
+def test_zfs_datasets_get_one_log_line_per_check(child_log):
     res = check_on(TYPICAL)
     assert (res.status, res.count) == (wire.Status.OK, 1)
-    lines = [r.getMessage() for r in caplog.records if "ZFS" in r.getMessage()]
+    lines = [text for _, text in child_log if "ZFS" in text]
     assert lines == ["ZFS datasets get crash consistency only (copy-on-write keeps them "
                      "intact): /zroot, /zroot/usr/home, /zroot/var/log"]
 
 
-def test_strict_check_vetoes_and_the_log_says_which_and_why(caplog):
+def test_strict_check_vetoes_and_the_log_says_which_and_why(child_log):
     res = check_on(TYPICAL, check={"mode": "strict"})
     assert (res.status, res.errno, res.mount) == (wire.Status.REFUSED, errno.EPERM, "/tmp")
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+    assert [text for level, text in child_log if level == logging.WARNING] == [
         'CHECK vetoed by /tmp: read-write tmpfs filesystem ([check] mode = "strict": only ufs '
         "may be mounted read-write, as in the stock daemon)"]
     res = check_on(TYPICAL, check={"zfs": "veto"})

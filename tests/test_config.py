@@ -7,7 +7,7 @@ import os
 import pytest
 
 from agent import config
-from privileged.config import ConfigError, load_child_config, parse_child_sections
+from privileged.child_config import ConfigError, load_child_config, parse_child_sections
 
 
 def write(path: str, text: str, mode: int = 0o600) -> str:

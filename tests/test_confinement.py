@@ -25,6 +25,7 @@ from tests.helpers import (
     REPO,
     Subscriber,
     assert_blocked,
+    child_conversation_modules,
     running_agent,
     wait_for,
     write_config,
@@ -274,25 +275,8 @@ FORBIDDEN = ("pickle", "_pickle", "multiprocessing", "multiprocessing_logging", 
 
 def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_fs,
                                                                    monkeypatch):
-    """The real child, a whole conversation (CHECK, FREEZE, THAW, REOPEN, QUIT); at its exit
-    it writes the names of every module it had loaded."""
-    from agent.engine import child_link
-    from privileged import wire
-
-    fs = make_fs("ext4")
-    out = os.path.join(workdir, "modules")
-    real_bootstrap = child_link.child_bootstrap
-    # the file is opened before main() confines the child: it may write only what it holds
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(
-        f"f = open({out!r}, 'w'); from privileged.child import main; rc = main(); "
-        "f.write(' '.join(sorted(sys.modules))); f.close(); sys.exit(rc)"))
-    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
-                                                   [fs.mountpoint], workdir), None)
-    link.wait_hello()
-    for op in (wire.Op.CHECK, wire.Op.FREEZE, wire.Op.THAW, wire.Op.REOPEN, wire.Op.QUIT):
-        assert link.request(op)[0].op is op
-    assert link.exit_status(10) == 0
-    with open(out, encoding="ascii") as f:
-        modules = f.read().split()
+    """The real child, a whole conversation; at its exit it writes the names of every
+    module it had loaded."""
+    _, modules = child_conversation_modules(workdir, make_fs("ext4").mountpoint, monkeypatch)
     assert "privileged.child" in modules and "ctypes" in modules
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []

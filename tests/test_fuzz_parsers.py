@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import socket
 import string
 import struct
 import subprocess
+import tomllib
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +32,7 @@ from agent.kernel.transport import SocketEndpoint
 from agent.simulator import wire as sim_wire
 from privileged import wire
 from privileged.budget import Bucket
+from privileged.child_config import parse_toml
 from privileged.config import CHILD_SECTIONS, ConfigError
 from privileged.mounts_linux import parse_mountinfo, unescape
 from privileged.statefile import StateDir
@@ -272,6 +276,70 @@ def test_config_loader_takes_any_file(workdir, data):
     except ConfigError as e:
         text = str(e)
         assert path in text and "\n" not in text
+
+
+# The root child reads the file without tomllib: a subset, refused where it ends, never read
+# differently.  Documents drawn mostly inside the subset, with TOML it does not read mixed in.
+TOML_KEYS = st.sampled_from(["a", "b", "only", "x-y", "k_1", "1", "a.b", '"q"', "é", "a b"])
+TOML_ATOMS = st.sampled_from([
+    "true", "false", "0", "-0", "+1", "12", "01", "1.5", "-0.25", "1.", ".5", "1e5", "1E+05",
+    "2.5e-3", "1e", "1_0", "inf", "nan", "0x10", "1979-05-27", "yes", '"s"', "'lit'", '""',
+    "''", '"a#b"', "'a\\b'", '"a\\"b"', '"\\u00e9"', '"""m"""', "'''m'''", "{a = 1}",
+    '"/srv/a b"', '"tab\there"', '"unterminated', "'x'y", "[]", "[ ]", "1 2"])
+TOML_VALUES = st.recursive(TOML_ATOMS, lambda inner: st.tuples(
+    st.lists(inner, max_size=4), st.sampled_from([", ", ",", ",\n  ", " ,# c\n"]),
+    st.booleans()).map(lambda t: "[" + t[1].join(t[0]) + ("," if t[2] and t[0] else "") + "]"),
+    max_leaves=6)
+TOML_LINES = st.one_of(
+    st.tuples(TOML_KEYS, st.sampled_from([" = ", "=", " =", "\t=\t"]), TOML_VALUES,
+              st.sampled_from(["", " # note", "  #", " x"])).map("".join),
+    st.tuples(st.sampled_from(["[", "[ ", "[[", " ["]), TOML_KEYS,
+              st.sampled_from(["]", " ]", "]]", "] # t", "]x"])).map("".join),
+    st.sampled_from(["", "# comment", "   ", "\t# indented", "\r", "\x00", "\x7f", "[freeze]",
+                     "[state]"]))
+
+
+@FAST
+@given(st.lists(TOML_LINES, max_size=8).map("\n".join))
+def test_the_child_s_toml_reader_never_reads_what_tomllib_reads_differently(text):
+    try:
+        mine = parse_toml(text, "/etc/hv-vss-agent.toml")
+    except ConfigError as e:
+        assert "\n" not in str(e) and "/etc/hv-vss-agent.toml, line " in str(e)
+        mine = None
+    try:
+        theirs = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        theirs = None
+    if mine is not None:
+        assert mine == theirs, text  # accepted: exactly what TOML means
+    if theirs is None:
+        assert mine is None, text  # never accepts what TOML refuses
+
+
+def test_the_child_s_toml_reader_reads_the_shipped_example_as_tomllib_does():
+    with open(os.path.join(REPO, "etc", "hv-vss-agent.toml"), encoding="utf-8") as f:
+        text = f.read()
+    assert parse_toml(text, "example") == tomllib.loads(text)
+    multi = '[freeze]\nonly = [\n  "/srv",  # the data\n  \'/var/lib/db\',\n]\n'
+    assert parse_toml(multi, "m") == tomllib.loads(multi) == \
+        {"freeze": {"only": ["/srv", "/var/lib/db"]}}
+
+
+@pytest.mark.parametrize(("text", "says", "toml"), [
+    ('[freeze]\nonly = ["/a\\tb"]\n', "line 2: a backslash", True),
+    ('[freeze]\n\nonly = """/a"""\n', "line 3: a multi-line string", True),
+    ("freeze.only = []\n", "line 1: expected '='", True),
+    ("[watchdog]\nmax_frozen_seconds = 1_000\n", "line 2: '1_000' is not a value", True),
+    ("[freeze]\npresync = yes\n", "line 2: 'yes' is not a value", False),
+    ("[a]\n[a]\n", "line 2: [a] appears twice", False),
+])
+def test_what_the_child_s_toml_reader_does_not_read_is_one_line_with_its_number(text, says,
+                                                                                toml):
+    if toml:  # valid TOML that the child does not read: the parent refuses it at start-up
+        tomllib.loads(text)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_toml(text, "/etc/hv-vss-agent.toml")
 
 
 @SLOW

@@ -14,7 +14,7 @@ import pytest
 
 from agent import config
 from agent.engine.root import missing_device_hint
-from privileged import config as child_config
+from privileged import child_config
 from tests.helpers import PY, REPO, Agent, running_agent, wait_for
 
 EXAMPLE = os.path.join(REPO, "etc", "hv-vss-agent.toml")
@@ -79,13 +79,13 @@ def test_the_childs_log_lines_carry_the_childs_pid(workdir, make_fs):
 
 def _keys_the_parser_reads(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str]]:
     seen: set[tuple[str, str]] = set()
-    done = child_config.Section.done
+    done = child_config.Table.done
 
-    def record(self: child_config.Section) -> None:
-        seen.update((self.name, key) for key in self._seen)
+    def record(self: child_config.Table) -> None:
+        seen.update((self.name, key) for key in self.seen)
         done(self)
 
-    monkeypatch.setattr(child_config.Section, "done", record)
+    monkeypatch.setattr(child_config.Table, "done", record)
     config.parse({}, None)
     return seen
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from privileged.config import CheckConfig, ChildConfig, FreezeConfig
+import fnmatch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privileged.child_config import CheckConfig, ChildConfig, FreezeConfig
 from privileged.mounts_linux import LINUX, parse_mountinfo, unescape
-from privileged.selection import Mount, Verdict, select_targets, under
+from privileged.selection import Mount, Verdict, glob_match, select_targets, under
 
 
 def mnt(path: str, fstype: str = "ext4", key: str | None = None, *, ro: bool = False,
         local: bool = True, pseudo: bool = False, backing: str | None = None) -> Mount:
-    return Mount(path, fstype, f"/dev/{fstype}", ro, local, pseudo, key or f"k{path}", backing)
+    return Mount(path, fstype, f"/dev/{fstype}", readonly=ro, local=local, pseudo=pseudo,
+                 fs_key=key or f"k{path}", backing_file=backing)
 
 
 def cfg(only: tuple[str, ...] = (), exclude: tuple[str, ...] = (), mode: str = "default",
@@ -132,3 +138,10 @@ def test_this_machines_root_is_a_candidate_without_only():
     sel = select_targets(read_mounts(), cfg(), LINUX)
     assert "/" in [m.mountpoint for m in sel.targets]
     assert select_targets(read_mounts(), cfg(only=("/nonexistent",)), LINUX).targets == []
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text("ab-!]*?[/\\", max_size=9), st.text("ab-!]/[\\", max_size=8))
+def test_exclude_globs_match_as_fnmatch_does(pattern, name):
+    """[freeze] exclude is matched without the re module fnmatch needs; the same answers."""
+    assert glob_match(name, pattern) == fnmatch.fnmatchcase(name, pattern)

@@ -106,10 +106,11 @@ def test_the_default_backs_up_a_typical_machine_the_stock_rule_never_would():
     sel = select_targets(typical_machine(), DEFAULT, FREEBSD)
     assert sel.veto_reason() is None
     assert [m.mountpoint for m in sel.targets] == ["/var/db", "/var", "/"]  # inner first, / last
-    assert [d.mount.mountpoint for d in sel.crash_only] == ["/tank", "/tank/db"]
+    assert [d.mount.mountpoint for d in sel.of(Verdict.CRASH_ONLY)] == ["/tank", "/tank/db"]
 
     strict = select_targets(typical_machine(), STRICT, FREEBSD)
     assert strict.veto_reason() == ("/tmp", 'read-write tmpfs filesystem ([check] mode = '
                                     '"strict": only ufs may be mounted read-write, as in the '
                                     "stock daemon)")
-    assert [d.mount.mountpoint for d in strict.vetoes] == ["/tmp", "/tank", "/tank/db", "/proc"]
+    assert [d.mount.mountpoint for d in strict.of(Verdict.VETO)] == \
+        ["/tmp", "/tank", "/tank/db", "/proc"]

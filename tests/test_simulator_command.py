@@ -15,7 +15,7 @@ from agent.config import AgentConfig
 from agent.engine import root
 from agent.errors import StartupError
 from agent.simulator.server import Simulator
-from privileged.config import ChildConfig, FreezeConfig
+from privileged.child_config import ChildConfig, FreezeConfig
 from tests.helpers import PY, REPO, assert_blocked, assert_writable, wait_for, write_config
 from tests.test_cli import one_line_error, run
 

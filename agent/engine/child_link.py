@@ -16,7 +16,6 @@ requests and expects each answer to echo the number.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
@@ -25,13 +24,10 @@ import sys
 import time
 
 import privileged
-from privileged import wire
+from privileged import records, wire
 
 log = logging.getLogger("hv-vss-agent")
 child_log = logging.getLogger("hv-vss-agent.child")
-
-_ANC_SPACE = socket.CMSG_SPACE(4 * 4)
-_RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 class ChildGone(Exception):
@@ -85,17 +81,13 @@ class ChildLink:
 
         LOG records are re-emitted here and returned as well."""
         try:
-            data, anc, flags, _ = self.sock.recvmsg(wire.MAX_RECORD + 1, _ANC_SPACE,
-                                                        _RECV_FLAGS)
+            data, fds = records.receive(self.sock, wire.MAX_RECORD, max_fds=1)
+        except records.RecordError as e:
+            raise ChildGone(f"{e} from the child") from None
         except OSError as e:
             raise ChildGone(f"reading from the child failed: {e.strerror}") from None
-        fds = _passed_fds(anc)
         if not data:
-            _close_all(fds)
             raise ChildGone("the child closed the link")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            _close_all(fds)
-            raise ChildGone("oversized record from the child")
         try:
             msg = wire.decode_child(data)
         except wire.WireError as e:
@@ -183,19 +175,6 @@ def emit_child_log(msg: wire.Log, pid: int) -> None:
     })
     if child_log.isEnabledFor(msg.level):
         child_log.handle(record)
-
-
-def _passed_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    if not _RECV_FLAGS:  # else the kernel made them close-on-exec already
-        for fd in fds:
-            os.set_inheritable(fd, False)
-    return fds
 
 
 def _close_all(fds: list[int]) -> None:

@@ -37,8 +37,7 @@ from agent.frontend import main as frontend
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
 from agent.kernel.transport import Endpoint
 from agent.sandbox import SandboxError, confine_parent, parent_roles
-from privileged.child import pick_freezer
-from privileged.selection import select_targets
+from privileged import wire
 
 log = logging.getLogger("hv-vss-agent")
 
@@ -48,7 +47,7 @@ def run(prep: Prepared) -> int:
     if prep.metrics_fd is not None and cfg.metrics.dir:
         check_metrics_dir(prep.metrics_fd, cfg.metrics.dir, account.uid if account else None,
                           account.gid if account else None,
-                          selected_devices(cfg, account is None))
+                          selected_devices(child.hello, cfg.metrics.dir))
     if prep.engine_end is not None:
         mp_logging.install()
     if account is not None and prep.chroot_fd is not None:
@@ -121,16 +120,18 @@ def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.
     return code
 
 
-def selected_devices(cfg: AgentConfig, in_memory: bool) -> dict[int, str]:
-    """The filesystems the child would freeze now, by device number."""
-    if in_memory:
-        return {}
-    freezer = pick_freezer()
-    devices = {}
-    for m in select_targets(freezer.mounts(), cfg.child, freezer.platform).targets:
+def selected_devices(hello: wire.Hello | None, near: str) -> dict[int, str]:
+    """The filesystems the root child selected, by device number (from its HELLO: the
+    parent never selects), each named by the topmost directory above `near` on it,
+    for the message."""
+    named = {}
+    for dev in hello.devices if hello else ():
+        top = os.path.realpath(near)
         with contextlib.suppress(OSError):
-            devices[os.stat(m.mountpoint).st_dev] = m.mountpoint
-    return devices
+            while top != "/" and os.stat(os.path.dirname(top)).st_dev == dev:
+                top = os.path.dirname(top)
+        named[dev] = top
+    return named
 
 
 class Publisher:

@@ -4,7 +4,7 @@ The frontend is a multiprocessing child (so that multiprocessing-logging can
 carry its records), but nothing crosses this link as a pickle: NOTIFY and
 STATUS go down, DONE comes up, all in agent/protocols/frontend.py's fixed layouts.
 Everything the frontend sends is decoded strictly; a record that does not
-decode, carries descriptors or is truncated means the frontend is not what
+decode, carries descriptors or is truncated (privileged/records.py) means the frontend is not what
 we started, and FrontendGone ends the service.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from agent.engine.service import FrontendGone
 from agent.protocols import frontend as fw
+from privileged import records
 
 log = logging.getLogger("hv-vss-agent")
 
@@ -60,15 +61,13 @@ class FrontendLink:
         out: list[fw.Done] = []
         while True:
             try:
-                # No room for ancillary data: descriptors sent to us are closed by the
-                # kernel and flagged with MSG_CTRUNC.
-                data, _, flags, _ = self.sock.recvmsg(fw.MAX_RECORD + 1)
+                data, _ = records.receive(self.sock, fw.MAX_RECORD)  # no descriptors
             except BlockingIOError:
                 return out
+            except records.RecordError as e:
+                raise FrontendGone(f"the frontend sent {e}") from None
             except OSError as e:
                 raise FrontendGone(f"reading from the frontend failed: {e.strerror}") from None
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise FrontendGone("the frontend sent an oversized record or descriptors")
             if not data:
                 raise FrontendGone("the frontend closed its link")
             try:

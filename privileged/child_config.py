@@ -1,0 +1,322 @@
+"""The root child's part of the configuration file, read by the child itself.
+
+The child reads the same root-owned file as the parent and looks only at the
+sections that decide what root does: [freeze], [check], [watchdog] and
+[state].  A bad value of one of its keys is refused with one line naming the
+key.  The parent validates the whole file before it starts the child
+(privileged/config.py, with tomllib and these same key readers), so an
+operator sees such a mistake once, early, in the same words.
+
+The file is TOML, and this module reads it without tomllib, which would load
+some thirty standard modules (re, datetime, typing ...) into root.  It reads a
+plain subset, everything the agent's own keys need: [table] headers, bare
+keys, true and false, decimal integers and floats, strings in double quotes
+without backslash escapes or in single quotes, and lists of these (over
+several lines if need be); comments and blank lines anywhere.  Anything else
+(dotted or quoted keys, inline tables, multi-line strings, escapes, dates,
+hexadecimal, inf, underscores in numbers) is refused with its line number,
+never read differently: what it accepts, tomllib reads to the same values
+(tests/test_fuzz_parsers.py compares the two), and the parent runs this
+reader too, so a file the child cannot read never gets as far as the child.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from privileged.safe_path import Untrusted, open_trusted
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, NoReturn, TypeVar
+
+    T = TypeVar("T")
+
+CHILD_SECTIONS = ("freeze", "check", "watchdog", "state")
+_MAX_FILE = 1 << 20
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_DIGITS = frozenset("0123456789")
+_NUMBER = _DIGITS | frozenset("+-.eE")
+Value = bool | int | float | str | list["Value"] | dict[str, "Value"]
+
+
+class ConfigError(Exception):
+    """A one-line, user-facing description of what is wrong with the config."""
+
+
+class FreezeConfig:
+    def __init__(self, only: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                 presync: bool = True) -> None:
+        self.only, self.exclude, self.presync = only, exclude, presync
+
+
+class CheckConfig:
+    def __init__(self, mode: str = "default", zfs: str = "ignore") -> None:
+        self.mode, self.zfs = mode, zfs  # "default" | "strict"; "ignore" | "veto"
+
+
+class WatchdogConfig:
+    """max_frozen_seconds bounds each freeze; the frozen-time budget (budget.py) is a bucket
+    of budget_seconds that refills at budget_seconds_per_hour."""
+
+    def __init__(self, max_frozen_seconds: float = 60.0, budget_seconds: float = 120.0,
+                 budget_seconds_per_hour: float = 240.0) -> None:
+        self.max_frozen_seconds, self.budget_seconds = max_frozen_seconds, budget_seconds
+        self.budget_seconds_per_hour = budget_seconds_per_hour
+
+
+class StateConfig:
+    def __init__(self, dir: str = "/run/hv-vss-agent") -> None:
+        self.dir = dir
+
+
+class ChildConfig:
+    def __init__(self, freeze: FreezeConfig | None = None, check: CheckConfig | None = None,
+                 watchdog: WatchdogConfig | None = None, state: StateConfig | None = None
+                 ) -> None:
+        self.freeze, self.check = freeze or FreezeConfig(), check or CheckConfig()
+        self.watchdog, self.state = watchdog or WatchdogConfig(), state or StateConfig()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChildConfig) and _fields(self) == _fields(other)
+
+    def __hash__(self) -> int:
+        return hash(str(_fields(self)))
+
+
+def _fields(c: ChildConfig) -> list[dict[str, object]]:
+    return [vars(c.freeze), vars(c.check), vars(c.watchdog), vars(c.state)]
+
+
+class Table:
+    """One TOML table, read key by key; a key not read is an error (done())."""
+
+    def __init__(self, name: str, raw: object) -> None:
+        if not isinstance(raw, dict | None):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name, self.raw, self.seen = name, raw or {}, set[str]()
+
+    def get(self, key: str, default: T, expected: str, ok: Callable[[Any], bool]) -> T:
+        """The key's value (`default` if absent: TOML has no null), if `ok` takes it."""
+        self.seen.add(key)
+        v = self.raw.get(key)
+        if v is not None and not ok(v):
+            raise ConfigError(f"[{self.name}] {key}: expected {expected}, got {v!r}")
+        return default if v is None else v
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        v = self.get(key, default, "a number", lambda v: isinstance(v, int | float)
+                     and not isinstance(v, bool) and v == v)  # noqa: PLR0124 (not NaN)
+        if not lo <= v <= hi:
+            raise ConfigError(f"[{self.name}] {key}: {v} is outside {lo:g}..{hi:g}")
+        return float(v)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        return self.get(key, default, f"one of {', '.join(choices)}", lambda v: v in choices)
+
+    def path(self, key: str, default: str) -> str:
+        return os.path.normpath(self.get(key, default, "an absolute path", lambda v: isinstance(
+            v, str) and v.startswith("/") and "\0" not in v))
+
+    def strings(self, key: str, absolute: bool = False) -> tuple[str, ...]:
+        v: list[str] = self.get(key, [], "a list of non-empty strings", lambda v: isinstance(
+            v, list) and all(isinstance(s, str) and s and "\0" not in s for s in v))
+        for s in v if absolute else ():
+            if not s.startswith("/"):
+                raise ConfigError(f"[{self.name}] {key}: {s!r} is not an absolute path")
+        return tuple(os.path.normpath(s) if absolute else s for s in v)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            raise ConfigError(f"[{self.name}]: unknown key {unknown[0]!r}")
+
+
+def parse_child_sections(doc: Mapping[str, object]) -> ChildConfig:
+    f = Table("freeze", doc.get("freeze"))
+    freeze = FreezeConfig(f.strings("only", absolute=True), f.strings("exclude"),
+                          f.get("presync", True, "true or false", lambda v: isinstance(v, bool)))
+    c = Table("check", doc.get("check"))
+    check = CheckConfig(c.choice("mode", "default", ("default", "strict")),
+                        c.choice("zfs", "ignore", ("ignore", "veto")))
+    w = Table("watchdog", doc.get("watchdog"))
+    if "cooldown_seconds" in w.raw:
+        raise ConfigError("[watchdog] cooldown_seconds: no longer a setting; the frozen-time "
+                          "budget (budget_seconds, budget_seconds_per_hour) replaces it")
+    most = w.number("max_frozen_seconds", 60.0, 0.1, 3600.0)
+    watchdog = WatchdogConfig(most, w.number("budget_seconds", max(120.0, most), most, 86400.0),
+                              w.number("budget_seconds_per_hour", 240.0, 0.0, 3600.0))
+    s = Table("state", doc.get("state"))
+    state = StateConfig(s.path("dir", "/run/hv-vss-agent"))
+    for table in (f, c, w, s):
+        table.done()
+    return ChildConfig(freeze, check, watchdog, state)
+
+
+def load_child_config(path: str | None) -> ChildConfig:
+    if path is None:
+        return ChildConfig()
+    return parse_child_sections(parse_toml(read_config(path), path))
+
+
+def read_config(path: str) -> str:
+    """The text of a config file that root will act on; refused if others could change it.
+
+    Opened once, checked on that descriptor (and every directory above it), and
+    read from it: nothing can be swapped in between."""
+    if not path.startswith("/"):
+        raise ConfigError(f"config file {path}: not an absolute path")
+    if not os.path.lexists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        fd = open_trusted(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
+    except Untrusted as e:
+        raise ConfigError(f"refusing config file {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        data = b"".join(iter(lambda: os.read(fd, _MAX_FILE), b""))
+        return data.decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8") from None
+    finally:
+        os.close(fd)
+
+
+def parse_toml(text: str, path: str) -> dict[str, Value]:
+    """The document as tomllib reads it, or ConfigError naming the line it cannot read."""
+    try:
+        return _Reader(text.replace("\r\n", "\n")).document()
+    except _Unread as e:
+        raise ConfigError(f"config file {path}, line {e.args[0]}: {e.args[1]} (the agent "
+                          "reads plain TOML: see CONFIGURATION in hv-vss-agent(8))") from None
+
+
+class _Unread(Exception):
+    """(line, what): where the reader stopped, and why."""
+
+
+class _Reader:
+    def __init__(self, text: str) -> None:
+        self.text, self.at = text, 0
+        controls = [i for i, c in enumerate(text) if (c < " " and c not in "\t\n") or c == "\x7f"]
+        if controls:
+            self.at = controls[0]
+            self.fail(f"control character {text[self.at]!r}")
+
+    def fail(self, what: str) -> NoReturn:
+        raise _Unread(self.text.count("\n", 0, self.at) + 1, what)
+
+    def peek(self) -> str:
+        return self.text[self.at:self.at + 1]
+
+    def skip(self, newlines: bool) -> None:
+        """Spaces, tabs and comments; newlines too if `newlines`."""
+        while c := self.peek():
+            if c == "#":
+                end = self.text.find("\n", self.at)
+                self.at = len(self.text) if end < 0 else end
+            elif c in " \t" or (newlines and c == "\n"):
+                self.at += 1
+            else:
+                return
+
+    def expect(self, c: str) -> None:
+        if self.peek() != c:
+            self.fail(f"expected {c!r}")
+        self.at += 1
+
+    def key(self) -> str:
+        start = self.at
+        while self.peek() in _BARE:
+            self.at += 1
+        if self.at == start:
+            self.fail("expected a bare key or table name (letters, digits, _ and -)")
+        return self.text[start:self.at]
+
+    def document(self) -> dict[str, Value]:
+        doc: dict[str, Value] = {}
+        table = doc
+        while True:
+            self.skip(newlines=True)
+            if not self.peek():
+                return doc
+            if self.peek() == "[":
+                self.at += 1
+                self.skip(newlines=False)
+                name = self.key()
+                self.skip(newlines=False)
+                self.expect("]")
+                if name in doc:
+                    self.fail(f"[{name}] appears twice")
+                doc[name] = table = {}
+            else:
+                key = self.key()
+                self.skip(newlines=False)
+                self.expect("=")
+                self.skip(newlines=False)
+                if key in table:
+                    self.fail(f"{key} is set twice")
+                table[key] = self.value()
+            self.skip(newlines=False)
+            if self.peek() not in ("", "\n"):
+                self.fail("expected the end of the line")
+
+    def value(self) -> Value:
+        c = self.peek()
+        if c == "[":
+            self.at += 1
+            items: list[Value] = []
+            while True:
+                self.skip(newlines=True)
+                if self.peek() == "]":
+                    self.at += 1
+                    return items
+                items.append(self.value())
+                self.skip(newlines=True)
+                if self.peek() != "]":
+                    self.expect(",")
+        if c in ("'", '"'):
+            end = self.text.find(c, self.at + 1)
+            s = self.text[self.at + 1:end]
+            if self.text.startswith(c * 3, self.at):
+                self.fail("a multi-line string")
+            if end < 0 or "\n" in s:
+                self.fail("a string without its closing quote")
+            if c == '"' and "\\" in s:
+                self.fail("a backslash in a \"string\" (write it as a 'literal string')")
+            self.at = end + 1
+            return s
+        start = self.at
+        while self.peek() not in ("", " ", "\t", "\n", "#", ",", "]"):
+            self.at += 1
+        word = self.text[start:self.at]
+        number = _number(word)
+        if word in ("true", "false"):
+            return word == "true"
+        if number is not None:
+            return number
+        self.at = start
+        self.fail(f"{word!r} is not a value read here (true, false, a number, a string, "
+                  "a list)" if word else "expected a value")
+
+
+def _number(word: str) -> int | float | None:
+    """A decimal integer or float as TOML writes it (no leading zero, digits on both sides
+    of a point), or None."""
+    digits = word[1:] if word[:1] in ("+", "-") else word
+    if not set(word) <= _NUMBER or digits[:1] not in _DIGITS or (
+            digits[:1] == "0" and digits[1:2] in _DIGITS) or any(
+            digits[i - 1] not in _DIGITS or digits[i + 1:i + 2] not in _DIGITS
+            for i, d in enumerate(digits) if d == "."):
+        return None
+    try:
+        return float(word) if set(word) & {".", "e", "E"} else int(word)
+    except ValueError:
+        return None
