@@ -82,6 +82,7 @@ root = logging.getLogger()
 root.handlers[:] = [Capture()]
 root.setLevel(logging.INFO)
 mp_logging.install()
+mp_logging.start_receivers()
 
 def frontend():
     mp_logging.use_queue()
@@ -96,6 +97,29 @@ while len(seen) < 2 and time.monotonic() < deadline:
     time.sleep(0.01)
 print(repr(seen))
 """
+
+
+HELD = """
+import logging, threading
+from agent import mp_logging
+
+logging.getLogger().handlers[:] = [logging.StreamHandler()]
+before = threading.active_count()
+mp_logging.install()
+held = threading.active_count()
+mp_logging.start_receivers()
+print(before, held, threading.active_count())
+"""
+
+
+def test_install_starts_no_thread_until_told():
+    """Capabilities belong to threads: the receiver thread must not start before the engine
+    has dropped its last one (agent/engine/privdrop.py), so install() holds it back."""
+    out = subprocess.run([sys.executable, "-c", HELD], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, check=True)
+    before, held, started = map(int, out.stdout.split())
+    assert held == before
+    assert started == before + 1
 
 
 def test_only_the_frontend_s_records_take_the_queue():

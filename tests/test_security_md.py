@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from tests.helpers import PY, REPO
 
 with open(os.path.join(REPO, "SECURITY.md"), encoding="utf-8") as _f:
@@ -25,6 +27,7 @@ def test_every_test_named_in_security_md_exists():
     assert missing == []
 
 
+@pytest.mark.timeout(600)  # the parent is started and traced under strace
 def test_root_lines_of_code_are_the_ones_the_tool_counts():
     out = subprocess.run([PY, "-m", "tools.root_loc", "--no-rss"], capture_output=True,
                          text=True, cwd=REPO, check=True).stdout
