@@ -13,10 +13,12 @@ unprivileged account (make test installs them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -78,6 +80,24 @@ def read_trace(text: str, top: str, site: list[str]) -> ParentAsRoot:
     return report
 
 
+def stop_traced(tracer: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the agent strace runs (a signal to strace would only detach it), and wait
+    for the agent and its processes to end: none may outlive the trace."""
+    import psutil
+
+    if tracer is None:
+        return
+    with contextlib.suppress(psutil.Error):
+        agents = psutil.Process(tracer.pid).children()
+        family = [p for a in agents for p in a.children(recursive=True)] + agents
+        for a in agents:
+            a.terminate()
+        _, alive = psutil.wait_procs(family, timeout=15)
+        for p in alive:
+            p.kill()
+    tracer.wait(15)
+
+
 def trace(top: str = TOP, launch: tuple[str, ...] | None = None) -> ParentAsRoot:
     """`launch` in place of the launcher (to see what another way of starting does)."""
     sys.path.insert(0, top)
@@ -97,6 +117,7 @@ def trace(top: str = TOP, launch: tuple[str, ...] | None = None) -> ParentAsRoot
         try:
             agent.start()
         finally:
+            stop_traced(agent.proc)
             agent.stop()
         with open(out, encoding="utf-8", errors="replace") as f:
             return read_trace(f.read(), top, site_packages())
