@@ -16,11 +16,13 @@ the descriptor's mount (its mnt_id in /proc/self/fdinfo, looked up in
 
 Anything else, or anything the guard cannot establish, is EPERM and a line in
 the guard's log.  It reads mountinfo with its own few lines, not with
-privileged/mounts_linux.py: that parser is among what is mutated.  Every process that can freeze imports `privileged` first:
-the root child (`python -I -B -S`, empty environment, so nothing from the
-environment would reach it; the guard is in its code), the daemon, and the
-pytest process.  The guard uses only calls the child's seccomp filter allows
-(openat, read, close, newfstatat).
+privileged/mounts_linux.py: that parser is among what is mutated.
+
+Every process that can freeze imports `privileged` first: the root child
+(`python -I -B -S`, empty environment, so nothing from the environment would
+reach it; the guard is in its code), the daemon, and the pytest process.
+The guard uses only calls the child's seccomp filter allows (openat, read,
+close, newfstatat).
 """
 
 from __future__ import annotations
