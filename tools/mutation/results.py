@@ -60,10 +60,11 @@ def digest(data: bytes) -> str:
 
 
 def file_digests(tree: str, files: Iterable[str]) -> dict[str, str]:
-    """The files that can change a verdict (code, tests, tools, pytest's configuration)."""
+    """The files that can change a verdict: code, tests, tools, pytest's configuration;
+    not the benchmarks, and not this tool (its own tests are in tests/)."""
     out = {}
     for rel in sorted(files):
-        if rel.endswith((".py", ".toml")) and not rel.startswith("bench/"):
+        if rel.endswith((".py", ".toml")) and not rel.startswith(("bench/", "tools/mutation/")):
             with open(os.path.join(tree, rel), "rb") as f:
                 out[rel] = digest(f.read())
     return out

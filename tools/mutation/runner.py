@@ -29,7 +29,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,9 +308,10 @@ class Job:
     context_hash: str
 
 
-def judge(copy: Copy, job: Job, tmap: CoverageMap) -> dict[str, Any]:
+def judge(copy: Copy, job: Job, tmap: CoverageMap,
+          killers: Mapping[str, int] | None = None) -> dict[str, Any]:
     m = job.mutant
-    tests = tmap.tests_for(m)
+    tests = tmap.tests_for(m, killers)
     record: dict[str, Any] = {
         "id": m.id, "path": m.path, "line": m.line, "kind": m.kind,
         "description": m.description, "source_hash": job.source_hash,
@@ -352,6 +354,10 @@ def run_workers(copies: list[Copy], jobs: list[Job], tmap: CoverageMap, results:
     started = time.monotonic()
     lock = threading.Lock()
     stop = threading.Event()
+    killers: dict[str, Counter[str]] = defaultdict(Counter)  # module -> test -> kills
+    for r in results.latest.values():
+        if r.get("killed_by"):
+            killers[r["path"]][r["killed_by"]] += 1
 
     def work(copy: Copy) -> None:
         nonlocal done
@@ -360,11 +366,15 @@ def run_workers(copies: list[Copy], jobs: list[Job], tmap: CoverageMap, results:
                 job = todo.get_nowait()
             except queue.Empty:
                 return
-            record = judge(copy, job, tmap)
+            with lock:
+                ranked = dict(killers[job.mutant.path])
+            record = judge(copy, job, tmap, ranked)
             if stop.is_set():
                 return  # stopped by us, not by its tests: not a verdict
             results.add(record)
             with lock:
+                if record.get("killed_by"):
+                    killers[job.mutant.path][record["killed_by"]] += 1
                 done += 1
                 elapsed = time.monotonic() - started
                 eta = elapsed / done * (len(jobs) - done)

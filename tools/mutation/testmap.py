@@ -18,6 +18,10 @@ against its module's tests instead, to check the map).
     depends on them; and a line seen by no test may still be run by one the
     tracer lost (a process killed between two flushes).
 
+Once a run has killed mutants of a module, the tests that killed the most go
+first for its next mutants: a test that notices one change in a module often
+notices the next.
+
 Not run at all: tests marked slow (the soak test, minutes per run; `--with-slow`
 brings it back), tests that fail on the unmutated copy (listed in the report),
 and EXCLUDED below.  Order, so that a mutant is killed early (pytest -x): first
@@ -32,6 +36,7 @@ import ast
 import json
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tools.mutation.mutants import Mutant
@@ -85,9 +90,10 @@ class CoverageMap:
     def covered(self, m: Mutant) -> bool:
         return any(self.usable(t) for t in self.line_tests(m))
 
-    def tests_for(self, m: Mutant) -> list[str]:
+    def tests_for(self, m: Mutant, killers: Mapping[str, int] | None = None) -> list[str]:
         """The tests to run `m` against; none for a line no test runs (unless
-        run_uncovered: then the module's)."""
+        run_uncovered: then the module's).  `killers`: how many mutants of the module each
+        test has killed so far; the best go first."""
         module = self.module_tests(m.path)
         if not m.at_import and not self.covered(m) and not self.run_uncovered:
             return []
@@ -95,7 +101,10 @@ class CoverageMap:
             chosen = module
         else:  # and those whose lines are incomplete: they failed while traced
             chosen = self.line_tests(m) | {t for t in module if self.tests[t].get("failed")}
-        return self.ordered({t for t in chosen if self.usable(t)}, m.path)
+        ordered = self.ordered({t for t in chosen if self.usable(t)}, m.path)
+        if killers:
+            ordered.sort(key=lambda t: -killers.get(t, 0))  # stable: ties keep their order
+        return ordered
 
     def ordered(self, tests: set[str], module: str) -> list[str]:
         by_file: dict[str, list[str]] = defaultdict(list)
