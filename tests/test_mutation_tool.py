@@ -216,10 +216,12 @@ def test_which_tests_a_mutant_runs_and_in_which_order():
     # its line's tests; the module's own test file first, in pytest's order; no slow, no broken
     assert tmap.tests_for(body) == ["tests/test_sample.py::test_b", "tests/test_sample.py::test_a",
                                     "tests/test_e2e.py::test_one"]
-    # tests that killed the most mutants of the module so far go first
-    assert tmap.tests_for(body, {"tests/test_e2e.py::test_one": 3,
-                                 "tests/test_sample.py::test_a": 1})[:2] == [
-        "tests/test_e2e.py::test_one", "tests/test_sample.py::test_a"]
+    # tests that killed the most mutants of the module so far, per second, go first
+    assert tmap.tests_for(body, {"tests/test_e2e.py::test_one": 3,  # 1.5 a second
+                                 "tests/test_sample.py::test_b": 6,  # 1 a second
+                                 "tests/test_sample.py::test_a": 1})[:3] == [
+        "tests/test_e2e.py::test_one", "tests/test_sample.py::test_b",
+        "tests/test_sample.py::test_a"]
     # at import: every test that ran anything of the module
     assert set(tmap.tests_for(at_import)) == {*tmap.tests_for(body), "tests/test_other.py::test_c"}
     # on a line no test ran: none (it survives), or the module's to check the map

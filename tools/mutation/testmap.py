@@ -18,9 +18,9 @@ against its module's tests instead, to check the map).
     depends on them; and a line seen by no test may still be run by one the
     tracer lost (a process killed between two flushes).
 
-Once a run has killed mutants of a module, the tests that killed the most go
-first for its next mutants: a test that notices one change in a module often
-notices the next.
+Once a run has killed mutants of a module, the tests that killed the most of
+them per second they take go first for its next mutants: a test that notices
+one change in a module often notices the next.
 
 Not run at all: tests marked slow (the soak test, minutes per run; `--with-slow`
 brings it back), tests that fail on the unmutated copy (listed in the report),
@@ -102,8 +102,8 @@ class CoverageMap:
         else:  # and those whose lines are incomplete: they failed while traced
             chosen = self.line_tests(m) | {t for t in module if self.tests[t].get("failed")}
         ordered = self.ordered({t for t in chosen if self.usable(t)}, m.path)
-        if killers:
-            ordered.sort(key=lambda t: -killers.get(t, 0))  # stable: ties keep their order
+        if killers:  # kills per second it takes; stable: the others keep their order
+            ordered.sort(key=lambda t: -killers.get(t, 0) / (1.0 + self.seconds(t)))
         return ordered
 
     def ordered(self, tests: set[str], module: str) -> list[str]:
