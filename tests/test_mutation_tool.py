@@ -23,7 +23,7 @@ from privileged import wire
 from tests.helpers import PY, REPO, assert_writable, write_config
 from tools.mutation import guard
 from tools.mutation.mutants import Mutant, mutants
-from tools.mutation.report import render, table
+from tools.mutation.report import BEGIN, END, complete, render, table, update_section
 from tools.mutation.results import (
     ERROR,
     KILLED,
@@ -190,6 +190,20 @@ def test_report_table_and_survivors():
     text = render(ms, results, equivalents)
     assert "## Survivors (1)" in text
     assert f"pkg/sample.py:{ms[3].line}  {ms[3].kind}  {ms[3].description}  [{ms[3].id}]" in text
+
+
+def test_security_md_table_is_rewritten_between_its_markers_only(tmp_path):
+    path = tmp_path / "SECURITY.md"
+    path.write_text(f"# S\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    assert update_section(str(path), ["| new |", "| table |"])
+    assert path.read_text() == f"# S\n\nbefore\n{BEGIN}\n| new |\n| table |\n{END}\nafter\n"
+    path.write_text("# S\nno markers\n")
+    assert not update_section(str(path), ["| new |"])
+    assert path.read_text() == "# S\nno markers\n"
+    ms = mutants("pkg/sample.py", SAMPLE)[:2]
+    assert not complete(ms, {ms[0].id: record(ms[0], KILLED)}, {})
+    assert complete(ms, {ms[0].id: record(ms[0], KILLED)}, {ms[1].id: "never read"})
+    assert not complete(ms, {m.id: record(m, ERROR) for m in ms}, {})
 
 
 def test_which_tests_a_mutant_runs_and_in_which_order():

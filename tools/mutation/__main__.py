@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     say("")
     say(text)
     say(f"(also in {os.path.join(args.state, 'report.md')})")
+    if not (args.module or args.sample or args.id) \
+            and report.complete(ms, results.latest, equivalents) \
+            and report.update_section(os.path.join(TOP, "SECURITY.md"),
+                                      [f"Tree {commit()}, {time.strftime('%Y-%m-%d')}:", "",
+                                       *report.table(ms, results.latest, equivalents)]):
+        say("SECURITY.md: table rewritten")
     return 0
 
 

@@ -1,5 +1,8 @@
 """The table per module and the list of survivors.
 
+SECURITY.md's table is rewritten by a complete run over the default modules,
+between the two marker lines below, when SECURITY.md has them.
+
 Kill rate = (killed + timed out) / (killed + timed out + survived): a mutant
 that makes a test hang is caught, and equivalent mutants (equivalent.txt) are
 not in it.  Mutants not judged yet (an interrupted run, --sample) are
@@ -15,6 +18,8 @@ from typing import Any
 from tools.mutation.mutants import Mutant
 from tools.mutation.results import EQUIVALENT, ERROR, KILLED, SURVIVED, TIMEOUT
 
+BEGIN = "<!-- written by make mutate (tools/mutation/report.py): do not edit by hand -->"
+END = "<!-- end of what make mutate writes -->"
 COLUMNS = ("module", "mutants", "killed", "timed out", "survived", "equivalent", "not run",
            "kill rate")
 
@@ -80,3 +85,23 @@ def render(mutants: Sequence[Mutant], results: Mapping[str, dict[str, Any]],
     if errs:
         lines += [f"## Not judged: errors ({len(errs)})", "", *(f"- {e}" for e in errs), ""]
     return "\n".join(lines)
+
+
+def complete(mutants: Sequence[Mutant], results: Mapping[str, dict[str, Any]],
+             equivalents: Mapping[str, str]) -> bool:
+    """Every mutant judged (none left to run, none in error)."""
+    return all(verdict_of(m, results, equivalents) not in (None, ERROR) for m in mutants)
+
+
+def update_section(path: str, lines: Sequence[str]) -> bool:
+    """Replace what lies between BEGIN and END in the file at `path` with `lines`; False
+    (and nothing written) if the file does not have both markers."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return False
+    head = text[: start + len(BEGIN)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + "\n" + "\n".join(lines) + "\n" + text[end:])
+    return True
