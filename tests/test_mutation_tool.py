@@ -22,6 +22,7 @@ from agent import child_link
 from privileged import wire
 from tests.helpers import PY, REPO, assert_writable, write_config
 from tools.mutation import guard
+from tools.mutation.__main__ import spread
 from tools.mutation.mutants import Mutant, mutants
 from tools.mutation.report import BEGIN, END, complete, render, table, update_section
 from tools.mutation.results import (
@@ -190,6 +191,15 @@ def test_report_table_and_survivors():
     text = render(ms, results, equivalents)
     assert "## Survivors (1)" in text
     assert f"pkg/sample.py:{ms[3].line}  {ms[3].kind}  {ms[3].description}  [{ms[3].id}]" in text
+
+
+def test_run_order_is_an_even_sample_of_every_module_at_any_point():
+    a = [m for m in mutants("pkg/a.py", SAMPLE)][:8]
+    b = [m for m in mutants("pkg/b.py", SAMPLE)][:3]
+    order = spread(a + b)
+    assert sorted(order, key=id) == sorted(a + b, key=id)
+    assert [m.path for m in order[:6]] == ["pkg/a.py", "pkg/b.py"] * 3  # modules in turn
+    assert [a.index(m) for m in order if m.path == "pkg/a.py"] == [0, 4, 2, 6, 1, 5, 3, 7]
 
 
 def test_security_md_table_is_rewritten_between_its_markers_only(tmp_path):

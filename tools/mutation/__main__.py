@@ -105,6 +105,26 @@ def all_mutants(modules: list[str], sample: int | None, ids: list[str] | None) -
     return out
 
 
+def spread(ms: list[Mutant]) -> list[Mutant]:
+    """The order to run them in: modules in turn, and each module's mutants spread evenly
+    through it (bit-reversed order), so that the report of a run cut short, or still
+    going, is an even sample of every module."""
+    by_module: dict[str, list[Mutant]] = {}
+    for m in ms:
+        by_module.setdefault(m.path, []).append(m)
+    queues = []
+    for group in by_module.values():
+        bits = max(1, (len(group) - 1).bit_length())
+        order = sorted(range(len(group)), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+        queues.append([group[i] for i in order])
+    out: list[Mutant] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 def commit() -> str:
     out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=TOP,
                          capture_output=True, text=True, check=False)
@@ -183,7 +203,7 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
     for module in modules:
         with open(os.path.join(TOP, module), "rb") as f:
             sources[module] = digest(f.read())
-    jobs = [Job(m, sources[m.path], contexts[m.path]) for m in ms
+    jobs = [Job(m, sources[m.path], contexts[m.path]) for m in spread(ms)
             if m.id not in equivalents
             and results.judged(m, sources[m.path], contexts[m.path]) is None]
     say(f"{len(ms)} mutants, {len(ms) - len(jobs)} already judged or equivalent, "

@@ -61,10 +61,11 @@ def digest(data: bytes) -> str:
 
 def file_digests(tree: str, files: Iterable[str]) -> dict[str, str]:
     """The files that can change a verdict: code, tests, tools, pytest's configuration;
-    not the benchmarks, and not this tool (its own tests are in tests/)."""
+    not the benchmarks, and not this tool or its own tests."""
     out = {}
     for rel in sorted(files):
-        if rel.endswith((".py", ".toml")) and not rel.startswith(("bench/", "tools/mutation/")):
+        if rel.endswith((".py", ".toml")) and not rel.startswith(
+                ("bench/", "tools/mutation/", "tests/test_mutation_tool.py")):
             with open(os.path.join(tree, rel), "rb") as f:
                 out[rel] = digest(f.read())
     return out
