@@ -337,9 +337,11 @@ def judge(copy: Copy, job: Job, tmap: CoverageMap,
         record["verdict"] = TIMEOUT
     elif outcome.code == 0:
         record["verdict"] = SURVIVED
-    elif outcome.code in (1, 2, 3):  # tests failed; interrupted (an import error); internal
+    elif outcome.code in (1, 2, 3) or (outcome.code == 4 and failed):
+        # tests failed; interrupted (an import error); internal error; or a test module
+        # that no longer imports (pytest then finds none of its tests: exit 4)
         record.update(verdict=KILLED, killed_by=failed[0] if failed else f"exit {outcome.code}")
-    else:  # 4: usage, 5: no tests collected: the tool's mistake, not the mutant's
+    else:  # 4 otherwise: usage, 5: no tests collected: the tool's mistake, not the mutant's
         record.update(verdict=ERROR, detail=f"pytest exit {outcome.code}: "
                       + " ".join(outcome.output.split()[-30:]))
     return record
