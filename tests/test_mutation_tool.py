@@ -34,6 +34,7 @@ from tools.mutation.results import (
     Results,
     load_equivalents,
 )
+from tools.mutation.runner import Outcome, verdict_of
 from tools.mutation.testmap import CoverageMap, naming_files
 
 SAMPLE = b'''\
@@ -166,6 +167,21 @@ def test_results_say_what_a_rerun_may_skip(tmp_path):
     again.add(record(c, KILLED, context="c2"))
     assert Results(path).latest[c.id]["verdict"] == KILLED  # the latest line wins
     assert Results(path, fresh=True).latest == {}
+
+
+def test_verdict_from_pytest_s_exit():
+    def v(code, out=""):
+        return verdict_of(Outcome(code, out, 1.0))
+
+    assert v(None) == {"verdict": TIMEOUT}
+    assert v(0) == {"verdict": SURVIVED}
+    assert v(1, "FAILED tests/test_a.py::test_x - assert 1 == 2\n") == \
+        {"verdict": KILLED, "killed_by": "tests/test_a.py::test_x"}
+    # a test module that no longer imports: pytest finds none of the ids given (exit 4)
+    assert v(4, "ERROR tests/test_b.py - ConfigError\nERROR: found no collectors for x\n") == \
+        {"verdict": KILLED, "killed_by": "tests/test_b.py"}
+    assert v(4, "ERROR: file or directory not found: tests/test_c.py\n")["verdict"] == ERROR
+    assert v(5)["verdict"] == ERROR
 
 
 def test_equivalent_list(tmp_path):

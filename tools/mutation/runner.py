@@ -332,19 +332,23 @@ def judge(copy: Copy, job: Job, tmap: CoverageMap,
     record["seconds"] = round(outcome.seconds, 1)
     with contextlib.suppress(FileNotFoundError), open(copy.guard_log, encoding="utf-8") as f:
         record["guard"] = f.read().splitlines()[:5]
+    record.update(verdict_of(outcome))
+    return record
+
+
+def verdict_of(outcome: Outcome) -> dict[str, str]:
     failed = _FAILED.findall(outcome.output)
     if outcome.code is None:
-        record["verdict"] = TIMEOUT
-    elif outcome.code == 0:
-        record["verdict"] = SURVIVED
-    elif outcome.code in (1, 2, 3) or (outcome.code == 4 and failed):
+        return {"verdict": TIMEOUT}
+    if outcome.code == 0:
+        return {"verdict": SURVIVED}
+    if outcome.code in (1, 2, 3) or (outcome.code == 4 and failed):
         # tests failed; interrupted (an import error); internal error; or a test module
         # that no longer imports (pytest then finds none of its tests: exit 4)
-        record.update(verdict=KILLED, killed_by=failed[0] if failed else f"exit {outcome.code}")
-    else:  # 4 otherwise: usage, 5: no tests collected: the tool's mistake, not the mutant's
-        record.update(verdict=ERROR, detail=f"pytest exit {outcome.code}: "
-                      + " ".join(outcome.output.split()[-30:]))
-    return record
+        return {"verdict": KILLED, "killed_by": failed[0] if failed else f"exit {outcome.code}"}
+    # 4 otherwise: usage; 5: no tests collected: the tool's mistake, not the mutant's
+    return {"verdict": ERROR,
+            "detail": f"pytest exit {outcome.code}: " + " ".join(outcome.output.split()[-30:])}
 
 
 def run_workers(copies: list[Copy], jobs: list[Job], tmap: CoverageMap, results: Results,
