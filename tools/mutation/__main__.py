@@ -1,6 +1,6 @@
 """`make mutate`: python -m tools.mutation [options].  Linux, as root.
 
-Mutates privileged/, agent/kernel/ and agent/engine.py (or the --module
+Mutates privileged/, agent/kernel/ and agent/engine/machine.py (or the --module
 paths), runs each mutant against the tests that cover it in copies of the
 tree, two at a time, and prints the table per module and the survivors.
 Results are kept in .mutation/results.jsonl: run it again and only mutants
@@ -41,9 +41,9 @@ from tools.mutation.runner import (
     run_workers,
     tree_files,
 )
-from tools.mutation.testmap import EXCLUDED, CoverageMap
+from tools.mutation.testmap import EXCLUDED, IGNORED_FILES, CoverageMap
 
-DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine.py")
+DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine/machine.py")
 
 
 def say(text: str) -> None:
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.report else "") + "."]
     if tmap is not None and tmap.broken:
         notes.append("Not run, failing on the unmutated copy: " + ", ".join(sorted(tmap.broken)))
-    notes.append("Not run, by design: " + "; ".join(f"{t} ({why})" for t, why in EXCLUDED.items())
+    notes.append("Not run, by design: " + "; ".join(f"{t} ({why})" for t, why in
+                                                    [*IGNORED_FILES.items(), *EXCLUDED.items()])
                  + ("" if args.with_slow else "; tests marked slow"))
     if stale:
         notes.append(f"{EQUIVALENT_FILE} names {len(stale)} mutant(s) that no longer exist: "
@@ -219,8 +220,10 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
             copy = Copy(os.path.join(base, f"w{i}")).create(files, modules)
             check_copy(copy)
             copies.append(copy)
-        tmap = coverage_map(args, base, files, modules, tree=tree_hash(digests),
-                            plain=copies[0])
+        # Traced: every default module whatever is mutated now, so that one map serves
+        # runs of any of them.
+        traced = list(dict.fromkeys([*select_modules(list(DEFAULT_MODULES)), *modules]))
+        tmap = coverage_map(args, base, files, traced, digests=digests, plain=copies[0])
         say(f"running {len(jobs)} mutants with {len(copies)} workers in {base}")
         run_workers(copies, jobs, tmap, results, say)
         return tmap
@@ -232,18 +235,37 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
         shutil.rmtree(base, ignore_errors=True)
 
 
+def is_test_file(rel: str) -> bool:
+    return rel.startswith("tests/test_") and rel.endswith(".py")
+
+
 def coverage_map(args: argparse.Namespace, base: str, files: list[str], modules: list[str], *,
-                 tree: str, plain: Copy) -> CoverageMap:
-    """The stored map if the tree is the same as when it was made, else a new one."""
-    key = digest(f"{tree} {modules} {args.with_slow}".encode())
+                 digests: dict[str, str], plain: Copy) -> CoverageMap:
+    """The stored map, brought up to date: made again whole when anything but a test file
+    changed since it was made; else only the test files added or changed are traced again
+    (a test written to kill a survivor costs its own file's run, not the suite's)."""
+    key = digest(f"{tree_hash({r: d for r, d in digests.items() if not is_test_file(r)})} "
+                 f"{modules} {args.with_slow}".encode())
+    tests = {r: d for r, d in digests.items() if is_test_file(r)}
     path = os.path.join(args.state, "coverage.json")
     tmap = CoverageMap.load(path, key)
-    if tmap is not None:
-        say(f"coverage map: {path} (made for this tree)")
-    else:
+    if tmap is None:
         tmap = coverage_run(base, files, modules, with_slow=args.with_slow, plain=plain,
                             say=say)
-        tmap.save(path, key)
+    else:
+        stale = sorted(f for f in set(tests) | set(tmap.files)
+                       if tmap.files.get(f) != tests.get(f) and f not in IGNORED_FILES)
+        if stale:
+            tmap.drop_files(stale)
+            again = [f for f in stale if f in tests]
+            if again:
+                say(f"coverage map: {path}; {len(again)} test file(s) changed, tracing them")
+                tmap.merge(coverage_run(base, files, modules, with_slow=args.with_slow,
+                                        plain=plain, say=say, only=again))
+        else:
+            say(f"coverage map: {path} (made for this tree)")
+    tmap.files = tests
+    tmap.save(path, key)
     tmap.with_slow, tmap.run_uncovered = args.with_slow, args.run_uncovered
     return tmap
 

@@ -37,11 +37,12 @@ from typing import Any
 from tools.mutation import guard, tracer
 from tools.mutation.mutants import Mutant
 from tools.mutation.results import ERROR, KILLED, SURVIVED, TIMEOUT, Results
-from tools.mutation.testmap import CoverageMap
+from tools.mutation.testmap import IGNORED_FILES, CoverageMap
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FITHAW = 0xC0045878
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+_REFUSED = re.compile(r"mutation guard refused FIFREEZE: [^)\n]*")
 
 
 class RunError(Exception):
@@ -238,7 +239,7 @@ def _unescape(field: str) -> str:
 def undo_scratch(scratch: str) -> None:
     """Thaw and unmount every filesystem under `scratch`, detach the loop devices backed
     there, remove the files; nothing outside `scratch` is touched."""
-    from agent import scratch as scratch_fs
+    from agent.dev import scratch as scratch_fs
 
     for point in _mounts_under(scratch):
         with contextlib.suppress(OSError):
@@ -265,16 +266,19 @@ def undo_scratch(scratch: str) -> None:
 
 
 def coverage_run(base: str, files: list[str], modules: list[str], *, with_slow: bool,
-                 plain: Copy, say: Callable[[str], None]) -> CoverageMap:
-    """The whole suite once, traced, in a copy of its own; then the tests that failed are
-    run again untraced in `plain` (a worker's copy, not mutated yet): those that still
-    fail are not used."""
+                 plain: Copy, say: Callable[[str], None],
+                 only: list[str] | None = None) -> CoverageMap:
+    """The whole suite (or the test files `only`) once, traced, in a copy of its own; then
+    the tests that failed are run again untraced in `plain` (a worker's copy, not mutated
+    yet): those that still fail are not used."""
     copy = Copy(os.path.join(base, "c")).create(files, modules)
     out = os.path.join(copy.root, "trace")
     tracer.install(copy.tree, modules, out)
     check_copy(copy)
-    say(f"coverage run: the whole suite, traced, in {copy.tree} (progress below)")
-    args = ["-q", "-p", "tools.mutation.trace_plugin", "-o", "addopts="]
+    say(f"coverage run: {'the whole suite' if only is None else ' '.join(only)}, traced, "
+        f"in {copy.tree} (progress below)")
+    args = ["-q", "-p", "tools.mutation.trace_plugin", "-o", "addopts=", *(only or []),
+            *(f"--ignore={f}" for f in IGNORED_FILES)]
     if not with_slow:
         args += ["-m", "not slow"]
     result = pytest(copy, args, budget=4 * 3600, stdout=None)
@@ -330,8 +334,14 @@ def judge(copy: Copy, job: Job, tmap: CoverageMap,
     finally:
         copy.restore(m)
     record["seconds"] = round(outcome.seconds, 1)
+    refused: list[str] = []
     with contextlib.suppress(FileNotFoundError), open(copy.guard_log, encoding="utf-8") as f:
-        record["guard"] = f.read().splitlines()[:5]
+        refused = f.read().splitlines()
+    # The root child cannot write the guard's log (Landlock, its filter): its refusals
+    # show in its own log lines, in pytest's output when a test fails.
+    refused += sorted(set(_REFUSED.findall(outcome.output)))
+    if refused:
+        record["guard"] = refused[:5]
     record.update(verdict_of(outcome))
     return record
 

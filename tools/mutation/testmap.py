@@ -49,6 +49,12 @@ EXCLUDED = {
     "tests/test_attack_child.py::test_enough_frames_were_thrown":
         "counts the frames the module's other tests threw: fails when run without them",
 }
+# Test files never run by a mutation run (not even traced).
+IGNORED_FILES = {
+    "tests/test_mutation_tool.py": "the tool's own tests",
+    "tests/test_systemd_container.py":
+        "installs the tree into a container and boots it: minutes, its processes untraced",
+}
 SLOW_MARKERS = frozenset({"slow"})
 
 
@@ -58,6 +64,7 @@ class CoverageMap:
     tests: dict[str, dict[str, object]]  # test -> order, seconds, failed, markers
     direct: dict[str, set[str]]  # module -> test files that name it
     broken: dict[str, str] = field(default_factory=dict)  # test -> why it is not run
+    files: dict[str, str] = field(default_factory=dict)  # test file -> digest when traced
     with_slow: bool = False
     run_uncovered: bool = False
 
@@ -134,10 +141,35 @@ class CoverageMap:
         """Seconds a mutant may take before it counts as timed out."""
         return 60.0 + 3.0 * sum(self.seconds(t) for t in tests)
 
+    # --- kept up to date -----------------------------------------------------------------
+
+    def drop_files(self, files: list[str]) -> None:
+        """Forget what the tests of `files` ran (they changed, or are gone)."""
+        gone = set(files)
+
+        def kept(test: str) -> bool:
+            return test.split("::", maxsplit=1)[0] not in gone
+
+        self.tests = {t: v for t, v in self.tests.items() if kept(t)}
+        self.broken = {t: v for t, v in self.broken.items() if kept(t)}
+        self.lines = {m: {n: {t for t in ts if kept(t)} for n, ts in v.items()}
+                      for m, v in self.lines.items()}
+        self.files = {f: d for f, d in self.files.items() if f not in gone}
+
+    def merge(self, other: CoverageMap) -> None:
+        """Add what a run of some test files found (their tests are not in this map)."""
+        self.tests.update(other.tests)
+        self.broken.update(other.broken)
+        for module, by_line in other.lines.items():
+            mine = self.lines.setdefault(module, {})
+            for n, ts in by_line.items():
+                mine.setdefault(n, set()).update(ts)
+        self.direct = other.direct  # made from the test files as they are now
+
     # --- stored -------------------------------------------------------------------------
 
     def save(self, path: str, key: str) -> None:
-        data = {"key": key, "tests": self.tests,
+        data = {"key": key, "tests": self.tests, "files": self.files,
                 "direct": {m: sorted(v) for m, v in self.direct.items()},
                 "broken": self.broken,
                 "lines": {m: {str(n): sorted(t) for n, t in v.items()}
@@ -159,7 +191,7 @@ class CoverageMap:
             return None
         lines = {m: {int(n): set(t) for n, t in v.items()} for m, v in data["lines"].items()}
         return cls(lines, data["tests"], {m: set(v) for m, v in data["direct"].items()},
-                   dict(data.get("broken", {})))
+                   dict(data.get("broken", {})), dict(data.get("files", {})))
 
 
 def naming_files(tree: str, modules: list[str]) -> dict[str, set[str]]:
