@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tools.mutation import report
 from tools.mutation.mutants import Mutant, mutants
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--id", action="append", metavar="ID", help="only this mutant (repeatable)")
     p.add_argument("--sample", type=int, metavar="N",
                    help="only N mutants per module, evenly spaced through it")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="default 2")
+    p.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="default 2")
     p.add_argument("--state", default=os.path.join(TOP, ".mutation"), metavar="DIR",
                    help="results, coverage map and report (default .mutation/)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results")
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         equivalents = load_equivalents()
     except EquivalentListError as e:
         fail(str(e))
-    known = {m.id for m in mutants_of_all(modules)}
-    stale = sorted(set(equivalents) - known)
+    everything = list(dict.fromkeys([*select_modules(list(DEFAULT_MODULES)), *modules]))
+    stale = sorted(set(equivalents) - {m.id for m in mutants_of_all(everything)})
     if args.list:
         for m in ms:
             mark = "  (equivalent)" if m.id in equivalents else ""
@@ -170,19 +170,42 @@ def main(argv: list[str] | None = None) -> int:
     if guarded:
         notes.append(f"The freeze guard refused a FIFREEZE for {len(guarded)} mutant(s), "
                      f"e.g. {guarded[0]['guard'][0]}")
-    text = report.render(ms, results.latest, equivalents, notes)
+    valid = current_results(results, everything)
+    text = report.render(ms, valid, equivalents, notes)
     with open(os.path.join(args.state, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
     say("")
     say(text)
     say(f"(also in {os.path.join(args.state, 'report.md')})")
-    if not (args.module or args.sample or args.id) \
-            and report.complete(ms, results.latest, equivalents) \
-            and report.update_section(os.path.join(TOP, "SECURITY.md"),
-                                      [f"Tree {commit()}, {time.strftime('%Y-%m-%d')}:", "",
-                                       *report.table(ms, results.latest, equivalents)]):
-        say("SECURITY.md: table rewritten")
+    if not (args.module or args.id):
+        write_security_md(everything, valid, equivalents)
     return 0
+
+
+def current_results(results: Results, modules: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest verdict of each mutant whose module is still as it was when judged."""
+    hashes = {}
+    for module in modules:
+        with open(os.path.join(TOP, module), "rb") as f:
+            hashes[module] = digest(f.read())
+    return {i: r for i, r in results.latest.items()
+            if r.get("path") in hashes and r.get("source_hash") == hashes[r["path"]]}
+
+
+def write_security_md(modules: list[str], valid: dict[str, dict[str, Any]],
+                      equivalents: dict[str, str]) -> None:
+    """SECURITY.md's table: every mutant of the default modules, judged or not yet."""
+    every = mutants_of_all(modules)
+    judged = sum(1 for m in every if report.verdict_of(m, valid, equivalents) is not None)
+    if report.complete(every, valid, equivalents):
+        head = f"Tree {commit()}, {time.strftime('%Y-%m-%d')}: every mutant judged."
+    else:
+        head = (f"Tree {commit()}, {time.strftime('%Y-%m-%d')}: {judged} of {len(every)} "
+                "mutants judged so far; the kill rate is over those judged, \"not run\" "
+                "counts the rest.")
+    if report.update_section(os.path.join(TOP, "SECURITY.md"),
+                             [head, "", *report.table(every, valid, equivalents)]):
+        say("SECURITY.md: table rewritten")
 
 
 def mutants_of_all(modules: list[str]) -> list[Mutant]:
