@@ -185,3 +185,36 @@ def test_in_time_freebsd_freeze_stays_frozen():
     eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)
     acts = eng.on_child_result(result(Op.FREEZE), 1.0)
     assert replies(acts) == [True] and asks(acts) == [] and eng.frozen
+
+
+def test_a_session_s_counters_events_and_history_add_up():
+    """What status and metrics report: every request counted once, each reply as ok or
+    failed (the two add up to the requests), the engine's own transactions apart."""
+    eng = E.Engine("linux")
+    watchdog = wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2)
+    steps = [
+        (lw.VSS_OP_HOT_BACKUP, Op.CHECK, Status.OK),
+        (lw.VSS_OP_HOT_BACKUP, Op.CHECK, Status.REFUSED),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.OK),
+        (lw.VSS_OP_THAW, Op.THAW, Status.OK),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.FAILED),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.OK),
+    ]
+    for i, (code, op, status) in enumerate(steps):
+        assert asks(eng.on_kernel(kreq(code), float(i))) == [op]
+        assert replies(eng.on_child_result(result(op, status), i + 0.1)) == [status is Status.OK]
+    assert asks(eng.on_auto_thaw(watchdog, 65.0)) == [Op.THAW]  # the resync
+    assert replies(eng.on_child_result(result(Op.THAW, count=0), 65.1)) == []
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 66.0)) == [False]
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_BU_COMPLETE), 67.0)) == [True]
+    assert eng.on_kernel_lost(68.0) == [E.Reopen()]
+    assert dict(eng.counters) == {
+        "requests_check": 2, "requests_freeze": 3, "requests_thaw": 2, "requests_other": 1,
+        "replies_ok": 5, "replies_failed": 3,
+        "freezes": 2, "freeze_failures": 1, "auto_thaws": 1, "resyncs": 1,
+        "kernel_reconnects": 1, "events_watchdog": 1, "events_kernel": 1}
+    assert [e["kind"] for e in eng.events] == ["watchdog", "kernel"]
+    assert [(t.kind.value, t.result) for t in eng.history] == [
+        ("check", "ok"), ("check", "failed"), ("freeze", "ok"), ("thaw", "ok"),
+        ("freeze", "failed"), ("freeze", "ok"), ("resync", "ok"), ("thaw", "failed"),
+        ("other", "ok")]

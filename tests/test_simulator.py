@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import socket
 import struct
@@ -393,6 +394,22 @@ def test_agent_transport_reads_a_request_only_when_it_asks(sock_path):
         ch.reply(req, True)
         assert sim.wait(check, 5).status == host.HV_S_OK
         ch.close()
+
+
+@pytest.mark.parametrize(("sent", "says"), [
+    (None, "the simulator closed the connection"),  # it hung up before open(2)'s result
+    (b"\0\0", "the simulator closed the connection"),  # not open(2)'s result
+    (struct.pack("<i", errno.EACCES), os.strerror(errno.EACCES)),
+])
+def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs:
+        if sent is None:
+            theirs.shutdown(socket.SHUT_RDWR)
+        else:
+            theirs.send(sent)
+        with pytest.raises(OSError, match=re.escape(says)):
+            attach(ours.detach(), "linux", timeout=5)
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
