@@ -2,8 +2,9 @@
 
 These tests speak to the child through its socket only, with the numbers and layouts the
 protocol documents (in privileged/, where the records are declared) spelled out here, not
-taken from the code under test: a request is `<BBHI` (version 1, op, 0, seq), an answer `<BBBBIHHI200s`
-(version, kind 0x81, op, status, seq, errno, count, elapsed_us, mount).  Status 0 is OK,
+taken from the code under test: a request is `<BBHI` (version 1, op, 0, seq), an answer
+`<BBBBIHHI200s` (version, kind 0x81, op, status, seq, errno, count, elapsed_us, mount).
+Status 0 is OK,
 1 FAILED, 2 REFUSED: were FAILED to become 0, the parent would tell the host that a
 failed FREEZE succeeded.  The child decides what to freeze and in which order from its
 config and the mount table; the order is what its FREEZE answer lists, and where the
