@@ -218,3 +218,14 @@ def test_a_session_s_counters_events_and_history_add_up():
         ("check", "ok"), ("check", "failed"), ("freeze", "ok"), ("thaw", "ok"),
         ("freeze", "failed"), ("freeze", "ok"), ("resync", "ok"), ("thaw", "failed"),
         ("other", "ok")]
+
+
+@pytest.mark.parametrize(("reason", "kind"), [(wire.Reason.WATCHDOG, "watchdog"),
+                                              (wire.Reason.SIGNAL, "signal")])
+def test_an_auto_thaw_is_an_event_named_for_its_reason(eng, reason, kind):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, reason, 2), 1.0)
+    assert [(e["kind"], e["detail"]) for e in eng.events] == [
+        (kind, "the child thawed 2 filesystem(s) by itself")]
+    assert eng.counters[f"events_{kind}"] == 1

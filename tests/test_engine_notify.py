@@ -48,12 +48,13 @@ def test_other_failures_follow_the_policy(outcome, caplog):
     assert E.Notify("thaw", 1, 12.1) in actions  # those that quiesced resume
     assert not any(isinstance(a, E.AskChild) for a in actions)
     assert f"db (uid 101, pid 4242): {outcome.label} on FREEZE (why): failing it" in caplog.text
+    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (1, 0)
 
     e = engine("skip")
     e.on_kernel(FREEZE, 0.0)
     actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
     assert actions[:2] == [E.HoldLogs(), E.AskChild(wire.Op.FREEZE)]
-    assert e.counters["subscribers_skipped"] == 1
+    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (0, 1)
     assert "going on without it ([notify] policy = skip)" in caplog.text
 
 

@@ -21,7 +21,13 @@ import pytest
 
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
-from agent.kernel.transport import KernelChannel, KernelLost, attach
+from agent.kernel.transport import (
+    DeviceEndpoint,
+    IoctlEndpoint,
+    KernelChannel,
+    KernelLost,
+    attach,
+)
 from agent.simulator import host, wire
 from agent.simulator.freebsd_driver import NOTHING_PENDING
 from agent.simulator.server import Simulator
@@ -410,6 +416,34 @@ def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
             theirs.send(sent)
         with pytest.raises(OSError, match=re.escape(says)):
             attach(ours.detach(), "linux", timeout=5)
+
+
+def test_the_device_endpoint_speaks_one_record_per_read_and_write():
+    """The Linux device's side of the transport (never run here against /dev/vmbus/hv_vss):
+    read(2) and write(2) of whole records on one descriptor, as a SEQPACKET socket keeps
+    them; a descriptor that is not a socket is the device, for either protocol."""
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(DeviceEndpoint(device.detach()), "linux")
+    with kernel:
+        kernel.send(struct.pack("<I", lw.VSS_OP_REGISTER1))
+        assert ch.register() == lw.VSS_OP_REGISTER1
+        assert kernel.recv(256) == lw.encode_register()
+        request = bytes([lw.VSS_OP_FREEZE]) + bytes(range(1, 12))
+        kernel.send(request)
+        req = ch.read_request()
+        assert req is not None and req.raw == request
+        ch.reply(req, False)
+        assert kernel.recv(256) == struct.pack("<I", lw.HV_E_FAIL) + request[4:]
+    with pytest.raises(KernelLost, match="the device was closed"):
+        ch.read_request()
+    ch.close()
+    r, w = os.pipe()
+    try:
+        assert type(attach(r, "linux")) is DeviceEndpoint
+        assert type(attach(w, "freebsd")) is IoctlEndpoint
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
