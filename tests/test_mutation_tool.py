@@ -277,6 +277,33 @@ def test_which_tests_a_mutant_runs_and_in_which_order():
     assert "tests/test_other.py::test_c" in tmap.tests_for(body)
 
 
+def test_a_changed_test_file_replaces_only_its_own_tests_in_the_map(tmp_path):
+    def info(i: int) -> dict[str, object]:
+        return {"order": i, "seconds": 1.0, "failed": False, "markers": []}
+
+    old = CoverageMap.build({("tests/test_a.py::t1", "m.py", 3), ("tests/test_b.py::t2", "m.py", 3),
+                             ("tests/test_b.py::t2", "m.py", 4)},
+                            {"tests/test_a.py::t1": info(0), "tests/test_b.py::t2": info(1)},
+                            str(tmp_path), ["m.py"])
+    old.files = {"tests/test_a.py": "a1", "tests/test_b.py": "b1"}
+    old.broken = {"tests/test_b.py::t2": "fails unmutated"}
+    old.drop_files(["tests/test_b.py"])
+    assert old.lines == {"m.py": {3: {"tests/test_a.py::t1"}, 4: set()}}
+    assert set(old.tests) == {"tests/test_a.py::t1"} and old.broken == {}
+    assert old.files == {"tests/test_a.py": "a1"}
+    new = CoverageMap.build({("tests/test_b.py::t3", "m.py", 5)},
+                            {"tests/test_b.py::t3": info(0)}, str(tmp_path), ["m.py"])
+    old.merge(new)
+    assert old.lines == {"m.py": {3: {"tests/test_a.py::t1"}, 4: set(),
+                                  5: {"tests/test_b.py::t3"}}}
+    assert set(old.tests) == {"tests/test_a.py::t1", "tests/test_b.py::t3"}
+    path = str(tmp_path / "map.json")
+    old.save(path, "k")
+    again = CoverageMap.load(path, "k")
+    assert again is not None and again.lines == old.lines and again.files == old.files
+    assert CoverageMap.load(path, "another tree") is None
+
+
 def test_unit_tests_of_a_module_are_the_files_that_import_it(tmp_path):
     (tmp_path / "tests").mkdir()
     for name, text in {"test_a.py": "from privileged.wire import Op\n",
