@@ -26,6 +26,7 @@ from agent.kernel.transport import (
     IoctlEndpoint,
     KernelChannel,
     KernelLost,
+    SocketEndpoint,
     attach,
 )
 from agent.simulator import host, wire
@@ -444,6 +445,19 @@ def test_the_device_endpoint_speaks_one_record_per_read_and_write():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_short_write_to_the_simulated_device_is_an_error():
+    """write(2) on the device returning less than the record: the channel is lost."""
+    ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    with sim:
+        sim.send(wire.encode(wire.Result(lw.MSG_SIZE - 1)))  # queued: the call's answer
+        with pytest.raises(KernelLost, match=r"^write failed: short write$"):
+            ch.reply(lw.decode_request(bytes(12)), True)
+        call = wire.decode_request(sim.recv(wire.MAX_RECORD))
+        assert isinstance(call, wire.Write) and len(call.data) == lw.MSG_SIZE
+    ch.close()
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
