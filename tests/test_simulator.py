@@ -407,16 +407,22 @@ def test_agent_transport_reads_a_request_only_when_it_asks(sock_path):
     (None, "the simulator closed the connection"),  # it hung up before open(2)'s result
     (b"\0\0", "the simulator closed the connection"),  # not open(2)'s result
     (struct.pack("<i", errno.EACCES), os.strerror(errno.EACCES)),
+    (b"", "the simulator did not answer the open"),  # nothing at all, in time
 ])
 def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
+    """And closes the descriptor it was given when it refuses it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with theirs:
         if sent is None:
             theirs.shutdown(socket.SHUT_RDWR)
-        else:
+        elif sent:
             theirs.send(sent)
+        fd = ours.detach()
         with pytest.raises(OSError, match=re.escape(says)):
-            attach(ours.detach(), "linux", timeout=5)
+            attach(fd, "linux", timeout=0.2 if not sent else 5)
+        with pytest.raises(OSError) as closed:
+            os.fstat(fd)
+        assert closed.value.errno == errno.EBADF
 
 
 def test_the_device_endpoint_speaks_one_record_per_read_and_write():
