@@ -350,6 +350,12 @@ for path in sys.argv[2:]:
         print(path, "froze")
     except PermissionError as e:
         print(path, "refused", e)
+    try:
+        fcntl.ioctl(fd, 0xC0045878, 0)  # FITHAW of what is not frozen: EINVAL, if let through
+    except PermissionError as e:
+        print(path, "refused", e)
+    except OSError as e:
+        print(path, "thaw let through:", e.strerror)
 """
 
 
@@ -365,9 +371,11 @@ def test_guard_refuses_a_freeze_outside_the_run_s_scratch_directory(workdir, mak
                          check=True, env={})
     lines = out.stdout.splitlines()
     assert lines[0] == "/ True"
-    assert lines[1] == f"{inside.mountpoint} froze"
-    assert lines[2].startswith(f"{outside.mountpoint} refused")
-    assert f"{outside.mountpoint} is outside {workdir}/allowed" in lines[2]
+    assert lines[1:3] == [f"{inside.mountpoint} froze",
+                          f"{inside.mountpoint} thaw let through: Invalid argument"]
+    assert lines[3].startswith(f"{outside.mountpoint} refused")
+    assert f"FIFREEZE: {outside.mountpoint} is outside {workdir}/allowed" in lines[3]
+    assert f"FITHAW: {outside.mountpoint} is outside {workdir}/allowed" in lines[4]
     assert_writable(outside.mountpoint, 5)
     with open(os.path.join(top, "guard.log"), encoding="utf-8") as f:
         assert "refused FIFREEZE" in f.read()

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      + ", ".join(stale))
     guarded = [r for r in results.latest.values() if r.get("guard")]
     if guarded:
-        notes.append(f"The freeze guard refused a FIFREEZE for {len(guarded)} mutant(s), "
+        notes.append(f"The freeze guard refused a FIFREEZE or FITHAW for {len(guarded)} mutant(s), "
                      f"e.g. {guarded[0]['guard'][0]}")
     valid = current_results(results, everything)
     text = report.render(ms, valid, equivalents, notes)

@@ -2,12 +2,13 @@
 
 A mutant may select the wrong filesystems (ignore `[freeze] only`, flip a
 veto, turn FITHAW's number into FIFREEZE's); freezing / or a filesystem
-another process made would hang this machine.  So each copy's `privileged`
-and `agent` packages import a module, written by us after mutating and not
-itself mutated, that wraps fcntl.ioctl in that process: FIFREEZE
-(0xC0045877, spelled here, not taken from the mutated code) passes only when
-the descriptor's mount (its mnt_id in /proc/self/fdinfo, looked up in
-/proc/self/mountinfo) is
+another process made would hang this machine, and thawing one would break
+whoever froze it (another run's tests).  So each copy's `privileged` and
+`agent` packages import a module, written by us after mutating and not
+itself mutated, that wraps fcntl.ioctl in that process: FIFREEZE and FITHAW
+(0xC0045877, 0xC0045878, spelled here, not taken from the mutated code) pass
+only when the descriptor's mount (its mnt_id in /proc/self/fdinfo, looked up
+in /proc/self/mountinfo) is
 
   - on a loop or zram block device (major 7, or zram's major in /proc/devices),
   - not the root filesystem's device, and
@@ -41,6 +42,8 @@ import os as _os
 ALLOWED = {allowed!r}
 LOG = {log!r}
 FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+NAMES = {{FIFREEZE: "FIFREEZE", FITHAW: "FITHAW"}}
 LOOP_MAJOR = 7
 
 
@@ -128,12 +131,13 @@ def _install():
     real = _fcntl.ioctl
 
     def ioctl(fd, request, *args):
-        if (request & 0xFFFFFFFF) == FIFREEZE:
+        name = NAMES.get(request & 0xFFFFFFFF)
+        if name is not None:
             number = fd if isinstance(fd, int) else fd.fileno()
             why = refusal(number)
             if why is not None:
-                _note("refused FIFREEZE: " + why)
-                raise OSError(_errno.EPERM, "mutation guard refused FIFREEZE: " + why)
+                _note("refused %s: %s" % (name, why))
+                raise OSError(_errno.EPERM, "mutation guard refused %s: %s" % (name, why))
         return real(fd, request, *args)
 
     _fcntl.ioctl = ioctl

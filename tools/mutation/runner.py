@@ -42,7 +42,7 @@ from tools.mutation.testmap import IGNORED_FILES, CoverageMap
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FITHAW = 0xC0045878
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
-_REFUSED = re.compile(r"mutation guard refused FIFREEZE: [^)\n]*")
+_REFUSED = re.compile(r"mutation guard refused FI(?:FREEZE|THAW): [^)\n]*")
 
 
 class RunError(Exception):
