@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from agent.engine import machine as E
@@ -229,3 +232,24 @@ def test_an_auto_thaw_is_an_event_named_for_its_reason(eng, reason, kind):
     assert [(e["kind"], e["detail"]) for e in eng.events] == [
         (kind, "the child thawed 2 filesystem(s) by itself")]
     assert eng.counters[f"events_{kind}"] == 1
+
+
+def test_a_freeze_the_budget_refuses_is_an_event_and_a_failure(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    refused = wire.Result(Op.FREEZE, Status.REFUSED, 1, errno.EAGAIN)
+    acts = eng.on_child_result(refused, 0.1)
+    assert replies(acts) == [False] and any(isinstance(a, E.ReleaseLogs) for a in acts)
+    assert [e["kind"] for e in eng.events] == ["budget"]
+    assert eng.counters["freeze_failures"] == 1
+    # refused for another reason (a veto): a failure, not the budget's event
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 1.0)
+    eng.on_child_result(wire.Result(Op.FREEZE, Status.REFUSED, 2, errno.EPERM, 0, 0, "/x"), 1.1)
+    assert [e["kind"] for e in eng.events] == ["budget"]
+    assert eng.history[-1].detail == f"FREEZE refused on /x: {os.strerror(errno.EPERM)}"
+
+
+def test_a_transaction_reports_its_timings_to_the_microsecond(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    eng.on_child_result(result(Op.CHECK), 1.1234567)
+    seconds = eng.history[-1].as_dict()["seconds"]
+    assert seconds == {"check": 0.123457, "total": 0.123457}

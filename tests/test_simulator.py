@@ -443,7 +443,11 @@ def test_the_device_endpoint_speaks_one_record_per_read_and_write():
         assert kernel.recv(256) == struct.pack("<I", lw.HV_E_FAIL) + request[4:]
     with pytest.raises(KernelLost, match="the device was closed"):
         ch.read_request()
+    fd = ch.fileno()
     ch.close()
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
     r, w = os.pipe()
     try:
         assert type(attach(r, "linux")) is DeviceEndpoint
@@ -464,6 +468,25 @@ def test_a_short_write_to_the_simulated_device_is_an_error():
         call = wire.decode_request(sim.recv(wire.MAX_RECORD))
         assert isinstance(call, wire.Write) and len(call.data) == lw.MSG_SIZE
     ch.close()
+
+
+def test_a_simulator_that_hangs_up_mid_call_is_a_lost_channel():
+    """The simulator closes its side while the agent waits for a call's result: a write
+    fails with EPIPE, a read finds the device closed."""
+    for call in ("write", "read"):
+        ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+        with sim:
+            sim.shutdown(socket.SHUT_WR)  # it still takes the call, and answers nothing
+            if call == "write":
+                with pytest.raises(KernelLost, match=r"^write failed: the simulator closed"):
+                    ch.reply(lw.decode_request(bytes(12)), True)
+            else:
+                with pytest.raises(KernelLost, match=r"^the device was closed$"):
+                    ch.read_request()
+            assert isinstance(wire.decode_request(sim.recv(wire.MAX_RECORD)),
+                              wire.Write if call == "write" else wire.Read)
+        ch.close()
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
