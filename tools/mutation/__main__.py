@@ -13,6 +13,7 @@ import argparse
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,9 @@ from tools.mutation.runner import (
 )
 from tools.mutation.testmap import EXCLUDED, IGNORED_FILES, CoverageMap
 
+# Part of the coverage map's key: a map made by an older tool is made again.  2: the
+# daemon's processes traced too (they ran the worktree's code before).
+MAP_FORMAT = 2
 DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine/machine.py")
 
 
@@ -131,7 +135,15 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM, and SIGINT even where a shell started us in the background with it ignored:
+    # stop the mutants in flight and clean up, keeping what was judged.
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
     args = parser().parse_args(argv)
     modules = select_modules(args.module or list(DEFAULT_MODULES))
     ms = all_mutants(modules, args.sample, args.id)
@@ -267,8 +279,8 @@ def coverage_map(args: argparse.Namespace, base: str, files: list[str], modules:
     """The stored map, brought up to date: made again whole when anything but a test file
     changed since it was made; else only the test files added or changed are traced again
     (a test written to kill a survivor costs its own file's run, not the suite's)."""
-    key = digest(f"{tree_hash({r: d for r, d in digests.items() if not is_test_file(r)})} "
-                 f"{modules} {args.with_slow}".encode())
+    product = tree_hash({r: d for r, d in digests.items() if not is_test_file(r)})
+    key = digest(f"{MAP_FORMAT} {product} {modules} {args.with_slow}".encode())
     tests = {r: d for r, d in digests.items() if is_test_file(r)}
     path = os.path.join(args.state, "coverage.json")
     tmap = CoverageMap.load(path, key)

@@ -3,8 +3,8 @@
 Everything runs in copies under one directory in /tmp (mode 0755, so the
 unprivileged users the tests run as can reach their sockets; short names, as
 a Unix socket's path must fit in 108 bytes), never in the worktree: one copy
-for the coverage run, one per worker.  Each copy has the
-freeze guard (guard.py) and TMPDIR pointing at its own scratch directory,
+for the coverage run, one per worker.  Each copy has a virtualenv of its own
+(make_venv), the freeze guard (guard.py) and TMPDIR pointing at its own scratch directory,
 which is where the tests make their filesystems and the only place the guard
 lets anything be frozen.
 
@@ -25,6 +25,7 @@ import queue
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import threading
@@ -70,6 +71,28 @@ def make_copy(dest: str, files: Iterable[str], top: str = TOP) -> None:
         shutil.copy2(os.path.join(top, rel), target)
 
 
+def make_venv(dest: str, tree: str) -> None:
+    """An interpreter whose imports of ours come from `tree`, whatever runs it.
+
+    The tests start the daemon as `python -I -m agent`: with -I the current directory is
+    not on sys.path, and the worktree's virtualenv would import the worktree's code (its
+    editable install), unmutated and unguarded.  This virtualenv has no editable install:
+    a .pth puts the copy first, then the worktree's site-packages for the dependencies
+    (a directory named in a .pth is added as it is: the .pth files in it are not run)."""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", dest], check=True,
+                       capture_output=True, timeout=120)
+        out = subprocess.run([os.path.join(dest, "bin", "python"), "-c",
+                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RunError(f"cannot make a virtualenv for the copy at {dest}: {e}") from None
+    deps = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    with open(os.path.join(out.stdout.strip(), "_mutation_copy.pth"), "w",
+              encoding="utf-8") as f:
+        f.write("\n".join([tree, *deps]) + "\n")
+
+
 @dataclass
 class Copy:
     """A copy of the tree with the guard, and the scratch directory its tests use."""
@@ -91,12 +114,17 @@ class Copy:
     def guard_log(self) -> str:
         return os.path.join(self.root, "guard.log")
 
+    @property
+    def python(self) -> str:
+        return os.path.join(self.root, "venv", "bin", "python")
+
     def create(self, files: list[str], modules: list[str]) -> Copy:
         os.makedirs(self.tmp, mode=0o755)
         for d in (self.root, self.tmp):  # the tests' other users reach their sockets below
             os.chmod(d, 0o755)  # noqa: S103
         make_copy(self.tree, files)
         guard.install(self.tree, self.tmp, self.guard_log)
+        make_venv(os.path.join(self.root, "venv"), self.tree)
         for m in modules:
             with open(os.path.join(TOP, m), "rb") as f:
                 self.sources[m] = f.read()
@@ -130,17 +158,19 @@ class Copy:
 
 def check_copy(copy: Copy) -> None:
     """The copy's code is what runs (not the worktree's, through the editable install),
-    in pytest's interpreter and in one started as the root child is; the guard is on in
-    both and refuses the root filesystem (asked, never tried)."""
+    in pytest's interpreter, in one started as the daemon is (-I, from elsewhere) and in
+    one started as the root child is; the guard is on in each and refuses the root
+    filesystem (asked, never tried)."""
     probe = ("import os, sys{path}; import privileged.child, agent, fcntl; "
              "from privileged import _mutation_guard as g; "
              "fd = os.open('/', os.O_RDONLY | os.O_DIRECTORY); "
              "print(privileged.child.__file__, agent.__file__, "
              "getattr(fcntl, '_mutation_guarded', False), g.refusal(fd) is not None)")
-    for flags, path in (((), ""), (("-I", "-B", "-S"), f"; sys.path.insert(0, {copy.tree!r})")):
-        out = subprocess.run([sys.executable, *flags, "-c", probe.format(path=path)],
-                             cwd=copy.tree, capture_output=True, text=True, timeout=60,
-                             check=False, env=_env(copy))
+    for flags, path in (((), ""), (("-I",), ""),
+                        (("-I", "-B", "-S"), f"; sys.path.insert(0, {copy.tree!r})")):
+        out = subprocess.run([copy.python, *flags, "-c", probe.format(path=path)],
+                             cwd="/" if "-I" in flags else copy.tree, capture_output=True,
+                             text=True, timeout=60, check=False, env=_env(copy))
         words = out.stdout.split()
         if out.returncode != 0 or len(words) != 4:
             raise RunError(f"the copy at {copy.tree} does not start: {out.stderr.strip()}")
@@ -173,7 +203,7 @@ def pytest(copy: Copy, args: list[str], budget: float,
     """pytest in `copy`, in a session of its own, stopped past `budget` seconds; then
     everything the tests left in the copy's scratch directory is undone."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+    proc = subprocess.Popen([copy.python, "-m", "pytest", "-p", "no:cacheprovider", *args],
                             cwd=copy.tree, env=_env(copy), stdout=stdout,
                             stderr=subprocess.STDOUT, start_new_session=True)
     copy.session = proc.pid

@@ -9,13 +9,13 @@ root child, the daemon, and any helper process count for the test that
 started them.  A process other than pytest's appends each line to its own
 file the first time it runs it for its test (a few hundred writes per
 process), so a child a test kills has lost nothing; pytest's process writes
-after each test.  Where to write:
-
-  - the root child (`python -I -B -S`, no site): opens the file each time;
-    an extra descriptor would change what the tests see of it;
-  - every other process: one descriptor opened at start (close-on-exec), so
-    the daemon can still write after its chroot and under its seccomp filter;
-  - a forked process (the frontend, multiprocessing in tests) writes nothing.
+after each test.  Where to write: one descriptor each process opens at start
+(close-on-exec), so that the daemon can still write after its chroot and
+under its seccomp filter, and the root child under Landlock, which lets it
+open nothing for writing.  That descriptor is one more than the tests that
+count the child's descriptors expect: they fail traced, and are taken as
+incomplete (below).  A forked process (the frontend, the thaw guard,
+multiprocessing in tests) writes nothing.
 
 Lines at import are attributed to the test running when the module was
 imported (in pytest's process that is collection, "-"), so mutants at import
@@ -49,7 +49,6 @@ TARGETS = frozenset({targets!r})
 OUT = {out!r}
 CURRENT = {current!r}
 PID = _os.getpid()
-CHILD = bool(_sys.flags.isolated and _sys.flags.no_site)
 IN_PYTEST = "pytest" in _sys.modules  # flushed by the plugin after each test
 
 _names = {{}}
@@ -142,12 +141,11 @@ def _global(frame, event, arg):
 
 def _start():
     _state["test"] = _test_at_start()
-    if not CHILD:
-        try:
-            _state["fd"] = _os.open(OUT, _os.O_WRONLY | _os.O_APPEND | _os.O_CREAT
-                                    | _os.O_CLOEXEC, 0o600)
-        except OSError:
-            pass
+    try:
+        _state["fd"] = _os.open(OUT, _os.O_WRONLY | _os.O_APPEND | _os.O_CREAT
+                                | _os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass
     _atexit.register(flush)
     _threading.settrace(_global)
     _sys.settrace(_global)
