@@ -9,6 +9,7 @@ Then the agent's own transport (SocketEndpoint, KernelChannel) against it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -487,6 +488,27 @@ def test_a_simulator_that_hangs_up_mid_call_is_a_lost_channel():
             assert isinstance(wire.decode_request(sim.recv(wire.MAX_RECORD)),
                               wire.Write if call == "write" else wire.Read)
         ch.close()
+
+
+def test_one_poll_stays_armed_across_calls_until_the_simulator_answers_it():
+    """poll(2) is one standing POLL record: made once, made again only after its READY."""
+    ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    with sim:
+        sim.setblocking(False)
+        req = lw.decode_request(bytes(12))
+        for _ in range(2):
+            sim.send(wire.encode(wire.Result(lw.MSG_SIZE)))  # queued: the call's answer
+            ch.reply(req, True)
+        sim.send(wire.encode(wire.Ready(ch.poll_mask)))  # the poll answered, then a call
+        sim.send(wire.encode(wire.Result(lw.MSG_SIZE)))
+        ch.reply(req, True)
+        sent = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent.append(type(wire.decode_request(sim.recv(wire.MAX_RECORD))))
+        assert sent == [wire.Write, wire.Poll, wire.Write, wire.Write, wire.Poll]
+    ch.close()
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
