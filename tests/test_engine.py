@@ -82,9 +82,16 @@ def test_check_while_frozen_fails_without_asking_the_child(eng):
     assert asks(acts) == [] and replies(acts) == [False]
 
 
-def test_thaw_without_freeze_succeeds(eng):
-    acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 0.0)
+@pytest.mark.parametrize("protocol", ["linux", "freebsd"])
+def test_thaw_without_freeze_succeeds(protocol):
+    """On both systems (an unknown operation would be a failure on FreeBSD)."""
+    eng = E.Engine(protocol)
+    thaw = kreq(lw.VSS_OP_THAW) if protocol == "linux" else \
+        fw.decode_request(fw.MSG.pack(fw.HV_VSS_THAW, 0, 7, bytes(48)))
+    assert thaw is not None
+    acts = eng.on_kernel(thaw, 0.0)
     assert asks(acts) == [] and replies(acts) == [True]
+    assert eng.history[-1].detail == "nothing was frozen"
 
 
 def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
@@ -253,3 +260,10 @@ def test_a_transaction_reports_its_timings_to_the_microsecond(eng):
     eng.on_child_result(result(Op.CHECK), 1.1234567)
     seconds = eng.history[-1].as_dict()["seconds"]
     assert seconds == {"check": 0.123457, "total": 0.123457}
+
+
+def test_once_reopened_the_engine_does_not_reopen_again(eng):
+    assert eng.on_kernel_lost(0.0) == [E.Reopen()]
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    acts = eng.on_child_result(result(Op.CHECK), 1.1)
+    assert replies(acts) == [True] and not any(isinstance(a, E.Reopen) for a in acts)
