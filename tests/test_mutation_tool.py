@@ -244,10 +244,11 @@ def test_which_tests_a_mutant_runs_and_in_which_order():
                  ("tests/test_sample.py::test_a", 0.5, []),
                  ("tests/test_e2e.py::test_soak", 0.1, ["slow"]),
                  ("tests/test_e2e.py::test_broken", 0.1, []),
-                 ("tests/test_other.py::test_c", 0.2, [])])}
+                 ("tests/test_other.py::test_c", 0.2, []),
+                 ("tests/test_sample.py::test_reads_a_constant", 0.1, [])])}
     hits = {("-", "pkg/sample.py", at_import.line)}  # imported at collection: no test's
     for t in tests:
-        if not t.endswith("test_c"):
+        if not t.endswith(("test_c", "test_reads_a_constant")):
             hits.add((t, "pkg/sample.py", body.line))
     hits.add(("tests/test_other.py::test_c", "pkg/sample.py", 40))
     tmap = CoverageMap.build(hits, tests, "/nonexistent", ["pkg/sample.py"])
@@ -262,13 +263,15 @@ def test_which_tests_a_mutant_runs_and_in_which_order():
                                  "tests/test_sample.py::test_a": 1})[:3] == [
         "tests/test_e2e.py::test_one", "tests/test_sample.py::test_b",
         "tests/test_sample.py::test_a"]
-    # at import: every test that ran anything of the module
-    assert set(tmap.tests_for(at_import)) == {*tmap.tests_for(body), "tests/test_other.py::test_c"}
+    # at import: every test that ran anything of the module, and the module's own test files
+    # whole (a test that reads a constant runs none of its lines)
+    assert set(tmap.tests_for(at_import)) == {*tmap.tests_for(body), "tests/test_other.py::test_c",
+                                              "tests/test_sample.py::test_reads_a_constant"}
     # on a line no test ran: none (it survives), or the module's to check the map
     assert not tmap.covered(elsewhere) and tmap.covered(body)
     assert tmap.tests_for(elsewhere) == []
     tmap.run_uncovered = True
-    assert set(tmap.tests_for(elsewhere)) == set(tmap.tests_for(at_import))
+    assert set(tmap.tests_for(elsewhere)) == {*tmap.tests_for(body), "tests/test_other.py::test_c"}
     assert tmap.budget(["tests/test_sample.py::test_a"]) == 61.5
     tmap.with_slow = True
     assert "tests/test_e2e.py::test_soak" in tmap.tests_for(body)

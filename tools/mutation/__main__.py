@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--module", action="append", metavar="PATH",
                    help="a module or glob to mutate, relative to the tree (repeatable; "
                         f"default: {' '.join(DEFAULT_MODULES)})")
-    p.add_argument("--id", action="append", metavar="ID", help="only this mutant (repeatable)")
+    p.add_argument("--id", action="append", metavar="ID",
+                   help="only this mutant, judged again even if it was (repeatable)")
     p.add_argument("--sample", type=int, metavar="N",
                    help="only N mutants per module, evenly spaced through it")
     p.add_argument("-j", "--workers", type=int, default=2, metavar="N", help="default 2")
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
             sources[module] = digest(f.read())
     jobs = [Job(m, sources[m.path], contexts[m.path]) for m in spread(ms)
             if m.id not in equivalents
-            and results.judged(m, sources[m.path], contexts[m.path]) is None]
+            and (args.id or results.judged(m, sources[m.path], contexts[m.path]) is None)]
     say(f"{len(ms)} mutants, {len(ms) - len(jobs)} already judged or equivalent, "
         f"{len(jobs)} to run")
     if not jobs:

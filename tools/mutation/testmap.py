@@ -106,7 +106,10 @@ class CoverageMap:
         module = self.module_tests(m.path)
         if not m.at_import and not self.covered(m) and not self.run_uncovered:
             return []
-        if m.at_import or not self.covered(m):
+        if m.at_import:  # and the module's own test files: reading a constant runs no line
+            direct = self.direct.get(m.path, set())
+            chosen = module | {t for t in self.tests if t.split("::", 1)[0] in direct}
+        elif not self.covered(m):
             chosen = module
         else:  # and those whose lines are incomplete: they failed while traced
             chosen = self.line_tests(m) | {t for t in module if self.tests[t].get("failed")}
