@@ -419,11 +419,14 @@ def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
         elif sent:
             theirs.send(sent)
         fd = ours.detach()
-        with pytest.raises(OSError, match=re.escape(says)):
+        # the refusal is kept, and with it attach's frame: the descriptor is closed by
+        # attach itself, not when the garbage collector drops what attach made of it
+        with pytest.raises(OSError, match=re.escape(says)) as refused:
             attach(fd, "linux", timeout=0.2 if not sent else 5)
         with pytest.raises(OSError) as closed:
             os.fstat(fd)
         assert closed.value.errno == errno.EBADF
+        assert refused.traceback
 
 
 def test_the_device_endpoint_speaks_one_record_per_read_and_write():
