@@ -17,6 +17,10 @@ count the child's descriptors expect: they fail traced, and are taken as
 incomplete (below).  A forked process (the frontend, the thaw guard,
 multiprocessing in tests) writes nothing.
 
+A module run from a copy of our packages that a test made (tests/test_integrity.py
+installs one and tampers with it) counts as the module itself: the copy is
+of the tree under test, mutant included.
+
 Lines at import are attributed to the test running when the module was
 imported (in pytest's process that is collection, "-"), so mutants at import
 are mapped by module, not by line (testmap.py).
@@ -80,7 +84,9 @@ def _rel(filename):
     if rel == 0:
         path = filename if filename.startswith("/") else _os.path.join(ROOT, filename)
         rel = path[len(ROOT) + 1:] if path.startswith(ROOT + "/") else None
-        rel = rel if rel in TARGETS else None
+        if rel not in TARGETS:
+            # a copy of our packages a test made elsewhere (an install it tampers with)
+            rel = next((t for t in TARGETS if path.endswith("/" + t)), None)
         _names[filename] = rel
     return rel
 
