@@ -9,7 +9,7 @@ USER_NAME := hvvss
 ROOT    := $(shell id -u)
 TESTS   ?=
 
-.PHONY: demo test lint bench syscalls deps container-deps account venv clean install \
+.PHONY: demo test lint bench syscalls mutate deps container-deps account venv clean install \
         uninstall check-install systemd-container
 
 # Installation (Linux): a root-owned virtualenv holding the agent and its two dependencies,
@@ -39,7 +39,7 @@ ROOT_HOME := $(or $(shell getent passwd 0 | cut -d: -f6),/root)
 
 ifneq ($(NOT_ROOTS),)
 
-demo test lint bench syscalls deps container-deps systemd-container account venv:
+demo test lint bench syscalls mutate deps container-deps systemd-container account venv:
 	@echo "make: $(NOT_ROOTS): as root, make works in a root-owned copy, $(STAGE)" \
 	  "(sudo make clean removes it)"
 	@sh tools/root_copy.sh sync "$(CURDIR)" "$(STAGE)" "$(STAGE_ROOT)"
@@ -47,6 +47,7 @@ demo test lint bench syscalls deps container-deps systemd-container account venv
 	  $(MAKE) --no-print-directory -C "$(STAGE)" $@
 	@$(if $(filter bench,$@),sh tools/root_copy.sh back "$(CURDIR)" "$(STAGE)" \
 	  BENCHMARKS.md bench/out/scale.png,:)
+	@$(if $(filter mutate,$@),sh tools/root_copy.sh back "$(CURDIR)" "$(STAGE)" SECURITY.md,:)
 
 clean:
 	rm -rf "$(STAGE)" $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
@@ -69,6 +70,11 @@ lint: venv
 # The syscalls the sandboxed agent makes, measured with strace (see SECURITY.md).
 syscalls: deps account venv
 	$(VPY) -m tools.measure_syscalls
+
+# Mutation testing of the root side (tools/mutation/): long; resumable; not part of `make test`.
+# Options through MUTATE, e.g. make mutate MUTATE="--module privileged/wire.py --sample 20".
+mutate: deps account venv
+	$(VPY) -m tools.mutation $(MUTATE)
 
 bench: deps account venv
 	$(VPY) -m pip install -q -e '.[bench]'

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -329,6 +330,30 @@ def test_the_child_s_sys_path_is_checked_even_where_it_names_nothing(monkeypatch
         integrity.check_install(None)
     monkeypatch.setattr(integrity, "child_sys_path", lambda: real)
     integrity.check_install(None)
+
+
+@pytest.mark.parametrize("unsafe", ["owned", "group-writable"])
+def test_a_sys_path_directory_of_the_child_is_judged_itself_not_only_what_it_holds(
+        monkeypatch, workdir, unsafe):
+    """An entry of the child's sys.path that is a directory someone else may change is
+    refused, even when everything in it is root's: whoever owns it can add a module."""
+    from agent.engine import integrity
+    from agent.errors import StartupError
+
+    if unsafe == "owned":
+        lib = attacker_dir(workdir, "lib")
+        says = f"{lib} is owned by uid {ATTACKER}, not root"
+    else:
+        lib = os.path.join(workdir, "lib")
+        os.mkdir(lib)
+        os.chmod(lib, 0o775)
+        says = f"{lib} is writable by group or others (mode 0775)"
+    with open(os.path.join(lib, "harmless.py"), "w", encoding="utf-8") as f:
+        f.write("pass\n")  # root's, 0644: nothing below the directory is wrong
+    real = integrity.child_sys_path()
+    monkeypatch.setattr(integrity, "child_sys_path", lambda: [lib, *real])
+    with pytest.raises(StartupError, match=re.escape(says)):
+        integrity.check_install(None)
 
 
 # --- REOPEN opens the device it recorded, nothing else -------------------------------------

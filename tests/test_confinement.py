@@ -115,36 +115,48 @@ def test_parent_seen_from_outside(workdir, ext4_xfs):
 
 
 def test_parent_and_frontend_seen_from_outside(workdir, ext4_xfs):
-    """With [notify], [control] and [metrics]: two unprivileged processes, each confined."""
+    """With [notify], [control] and [metrics]: two unprivileged processes, each confined.
+
+    Each is looked at once it is known to be in the state described: the engine does not
+    wait for the frontend to confine itself (the frontend closes what it inherited and
+    loads its filter before it serves, so a welcomed subscriber is the sign), and the
+    frontend sees a subscriber hang up when its loop next runs (so the subscriber's
+    connection is a fourth socket until then: seen here with the frontend stopped)."""
     metrics = os.path.join(workdir, "metrics")
     os.mkdir(metrics, 0o755)
     os.chown(metrics, pwd.getpwnam("hvvss").pw_uid, -1)
     with running_agent(workdir, [ext4_xfs[0].mountpoint], metrics={"dir": metrics}) as agent:
         parent = agent.parent
-        (frontend,) = [p for p in parent.children() if p.uids().real != 0]
+        frontend = agent.frontend
         chroot = os.path.join(workdir, "empty")
-        for pid in (parent.pid, frontend.pid):
-            _same_for_parent_and_frontend(pid, chroot)
-        assert frontend.num_threads() <= 2  # itself, and the log queue's feeder
         sub = Subscriber(agent.notify_socket, workdir)
         try:
             assert "welcome WELCOME" in sub.wait_welcome()
+            for pid in (parent.pid, frontend.pid):
+                _same_for_parent_and_frontend(pid, chroot)
+            assert frontend.num_threads() <= 2  # itself, and the log queue's feeder
             for op in ("check", "freeze", "thaw"):
                 assert agent.sim.request(op).status == 0
             assert wait_for(lambda: sub.events() == ["CHECK", "FREEZE", "THAW"])
+            os.kill(frontend.pid, signal.SIGSTOP)
+            try:
+                sub.stop()
+                # the link, notify, control, and the subscriber's connection: the
+                # frontend has not run since the subscriber went
+                assert kinds(frontend.pid).count("socket") == 4
+            finally:
+                os.kill(frontend.pid, signal.SIGCONT)
         finally:
             sub.stop()
         # Its connection is closed once the frontend has seen it hang up: not before.
         assert wait_for(lambda: "subscriber sub (uid 0" in agent.log()
                         and ") disconnected" in agent.log())
+        assert wait_for(lambda: kinds(frontend.pid).count("socket") == 3), kinds(frontend.pid)
         # the parent: sockets, pipes, and the one directory outside its chroot it was
         # given, the metrics directory; the frontend: sockets and its log queue's pipe
         assert set(kinds(parent.pid)) == {"pipe", "socket", metrics}
         assert kinds(parent.pid).count(metrics) == 1
         assert set(kinds(frontend.pid)) == {"pipe", "socket"}
-        # the link, notify, control (the subscriber's connection closes when the frontend
-        # sees it gone)
-        assert wait_for(lambda: kinds(frontend.pid).count("socket") == 3), kinds(frontend.pid)
         # clone3 is answered ENOSYS on purpose: glibc starts the feeder thread with clone
         assert seccomp_records({parent.pid, frontend.pid}, answered=("clone3",)) == []
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from agent.engine import machine as E
@@ -79,9 +82,16 @@ def test_check_while_frozen_fails_without_asking_the_child(eng):
     assert asks(acts) == [] and replies(acts) == [False]
 
 
-def test_thaw_without_freeze_succeeds(eng):
-    acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 0.0)
+@pytest.mark.parametrize("protocol", ["linux", "freebsd"])
+def test_thaw_without_freeze_succeeds(protocol):
+    """On both systems (an unknown operation would be a failure on FreeBSD)."""
+    eng = E.Engine(protocol)
+    thaw = kreq(lw.VSS_OP_THAW) if protocol == "linux" else \
+        fw.decode_request(fw.MSG.pack(fw.HV_VSS_THAW, 0, 7, bytes(48)))
+    assert thaw is not None
+    acts = eng.on_kernel(thaw, 0.0)
     assert asks(acts) == [] and replies(acts) == [True]
+    assert eng.history[-1].detail == "nothing was frozen"
 
 
 def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
@@ -185,3 +195,75 @@ def test_in_time_freebsd_freeze_stays_frozen():
     eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)
     acts = eng.on_child_result(result(Op.FREEZE), 1.0)
     assert replies(acts) == [True] and asks(acts) == [] and eng.frozen
+
+
+def test_a_session_s_counters_events_and_history_add_up():
+    """What status and metrics report: every request counted once, each reply as ok or
+    failed (the two add up to the requests), the engine's own transactions apart."""
+    eng = E.Engine("linux")
+    watchdog = wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2)
+    steps = [
+        (lw.VSS_OP_HOT_BACKUP, Op.CHECK, Status.OK),
+        (lw.VSS_OP_HOT_BACKUP, Op.CHECK, Status.REFUSED),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.OK),
+        (lw.VSS_OP_THAW, Op.THAW, Status.OK),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.FAILED),
+        (lw.VSS_OP_FREEZE, Op.FREEZE, Status.OK),
+    ]
+    for i, (code, op, status) in enumerate(steps):
+        assert asks(eng.on_kernel(kreq(code), float(i))) == [op]
+        assert replies(eng.on_child_result(result(op, status), i + 0.1)) == [status is Status.OK]
+    assert asks(eng.on_auto_thaw(watchdog, 65.0)) == [Op.THAW]  # the resync
+    assert replies(eng.on_child_result(result(Op.THAW, count=0), 65.1)) == []
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 66.0)) == [False]
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_BU_COMPLETE), 67.0)) == [True]
+    assert eng.on_kernel_lost(68.0) == [E.Reopen()]
+    assert dict(eng.counters) == {
+        "requests_check": 2, "requests_freeze": 3, "requests_thaw": 2, "requests_other": 1,
+        "replies_ok": 5, "replies_failed": 3,
+        "freezes": 2, "freeze_failures": 1, "auto_thaws": 1, "resyncs": 1,
+        "kernel_reconnects": 1, "events_watchdog": 1, "events_kernel": 1}
+    assert [e["kind"] for e in eng.events] == ["watchdog", "kernel"]
+    assert [(t.kind.value, t.result) for t in eng.history] == [
+        ("check", "ok"), ("check", "failed"), ("freeze", "ok"), ("thaw", "ok"),
+        ("freeze", "failed"), ("freeze", "ok"), ("resync", "ok"), ("thaw", "failed"),
+        ("other", "ok")]
+
+
+@pytest.mark.parametrize(("reason", "kind"), [(wire.Reason.WATCHDOG, "watchdog"),
+                                              (wire.Reason.SIGNAL, "signal")])
+def test_an_auto_thaw_is_an_event_named_for_its_reason(eng, reason, kind):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, reason, 2), 1.0)
+    assert [(e["kind"], e["detail"]) for e in eng.events] == [
+        (kind, "the child thawed 2 filesystem(s) by itself")]
+    assert eng.counters[f"events_{kind}"] == 1
+
+
+def test_a_freeze_the_budget_refuses_is_an_event_and_a_failure(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    refused = wire.Result(Op.FREEZE, Status.REFUSED, 1, errno.EAGAIN)
+    acts = eng.on_child_result(refused, 0.1)
+    assert replies(acts) == [False] and any(isinstance(a, E.ReleaseLogs) for a in acts)
+    assert [e["kind"] for e in eng.events] == ["budget"]
+    assert eng.counters["freeze_failures"] == 1
+    # refused for another reason (a veto): a failure, not the budget's event
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 1.0)
+    eng.on_child_result(wire.Result(Op.FREEZE, Status.REFUSED, 2, errno.EPERM, 0, 0, "/x"), 1.1)
+    assert [e["kind"] for e in eng.events] == ["budget"]
+    assert eng.history[-1].detail == f"FREEZE refused on /x: {os.strerror(errno.EPERM)}"
+
+
+def test_a_transaction_reports_its_timings_to_the_microsecond(eng):
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    eng.on_child_result(result(Op.CHECK), 1.1234567)
+    seconds = eng.history[-1].as_dict()["seconds"]
+    assert seconds == {"check": 0.123457, "total": 0.123457}
+
+
+def test_once_reopened_the_engine_does_not_reopen_again(eng):
+    assert eng.on_kernel_lost(0.0) == [E.Reopen()]
+    eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
+    acts = eng.on_child_result(result(Op.CHECK), 1.1)
+    assert replies(acts) == [True] and not any(isinstance(a, E.Reopen) for a in acts)

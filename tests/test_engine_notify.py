@@ -48,12 +48,13 @@ def test_other_failures_follow_the_policy(outcome, caplog):
     assert E.Notify("thaw", 1, 12.1) in actions  # those that quiesced resume
     assert not any(isinstance(a, E.AskChild) for a in actions)
     assert f"db (uid 101, pid 4242): {outcome.label} on FREEZE (why): failing it" in caplog.text
+    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (1, 0)
 
     e = engine("skip")
     e.on_kernel(FREEZE, 0.0)
     actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
     assert actions[:2] == [E.HoldLogs(), E.AskChild(wire.Op.FREEZE)]
-    assert e.counters["subscribers_skipped"] == 1
+    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (0, 1)
     assert "going on without it ([notify] policy = skip)" in caplog.text
 
 
@@ -104,3 +105,34 @@ def test_reply_timing_is_recorded_on_the_transaction():
     [reply] = [a for a in actions if isinstance(a, E.ReplyKernel)]
     e.record_timing(reply.txid, "reply", 0.001)
     assert set(e.history[-1].timings) == {"subscribers", "check", "reply", "total"}
+
+
+def test_an_auto_thaw_tells_the_subscribers_to_resume():
+    e = engine(budget=12.0)
+    e.on_kernel(FREEZE, 0.0)
+    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.1)
+    e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 0.2)
+    actions = e.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 1),
+                             60.0)
+    assert E.Notify("thaw", 0, 72.0) in actions
+
+
+def test_the_child_s_time_is_counted_apart_from_the_subscribers():
+    e = engine()
+    e.on_kernel(FREEZE, 0.0)
+    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.5)
+    e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 0.75)
+    timings = e.history[-1].timings
+    assert (timings["subscribers"], timings["freeze"], timings["total"]) == (0.5, 0.25, 0.75)
+
+
+def test_a_late_report_logs_only_the_subscribers_that_failed(caplog):
+    e = engine()
+    e.on_kernel(CHECK, 0.0)
+    e.on_notify_done("check", 1, [], 0.1)
+    e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
+    caplog.clear()
+    assert e.on_notify_done("check", 1, [result(Outcome.OK, "fine"),
+                                         result(Outcome.FAILED, "broke", "disk full")], 5.0) == []
+    assert "broke (uid 101, pid 4242): failed on CHECK: disk full" in caplog.text
+    assert "fine" not in caplog.text

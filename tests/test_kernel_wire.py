@@ -6,6 +6,7 @@ Each case is fed whole, and checked against the layout from the uapi header
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -22,6 +23,36 @@ def test_linux_constants_match_the_uapi_header():
     assert (lw.VSS_OP_REGISTER, lw.VSS_OP_REGISTER1) == (128, 129)
     assert (lw.HV_S_OK, lw.HV_E_FAIL) == (0, 0x80004005)
     assert lw.MSG_SIZE == 12
+
+
+HYPERV_H = "/usr/include/linux/hyperv.h"  # linux-libc-dev (make deps installs it)
+
+
+def uapi_vss_numbers() -> dict[str, int]:
+    """enum hv_vss_op (its implicit values counted) and the #defines next to it."""
+    with open(HYPERV_H, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
+    body = re.search(r"enum hv_vss_op \{(.*?)\};", text, re.DOTALL)
+    assert body, f"no enum hv_vss_op in {HYPERV_H}"
+    out, value = {}, -1
+    for item in (i.strip() for i in body.group(1).split(",")):
+        if not item:
+            continue
+        name, _, given = (x.strip() for x in item.partition("="))
+        value = int(given, 0) if given else value + 1
+        out[name] = value
+    for name, number in re.findall(r"#define\s+(VSS_OP_REGISTER1?|HV_S_OK|HV_E_FAIL)\s+(\w+)",
+                                   text):
+        out[name] = int(number, 0)
+    return out
+
+
+def test_every_linux_number_is_the_uapi_header_s():
+    header = uapi_vss_numbers()
+    ours = {n: getattr(lw, n) for n in dir(lw) if n.startswith(("VSS_OP_", "HV_S_", "HV_E_"))}
+    assert len(ours) == 12
+    assert {n: header[n] for n in ours} == ours
 
 
 def test_linux_register_message_golden_bytes():

@@ -9,8 +9,10 @@ Then the agent's own transport (SocketEndpoint, KernelChannel) against it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import select
 import socket
 import struct
@@ -21,7 +23,7 @@ import pytest
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.channel import KernelChannel, KernelLost
-from agent.kernel.transport import attach
+from agent.kernel.transport import DeviceEndpoint, IoctlEndpoint, SocketEndpoint, attach
 from agent.simulator import host, wire
 from agent.simulator.freebsd_driver import NOTHING_PENDING
 from agent.simulator.server import Simulator
@@ -394,6 +396,116 @@ def test_agent_transport_reads_a_request_only_when_it_asks(sock_path):
         ch.reply(req, True)
         assert sim.wait(check, 5).status == host.HV_S_OK
         ch.close()
+
+
+@pytest.mark.parametrize(("sent", "says"), [
+    (None, "the simulator closed the connection"),  # it hung up before open(2)'s result
+    (b"\0\0", "the simulator closed the connection"),  # not open(2)'s result
+    (struct.pack("<i", errno.EACCES), os.strerror(errno.EACCES)),
+    (b"", "the simulator did not answer the open"),  # nothing at all, in time
+])
+def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
+    """And closes the descriptor it was given when it refuses it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs:
+        if sent is None:
+            theirs.shutdown(socket.SHUT_RDWR)
+        elif sent:
+            theirs.send(sent)
+        fd = ours.detach()
+        # the refusal is kept, and with it attach's frame: the descriptor is closed by
+        # attach itself, not when the garbage collector drops what attach made of it
+        with pytest.raises(OSError, match=re.escape(says)) as refused:
+            attach(fd, "linux", timeout=0.2 if not sent else 5)
+        with pytest.raises(OSError) as closed:
+            os.fstat(fd)
+        assert closed.value.errno == errno.EBADF
+        assert refused.traceback
+
+
+def test_the_device_endpoint_speaks_one_record_per_read_and_write():
+    """The Linux device's side of the transport (never run here against /dev/vmbus/hv_vss):
+    read(2) and write(2) of whole records on one descriptor, as a SEQPACKET socket keeps
+    them; a descriptor that is not a socket is the device, for either protocol."""
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(DeviceEndpoint(device.detach()), "linux")
+    with kernel:
+        kernel.send(struct.pack("<I", lw.VSS_OP_REGISTER1))
+        assert ch.register() == lw.VSS_OP_REGISTER1
+        assert kernel.recv(256) == lw.encode_register()
+        request = bytes([lw.VSS_OP_FREEZE]) + bytes(range(1, 12))
+        kernel.send(request)
+        req = ch.read_request()
+        assert req is not None and req.raw == request
+        ch.reply(req, False)
+        assert kernel.recv(256) == struct.pack("<I", lw.HV_E_FAIL) + request[4:]
+    with pytest.raises(KernelLost, match="the device was closed"):
+        ch.read_request()
+    fd = ch.fileno()
+    ch.close()
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF
+    r, w = os.pipe()
+    try:
+        assert type(attach(r, "linux")) is DeviceEndpoint
+        assert type(attach(w, "freebsd")) is IoctlEndpoint
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_short_write_to_the_simulated_device_is_an_error():
+    """write(2) on the device returning less than the record: the channel is lost."""
+    ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    with sim:
+        sim.send(wire.encode(wire.Result(lw.MSG_SIZE - 1)))  # queued: the call's answer
+        with pytest.raises(KernelLost, match=r"^write failed: short write$"):
+            ch.reply(lw.decode_request(bytes(12)), True)
+        call = wire.decode_request(sim.recv(wire.MAX_RECORD))
+        assert isinstance(call, wire.Write) and len(call.data) == lw.MSG_SIZE
+    ch.close()
+
+
+def test_a_simulator_that_hangs_up_mid_call_is_a_lost_channel():
+    """The simulator closes its side while the agent waits for a call's result: a write
+    fails with EPIPE, a read finds the device closed."""
+    for call in ("write", "read"):
+        ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+        with sim:
+            sim.shutdown(socket.SHUT_WR)  # it still takes the call, and answers nothing
+            if call == "write":
+                with pytest.raises(KernelLost, match=r"^write failed: the simulator closed"):
+                    ch.reply(lw.decode_request(bytes(12)), True)
+            else:
+                with pytest.raises(KernelLost, match=r"^the device was closed$"):
+                    ch.read_request()
+            assert isinstance(wire.decode_request(sim.recv(wire.MAX_RECORD)),
+                              wire.Write if call == "write" else wire.Read)
+        ch.close()
+
+
+def test_one_poll_stays_armed_across_calls_until_the_simulator_answers_it():
+    """poll(2) is one standing POLL record: made once, made again only after its READY."""
+    ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    with sim:
+        sim.setblocking(False)
+        req = lw.decode_request(bytes(12))
+        for _ in range(2):
+            sim.send(wire.encode(wire.Result(lw.MSG_SIZE)))  # queued: the call's answer
+            ch.reply(req, True)
+        sim.send(wire.encode(wire.Ready(ch.poll_mask)))  # the poll answered, then a call
+        sim.send(wire.encode(wire.Result(lw.MSG_SIZE)))
+        ch.reply(req, True)
+        sent = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sent.append(type(wire.decode_request(sim.recv(wire.MAX_RECORD))))
+        assert sent == [wire.Write, wire.Poll, wire.Write, wire.Write, wire.Poll]
+    ch.close()
 
 
 def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
