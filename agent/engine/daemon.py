@@ -37,7 +37,7 @@ from agent.engine.listeners import Access, listen_unix, trusted_directory
 from agent.engine.machine import Engine, NotifyPolicy
 from agent.engine.metrics import MetricsWriter, open_metrics_dir, render
 from agent.engine.service import Service
-from agent.engine.status import snapshot
+from agent.engine.status import Rendered, snapshot
 from agent.errors import StartupError
 from agent.frontend import main as frontend
 from agent.kernel.transport import (
@@ -326,9 +326,11 @@ class Publisher:
         self.service, self.link, self.metrics = service, link, metrics
         self.max_frozen = max_frozen
         self.metrics_error = ""
+        self.rendered = Rendered()
 
     def status(self) -> dict[str, object]:
-        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen)
+        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen,
+                        self.rendered)
 
     def __call__(self) -> None:
         status = self.status()
