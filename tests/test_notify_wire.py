@@ -156,7 +156,10 @@ def test_decoding_arbitrary_bytes_either_succeeds_or_is_a_wire_error(data):
 def test_engine_records():
     assert fw.decode_engine(fw.encode_notify(fw.Notify(fw.WireEvent.CHECK, 5, 1500))) == \
         fw.Notify(fw.WireEvent.CHECK, 5, 1500)
-    assert fw.decode_engine(fw.encode_status(b'{"state":"thawed"}')) == b'{"state":"thawed"}'
+    assert fw.decode_engine(fw.encode_status(b'{"state":"thawed"}')) == \
+        fw.StatusUpdate(True, b'{"state":"thawed"}')
+    assert fw.decode_engine(fw.encode_status(b'{"set":{}}', whole=False)) == \
+        fw.StatusUpdate(False, b'{"set":{}}')
     with pytest.raises(fw.WireError):
         fw.encode_status(b"x" * (fw.MAX_STATUS + 1))
     with pytest.raises(fw.WireError):
@@ -171,9 +174,72 @@ def test_a_status_too_large_for_one_record_loses_its_oldest_transactions():
     link = FrontendLink(ours, SimpleNamespace(pid=1))  # type: ignore[arg-type]
     txs = [{"id": i, "detail": "x" * 1000} for i in range(500)]
     link.publish({"state": "thawed", "transactions": txs})
-    got = json.loads(fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1)))
+    got = json.loads(fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1)).json)  # type: ignore[union-attr]
     assert got["transactions_trimmed"] is True
     assert got["transactions"][-1]["id"] == 499  # the newest are kept
     assert 0 < len(got["transactions"]) < 500
     ours.close()
+    theirs.close()
+
+
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                       lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=6)
+_tx = st.builds(lambda i, v: {"id": i, "v": v}, st.integers(0, 20), _values)
+_status = st.builds(
+    lambda top, txs, has: {**top, **({"transactions": list({t["id"]: t for t in txs}.values())}
+                                     if has else {})},
+    st.dictionaries(st.sampled_from(["state", "time", "busy", "counters", "x"]), _values),
+    st.lists(_tx, max_size=8), st.booleans())
+
+
+@given(_status, _status)
+def test_changes_turn_the_old_status_into_the_new_one(old, new):
+    changes = json.loads(json.dumps(fw.make_changes(old, new)))  # as the frontend gets them
+    assert fw.apply_changes(json.loads(json.dumps(old)), changes) == json.loads(json.dumps(new))
+
+
+def _link() -> tuple[FrontendLink, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return FrontendLink(ours, SimpleNamespace(pid=1)), theirs  # type: ignore[arg-type]
+
+
+def test_after_a_whole_status_only_what_changed_is_sent():
+    link, theirs = _link()
+    txs = [{"id": i, "detail": "x" * 200} for i in range(50)]
+    link.publish({"state": "thawed", "time": 1.0, "transactions": txs})
+    first = fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1))
+    assert isinstance(first, fw.StatusUpdate) and first.whole
+    link.publish({"state": "thawed", "time": 2.0,
+                  "transactions": [*txs[1:], {"id": 50, "detail": "new"}]})
+    second = fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1))
+    assert isinstance(second, fw.StatusUpdate) and not second.whole
+    assert len(second.json) < len(first.json) / 20
+    mirror = fw.apply_changes(json.loads(first.json), json.loads(second.json))
+    assert mirror == {"state": "thawed", "time": 2.0,
+                      "transactions": [*txs[1:], {"id": 50, "detail": "new"}]}
+    link.sock.close()
+    theirs.close()
+
+
+def test_a_dropped_update_makes_the_next_one_whole():
+    link, theirs = _link()
+    link.publish({"state": "thawed", "n": 0})
+    assert fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1)).whole  # type: ignore[union-attr]
+    link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    n = 0
+    while link.sent is not None:  # the frontend does not read: updates are dropped
+        n += 1
+        link.publish({"state": "thawed", "n": n, "pad": "p" * 2000})
+    while True:  # it reads everything again
+        theirs.setblocking(False)
+        try:
+            theirs.recv(fw.MAX_RECORD + 1)
+        except BlockingIOError:
+            break
+    link.publish({"state": "frozen", "n": n + 1})
+    got = fw.decode_engine(theirs.recv(fw.MAX_RECORD + 1))
+    assert isinstance(got, fw.StatusUpdate) and got.whole
+    assert json.loads(got.json) == {"state": "frozen", "n": n + 1}
+    link.sock.close()
     theirs.close()

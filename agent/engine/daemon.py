@@ -31,7 +31,7 @@ from agent.engine.metrics import MetricsWriter, render
 from agent.engine.metrics_dir import check_metrics_dir
 from agent.engine.root import Prepared
 from agent.engine.service import Service
-from agent.engine.status import snapshot
+from agent.engine.status import Rendered, snapshot
 from agent.errors import StartupError
 from agent.frontend import main as frontend
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
@@ -145,9 +145,11 @@ class Publisher:
         self.service, self.link, self.metrics = service, link, metrics
         self.max_frozen = max_frozen
         self.metrics_error = ""
+        self.rendered = Rendered()
 
     def status(self) -> dict[str, object]:
-        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen)
+        return snapshot(self.service, self.link.pid if self.link else None, self.max_frozen,
+                        self.rendered)
 
     def __call__(self) -> None:
         status = self.status()

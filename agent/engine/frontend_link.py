@@ -2,7 +2,8 @@
 
 The frontend is a multiprocessing child (so that multiprocessing-logging can
 carry its records), but nothing crosses this link as a pickle: NOTIFY and
-STATUS go down, DONE comes up, all in agent/protocols/frontend.py's fixed layouts.
+STATUS (or CHANGES: only what changed since the last one the frontend was sent) go down,
+DONE comes up, all in agent/protocols/frontend.py's fixed layouts.
 Everything the frontend sends is decoded strictly; a record that does not
 decode, carries descriptors or is truncated (privileged/records.py) means the frontend is not what
 we started, and FrontendGone ends the service.
@@ -32,6 +33,8 @@ class FrontendLink:
         self.sock = sock
         self.proc = proc
         self.clock = clock
+        # The status the frontend holds now, if it is whole: what CHANGES are made against.
+        self.sent: dict[str, object] | None = None
         self.sock.setblocking(False)
 
     @property
@@ -46,6 +49,17 @@ class FrontendLink:
         self._send(fw.encode_notify(fw.Notify(EVENTS[event], txid, ms)), must=True)
 
     def publish(self, status: dict[str, object]) -> None:
+        """Bring the frontend's copy of the status up to `status`: with only what changed
+        when it holds the last one whole, else all of it (the oldest transactions left out
+        if it does not fit one record)."""
+        if self.sent is not None:
+            data = json.dumps(fw.make_changes(self.sent, status), separators=(",", ":"),
+                              default=str).encode()
+            if len(data) <= fw.MAX_STATUS:
+                self.sent = status if self._send(fw.encode_status(data, whole=False),
+                                                 must=False) else None
+                return
+        whole = status
         data = json.dumps(status, separators=(",", ":"), default=str).encode()
         while len(data) > fw.MAX_STATUS:  # the oldest transactions go first
             txs = status.get("transactions")
@@ -55,7 +69,9 @@ class FrontendLink:
             status = {**status, "transactions": txs[len(txs) // 2 + 1:],
                       "transactions_trimmed": True}
             data = json.dumps(status, separators=(",", ":"), default=str).encode()
-        self._send(fw.encode_status(data), must=False)
+        sent = self._send(fw.encode_status(data), must=False)
+        # Trimmed, the frontend's copy is not the status: the next one is sent whole again.
+        self.sent = whole if sent and status is whole else None
 
     def receive(self) -> list[fw.Done]:
         out: list[fw.Done] = []
@@ -75,7 +91,8 @@ class FrontendLink:
             except fw.WireError as e:
                 raise FrontendGone(f"malformed record from the frontend: {e}") from None
 
-    def _send(self, record: bytes, must: bool) -> None:
+    def _send(self, record: bytes, must: bool) -> bool:
+        """False if the record was dropped."""
         try:
             self.sock.send(record)
         except BlockingIOError:
@@ -83,8 +100,10 @@ class FrontendLink:
             # cannot, and the engine's own deadline then applies the policy.
             log.warning("the frontend is not reading: %s dropped",
                         "an event" if must else "a status update")
+            return False
         except OSError as e:
             raise FrontendGone(f"cannot write to the frontend: {e.strerror}") from None
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Closing the link is the frontend's cue to exit."""

@@ -124,7 +124,7 @@ class Transaction:
             "detail": self.detail,
             "started": self.started,
             "seconds": {k: round(v, 6) for k, v in self.timings.items()},
-            "subscribers": self.subscribers,
+            "subscribers": list(self.subscribers),  # a copy: the list grows afterwards
         }
 
 

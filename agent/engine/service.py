@@ -40,6 +40,7 @@ EXIT_FRONTEND_DIED = 4
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
+PUBLISH_AFTER = 0.05  # seconds into a transaction before the status shows it in flight
 
 
 class FrontendGone(Exception):
@@ -77,6 +78,7 @@ class Service:
         self.exit_code: int | None = None
         self.started = time.time()
         self.on_change: Callable[[], None] | None = None  # status publication hook
+        self._change_due = False  # something changed that on_change has not seen
         self.before_freeze: Callable[[], None] | None = None  # the last moment nothing is frozen
         self.refresh_every: float | None = None  # on_change at least this often
         self._refresh_at: float | None = None
@@ -99,12 +101,14 @@ class Service:
         self._poller.register(self._wake_r, select.POLLIN)
         if self.notifier is not None:
             self._poller.register(self.notifier.fileno(), select.POLLIN)
-        try:
-            self._changed()  # the first status and metrics
-        except FrontendGone as e:
-            self._frontend_died(str(e))
+        self._changed()  # the first status and metrics
         while self.exit_code is None:
             self._watch_kernel()
+            try:
+                self._publish()
+            except FrontendGone as e:
+                self._frontend_died(str(e))
+                continue
             ready = dict(self._poller.poll(self._timeout_ms()))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -155,8 +159,8 @@ class Service:
         return not self.engine.busy and self.pending_child is None
 
     def _timeout_ms(self) -> int | None:
-        deadlines = [d for d in (self.engine.deadline(), self.reconnect_at, self._refresh_at)
-                     if d is not None]
+        deadlines = [d for d in (self.engine.deadline(), self.reconnect_at, self._refresh_at,
+                                 self._publish_at()) if d is not None]
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
@@ -316,7 +320,22 @@ class Service:
     def _changed(self) -> None:
         if self.refresh_every is not None:
             self._refresh_at = self.clock() + self.refresh_every
-        if self.on_change is not None:
+        self._change_due = True
+
+    def _publish_at(self) -> float | None:
+        """When on_change is to see what changed: before the loop waits again, but not in
+        the middle of a transaction younger than PUBLISH_AFTER (the status then shows it
+        when it ends: a CHECK takes well under a millisecond, and each step would be
+        published otherwise)."""
+        if not self._change_due or self.on_change is None:
+            return None
+        tx = self.engine.tx
+        return tx.started + PUBLISH_AFTER if tx is not None else self.clock()
+
+    def _publish(self) -> None:
+        at = self._publish_at()
+        if at is not None and self.clock() >= at and self.on_change is not None:
+            self._change_due = False
             self.on_change()
 
     def _stop(self, why: str) -> None:

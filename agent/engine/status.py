@@ -14,33 +14,57 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.engine.child_link import ChildLink
 
 if TYPE_CHECKING:
+    from agent.engine.machine import Transaction
     from agent.engine.service import Service
 
 VERSION = 1
 
 
+class Rendered:
+    """Each transaction as the status shows it, made once and again only when it changes
+    (its outcome, timings or subscribers): the history is most of the status, and most
+    of it is the same from one snapshot to the next."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, tuple[tuple[object, ...], dict[str, object]]] = {}
+
+    def transactions(self, txs: Iterable[Transaction],
+                     wall: Callable[[float], float | None]) -> list[dict[str, object]]:
+        out, cache = [], {}
+        for tx in txs:
+            key = (tx.result, tx.detail, tuple(tx.timings.items()), len(tx.subscribers))
+            hit = self.cache.get(tx.id)
+            if hit is None or hit[0] != key:
+                d = tx.as_dict()
+                d["started"] = hit[1]["started"] if hit else wall(tx.started)
+                hit = (key, d)
+            cache[tx.id] = hit
+            out.append(hit[1])
+        self.cache = cache
+        return out
+
+
 def snapshot(service: Service, frontend_pid: int | None = None,
-             max_frozen: float | None = None) -> dict[str, object]:
-    """`max_frozen`: [watchdog] max_frozen_seconds, as the parent read it from the config."""
+             max_frozen: float | None = None,
+             rendered: Rendered | None = None) -> dict[str, object]:
+    """`max_frozen`: [watchdog] max_frozen_seconds, as the parent read it from the config;
+    `rendered`: the transactions as the last snapshot showed them."""
     now_m, now_w = service.clock(), time.time()
     e = service.engine
 
-    def wall(t: object) -> float | None:
+    def wall(t: object) -> float | None:  # monotonic -> wall clock
         return round(now_w - (now_m - t), 3) if isinstance(t, float | int) else None
 
     frozen_for = now_m - e.frozen_since if e.frozen and e.frozen_since is not None else None
 
-    transactions = []
-    for tx in e.history:
-        d = tx.as_dict()
-        d["started"] = wall(tx.started)
-        transactions.append(d)
+    transactions = (rendered or Rendered()).transactions(e.history, wall)
     return {
         "version": VERSION,
         "time": round(now_w, 3),

@@ -216,8 +216,13 @@ class Frontend:
             log.debug("the engine closed the link: frontend exiting")
             return False
         msg = fw.decode_engine(data)  # from the engine: trusted, a failure is our bug
-        if isinstance(msg, bytes):
-            self.engine_status = json.loads(msg)
+        if isinstance(msg, fw.StatusUpdate):
+            update = json.loads(msg.json)
+            if msg.whole:
+                self.engine_status = update
+            else:
+                assert self.engine_status is not None, "CHANGES before any STATUS"
+                self.engine_status = fw.apply_changes(self.engine_status, update)
             return True
         event = FROM_WIRE[msg.event]
         for sub, notice in self.registry.start(event, msg.txid, msg.ms, self.clock()):

@@ -10,7 +10,11 @@ Layouts (little endian), one SOCK_SEQPACKET record each:
 
   NOTIFY  <BBBBII   version, kind=1, event, reserved=0, txid, ms          12 bytes
   STATUS  <BBH      version, kind=2, reserved=0, then 1..MAX_STATUS bytes of
-                    UTF-8 JSON (engine -> frontend only: the trusted direction)
+                    UTF-8 JSON: the engine's whole status (engine -> frontend only:
+                    the trusted direction)
+  CHANGES <BBH      version, kind=3, reserved=0, then 1..MAX_STATUS bytes of
+                    UTF-8 JSON: what changed since the STATUS or CHANGES before it
+                    (make_changes, apply_changes)
   DONE    <BBBBIH   version, kind=0x81, event, reserved=0, txid, count    10 bytes
           then `count` (<= MAX_SUBSCRIBERS) entries:
   ENTRY   <BBHIII   outcome, name_len (1..64), reason_len (0..200), uid, pid,
@@ -22,7 +26,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.protocols.notify import MAX_NAME, MAX_REASON, NAME, clean_reason
 
@@ -44,6 +48,7 @@ class WireError(Exception):
 class Kind(enum.IntEnum):
     NOTIFY = 1
     STATUS = 2
+    CHANGES = 3
     DONE = 0x81
 
 
@@ -76,6 +81,14 @@ class Notify:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """The engine's status as JSON: whole (STATUS), or what changed (CHANGES)."""
+
+    whole: bool
+    json: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SubscriberResult:
     name: str
     uid: int
@@ -104,14 +117,13 @@ def encode_notify(n: Notify) -> bytes:
                        max(0, min(n.ms, 0xFFFFFFFF)))
 
 
-def encode_status(json_text: bytes) -> bytes:
+def encode_status(json_text: bytes, *, whole: bool = True) -> bytes:
     if not 1 <= len(json_text) <= MAX_STATUS:
         raise WireError(f"status of {len(json_text)} bytes")
-    return STATUS_HEADER.pack(VERSION, Kind.STATUS, 0) + json_text
+    return STATUS_HEADER.pack(VERSION, Kind.STATUS if whole else Kind.CHANGES, 0) + json_text
 
 
-def decode_engine(frame: bytes) -> Notify | bytes:
-    """NOTIFY, or the status JSON (bytes)."""
+def decode_engine(frame: bytes) -> Notify | StatusUpdate:
     kind = _header(frame)
     if kind is Kind.NOTIFY:
         if len(frame) != NOTIFY.size:
@@ -120,12 +132,52 @@ def decode_engine(frame: bytes) -> Notify | bytes:
         if reserved:
             raise WireError("reserved field is not zero")
         return Notify(_code(WireEvent, event), txid, ms)
-    if kind is Kind.STATUS:
+    if kind in (Kind.STATUS, Kind.CHANGES):
         body = frame[STATUS_HEADER.size:]
         if not 1 <= len(body) <= MAX_STATUS or frame[2:4] != b"\0\0":
-            raise WireError("bad STATUS record")
-        return body
+            raise WireError(f"bad {kind.name} record")
+        return StatusUpdate(kind is Kind.STATUS, body)
     raise WireError(f"{kind.name} is not sent by the engine")
+
+
+# The status is a JSON object whose "transactions" are a list of objects, each with a unique
+# "id".  After every transaction most of it is as it was: CHANGES carries the keys whose
+# values changed, the transactions that are new or changed (another object than before:
+# the engine keeps a transaction's object while it stays the same), and the order of the
+# ids.
+
+def make_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """What turns `old` into `new` (apply_changes)."""
+    was = {t["id"]: t for t in old.get("transactions") or ()}
+    now = new.get("transactions")
+    return {"set": {k: v for k, v in new.items()
+                    if k != "transactions" and (k not in old or not same(old[k], v))},
+            "unset": [k for k in old if k not in new],
+            # The engine makes a transaction's object again only when it changed.
+            "transactions": [t for t in now or () if was.get(t["id"]) is not t],
+            "order": None if now is None else [t["id"] for t in now]}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON: Python's == has 1 == 1.0 == True."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b)
+
+
+def apply_changes(old: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    new = {k: v for k, v in old.items() if k not in changes["unset"]}
+    new.update(changes["set"])
+    new.pop("transactions", None)
+    if changes["order"] is not None:
+        by_id = {t["id"]: t for t in old.get("transactions") or ()}
+        by_id.update((t["id"], t) for t in changes["transactions"])
+        new["transactions"] = [by_id[i] for i in changes["order"]]
+    return new
 
 
 # --- frontend -> engine ------------------------------------------------------------------
