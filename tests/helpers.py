@@ -151,6 +151,7 @@ class Agent:
         self.extra_args = extra_args
         self.python = PY  # the interpreter (and so the install) the agent runs from
         self.argv_prefix: list[str] | None = None  # in place of `python -I -m agent`
+        self.debug = True  # -d: log at debug level
         self.cwd = REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -161,8 +162,8 @@ class Agent:
     def launch(self, wait: bool = True) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*(self.argv_prefix or [self.python, "-I", "-m", "agent"]), "-n", "-d",
-                 "--config", self.config,
+                [*(self.argv_prefix or [self.python, "-I", "-m", "agent"]), "-n",
+                 *(["-d"] if self.debug else []), "--config", self.config,
                  "--device", self.socket, *self.extra_args], stderr=log, cwd=self.cwd)
         if wait:
             self.wait_registered()
