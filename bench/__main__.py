@@ -10,7 +10,9 @@
    the `[freeze] rcu_expedited` opt-in) against FIFREEZE one filesystem after
    another in-process, as the peer daemons do;
 3. memory and start-up: RSS of parent and child, time from start to ready,
-   against a bare `python -I -c pass`.
+   against a bare `python -I -c pass`;
+4. where the time of a FREEZE of one filesystem goes: the child's system calls
+   under `perf trace`, its FIFREEZE against the baseline's.
 
 Writes the tables to the output file (with the machine and the command) and a
 plot of latency against filesystem count to bench/out/scale.png.  Needs root.
@@ -51,6 +53,7 @@ def main() -> int:
         sections.append(_many(work, [1, 8] if args.quick else [1, 8, 32, 128, 256],
                               64 if args.quick else 256, 2 if args.quick else 3))
         sections.append(_startup(work, 3 if args.quick else 10))
+        sections.append(_one_freeze(work, 5 if args.quick else 15))
     took = time.monotonic() - started
     doc = _document(sections, args, took)
     with open(args.output, "w", encoding="utf-8") as f:
@@ -160,6 +163,27 @@ def _startup(work: str, reps: int) -> str:
         "and a bare `python -I` at rest for the RSS. The frontend is forked from the parent, " \
         "so much of its RSS is pages shared with it.\n\n" + \
         _table(["measure", "agent", "baseline", "ratio"], rows)
+
+
+def _one_freeze(work: str, reps: int) -> str:
+    print(f"\n## 4. One FREEZE, step by step (median of {reps})", flush=True)
+    with devices.filesystems(work, 1, 64) as fss:
+        traced = measure.trace_freeze(work, fss[0].mountpoint, reps)
+    head = "## 4. One FREEZE, step by step\n\n"
+    if traced is None:
+        return head + "Not measured: `perf` is not installed, or it traced nothing."
+    steps, base = traced
+    rows = [[s, f"{ms_:.2f} ms"] for s, ms_ in steps.items()]
+    rows.append(["baseline: FIFREEZE in-process, same filesystem, same run", f"{base:.2f} ms"])
+    return head + "The root child's system calls during a FREEZE of one clean ext4 filesystem, " \
+        "timed from outside by `perf trace` (the kernel's syscall tracepoints): from the " \
+        "request's `recvmsg` to the first `openat` (the thread check), selection (the mount " \
+        "table and every loop device's backing file, to the budget's `pwrite64`), opening " \
+        "and checking the target (the mount table again), the thaw guard's `clone` and what " \
+        "follows it before `syncfs`, the FIFREEZE `ioctl`, and from its return to the " \
+        "reply's `sendto` (the guard stopped and reaped). The last row is the baseline's " \
+        "FIFREEZE, timed around the ioctl, in turns with the agent's.\n\n" + \
+        _table(["step", "median"], rows)
 
 
 def _plot(points: list[tuple[int, dict[str, measure.Run]]]) -> None:

@@ -6,6 +6,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -264,3 +266,83 @@ def startup(workdir: str, mount: str, reps: int,
                     int(stats(frss).p50)), stats(bare_t).p50, bare_rss)
 
 
+
+
+# --- 4. where one FREEZE's time goes -----------------------------------------------------------
+
+TRACED = "recvmsg,sendto,clone,syncfs,ioctl,pwrite64,wait4,openat"
+STEPS = ("request to work", "selection", "open and check", "fork of the thaw guard",
+         "fork to syncfs", "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
+
+
+def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float], float] | None:
+    """The child's system calls during FREEZE on one filesystem, seen from outside with
+    `perf trace` (timestamps and durations from the kernel's tracepoints), against the
+    FIFREEZE ioctl of the baseline in the same run: (median milliseconds per step, the
+    baseline's FIFREEZE).  None without perf."""
+    if shutil.which("perf") is None:
+        return None
+    out = os.path.join(workdir, "perf-trace.txt")
+    agent = shipped_agent(os.path.join(workdir, "agent-traced"), [mount])
+    base: list[float] = []
+    try:
+        tracer = subprocess.Popen(["perf", "trace", "-T", "-o", out, "-e", TRACED,
+                                   "-p", str(agent.child.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # perf attaches
+        for _ in range(reps):
+            time.sleep(IDLE)
+            f = agent.sim.request("freeze", timeout=60)
+            t = agent.sim.request("thaw", timeout=60)
+            assert f.status == 0 and t.status == 0, (f, t)
+            time.sleep(IDLE)
+            fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+            start = time.monotonic()
+            fcntl.ioctl(fd, FIFREEZE, 0)
+            base.append(time.monotonic() - start)
+            sequential_thaw([fd])
+        time.sleep(0.5)
+        tracer.terminate()
+        tracer.wait(10)
+    finally:
+        agent.stop()
+    steps = _freeze_steps(out)
+    if not steps:
+        return None
+    return ({s: stats([x[i] for x in steps]).p50 for i, s in enumerate(STEPS)},
+            stats(base).p50 * 1e3)
+
+
+def _freeze_steps(path: str) -> list[tuple[float, ...]]:
+    """Per FREEZE (a request whose handling forks), the milliseconds of each of STEPS."""
+    calls = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"\s*([\d.]+) \(\s*([\d.]+) ms\): (\w+)\((.*)", line)
+            if m:
+                calls.append((float(m[1]), float(m[2]), m[3], m[4]))
+    out: list[tuple[float, ...]] = []
+    for i, (t0, _, name, _) in enumerate(calls):
+        if name != "recvmsg":
+            continue
+        ev: dict[str, float] = {}
+        for t, d, n, args in calls[i + 1:]:
+            if n == "recvmsg":
+                break
+            if n == "openat":
+                ev.setdefault("work", t)
+            elif n == "pwrite64":  # the budget, saved once selection is done
+                ev.setdefault("selected", t)
+            elif n == "clone":
+                ev["fork"], ev["forked"] = t, t + d
+            elif n == "syncfs":
+                ev.setdefault("syncfs", t)
+            elif n == "ioctl" and "0x77" in args:  # FIFREEZE, _IOWR('X', 119, int)
+                ev["fz"], ev["fz_end"] = t, t + d
+            elif n == "sendto" and "fz" in ev:
+                ev.setdefault("reply", t)
+        if {"work", "selected", "fork", "syncfs", "fz", "reply"} <= ev.keys():
+            out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["fork"] - ev["selected"],
+                        ev["forked"] - ev["fork"], ev["syncfs"] - ev["forked"],
+                        ev["fz"] - ev["syncfs"], ev["fz_end"] - ev["fz"],
+                        ev["reply"] - ev["fz_end"]))
+    return out
