@@ -42,6 +42,9 @@ from privileged.config import ChildConfig, ConfigError, load_child_config
 from privileged.device import Identity, identify, open_device
 from privileged.freezer import FreezeFailed, Freezer, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
+from privileged.rcu import PATH as RCU_PATH
+from privileged.rcu import Expedite
+from privileged.rcu import recover as recover_rcu
 from privileged.sandbox import confine_child
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
@@ -97,6 +100,7 @@ class Child:
     reopens: Bucket = field(default_factory=lambda: Bucket(REOPEN_BURST, 1 / REOPEN_EVERY,
                                                           REOPEN_BURST, time.monotonic()))
     recovered: int = 0  # filesystems thawed at start-up from a predecessor's crash record
+    expedite: Expedite | None = None  # [freeze] rcu_expedited (Linux)
     next_seq: int = 1
     signals: list[int] = field(default_factory=list)  # appended to by the signal handler
 
@@ -206,10 +210,17 @@ class Child:
         self.budget.save(self.statedir)  # spent before anything is frozen: a crash keeps it
         self.statedir.write([(m.fs_key, m.mountpoint) for m in sel.targets])
         self.frozen_since, self.deadline = start, start + window
+        if self.expedite is not None:
+            try:
+                self.expedite.on(self.statedir.note_rcu)
+            except OSError as e:  # nothing is frozen yet: say so, and freeze as usual
+                log.warning("[freeze] rcu_expedited: cannot set it: %s", e.strerror or e)
         try:
             held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
-                              deadline=self.deadline, clock=self.clock)
+                              deadline=self.deadline, clock=self.clock, levels=sel.levels,
+                              at_deadline=self.unexpedite)
         except FreezeFailed as e:
+            self.unexpedite()
             self.statedir.clear()
             self.refund()
             # Logged only now, after the rollback: never while anything is frozen.
@@ -217,6 +228,8 @@ class Child:
             self.answer(req, Status.FAILED, err=e.errno, mount=e.mountpoint,
                         elapsed_us=int((self.clock() - start) * 1e6))
             return
+        finally:
+            self.unexpedite()
         elapsed_us = int((self.clock() - start) * 1e6)
         for h in held:
             if h.fd is None:
@@ -231,6 +244,11 @@ class Child:
                 log.warning("%s was already frozen by someone else: counted, and left to them",
                             h.mountpoint)
         log.info("FROZEN: %s", ", ".join(h.mountpoint for h in held) or "nothing")
+
+    def unexpedite(self) -> None:
+        """Back to the system's own RCU setting (if we changed it), at once."""
+        if self.expedite is not None:
+            self.expedite.off(self.statedir.rcu_restored)
 
     def refund(self) -> None:
         """Give back the part of the last FREEZE's window that was not spent frozen."""
@@ -380,17 +398,30 @@ def start(args: argparse.Namespace, channel: Channel, stop: list[int]) -> Child:
     # Before anything else: thaw what a killed predecessor left frozen.  Its freeze
     # window was taken from the budget before it froze, so the budget is right as it is.
     recovered = 0
-    records = statedir.read()
+    records, rcu_left = statedir.read(), statedir.read_rcu()
     if records:
         for note in freezer.recover(records):
             log.warning("recovery: %s", note)
             recovered += note.startswith("thawed")
+    if rcu_left is not None:
+        try:
+            log.warning("recovery: %s", recover_rcu(rcu_left))
+        except OSError as e:
+            log.error("recovery: cannot restore %s to %s: %s", RCU_PATH, rcu_left,
+                      e.strerror or e)
+    if records or rcu_left is not None:
         statedir.clear()
+    expedite = None
+    if cfg.freeze.rcu_expedited:
+        if freezer.platform.freeze_outlives_holder:  # Linux
+            expedite = Expedite.open()
+        else:
+            log.warning("[freeze] rcu_expedited is for Linux only: ignored")
     watchdog = cfg.watchdog
     budget = Bucket.load(statedir, watchdog.budget_seconds, watchdog.budget_seconds_per_hour,
                          time.monotonic())
     return Child(channel, freezer, cfg, args.device, statedir, budget, signals=stop,
-                 device_identity=device_identity, recovered=recovered)
+                 device_identity=device_identity, recovered=recovered, expedite=expedite)
 
 
 def main(argv: list[str] | None = None) -> int:

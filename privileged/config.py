@@ -33,6 +33,7 @@ class FreezeConfig:
     only: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     presync: bool = True
+    rcu_expedited: bool = False  # Linux: /sys/kernel/rcu_expedited = 1 while freezing
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ def parse_child_sections(doc: Mapping[str, Any]) -> ChildConfig:
         only=f.strings("only", absolute=True),
         exclude=f.strings("exclude"),
         presync=f.boolean("presync", True),
+        rcu_expedited=f.boolean("rcu_expedited", False),
     )
     f.done()
     c = Section("check", doc.get("check"))

@@ -104,6 +104,7 @@ def _libc_syncfs() -> Callable[[int], None]:
 
 class LinuxFreezer:
     platform = LINUX
+    concurrent = True  # independent targets at once (privileged/concurrent.py)
 
     def __init__(self, mounts: Callable[[], list[Mount]] = read_mounts) -> None:
         # Resolved now: no library loading once the sandbox is on.

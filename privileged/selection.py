@@ -78,6 +78,9 @@ class Decision:
 @dataclass(slots=True)
 class Selection:
     targets: list[Mount] = field(default_factory=list)  # in freeze order
+    # The same targets by dependency level: each level is frozen after the one before it,
+    # the filesystems of one level independently of each other (at once, on Linux).
+    levels: list[list[int]] = field(default_factory=list)  # indices into targets
     decisions: list[Decision] = field(default_factory=list)
     missing_only: list[str] = field(default_factory=list)  # [freeze] only entries not found
 
@@ -163,7 +166,31 @@ def select_targets(mounts: Sequence[Mount], cfg: ChildConfig, plat: Platform) ->
     }
     sel.missing_only = [p for p in cfg.freeze.only if p not in found]
     sel.targets = order(chosen, mounts)
+    sel.levels = levels(sel.targets, mounts)
     return sel
+
+
+def levels(targets: Sequence[Mount], mounts: Sequence[Mount]) -> list[list[int]]:
+    """Dependency levels of targets in freeze order: a target's level is one above the
+    highest of those that must be frozen before it (a filesystem mounted inside it, a
+    loop-backed filesystem whose image it holds), and `/` has a level of its own, last.
+    Indices within a level keep the freeze order."""
+    after: dict[str, set[str]] = {m.fs_key: set() for m in targets}
+    for earlier, later in _dependencies(targets, mounts).items():
+        for k in later:
+            after[k].add(earlier)
+    level: dict[str, int] = {}
+    for m in targets:  # freeze order: whatever must precede m has its level already
+        level[m.fs_key] = 1 + max((level[e] for e in after[m.fs_key] if e in level),
+                                  default=-1)
+    top = max(level.values(), default=-1)
+    for m in targets:
+        if m.mountpoint == "/":
+            level[m.fs_key] = top + 1
+    out: list[list[int]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for i, m in enumerate(targets):
+        out[level[m.fs_key]].append(i)
+    return [lv for lv in out if lv]
 
 
 def order(chosen: Sequence[tuple[int, Mount]], mounts: Sequence[Mount]) -> list[Mount]:
@@ -198,23 +225,36 @@ def order(chosen: Sequence[tuple[int, Mount]], mounts: Sequence[Mount]) -> list[
 
 
 def _dependencies(targets: Sequence[Mount], mounts: Sequence[Mount]) -> dict[str, set[str]]:
-    """fs_key -> the fs_keys that must be frozen after it."""
+    """fs_key -> the fs_keys that must be frozen after it.  Found by walking up each
+    target's mountpoint and backing file, not by comparing every pair: hundreds of
+    targets are common on hosts with many volumes."""
     keys = {m.fs_key for m in targets}
     # Every mountpoint of each target filesystem, to match bind mounts too.
-    mountpoints: dict[str, list[str]] = {k: [] for k in keys}
+    at: dict[str, set[str]] = {}
+    newest: dict[str, str] = {}  # mountpoint -> fs_key of the last mount there
     for m in mounts:
-        if m.fs_key in mountpoints:
-            mountpoints[m.fs_key].append(m.mountpoint)
+        newest[m.mountpoint] = m.fs_key
+        if m.fs_key in keys:
+            at.setdefault(m.mountpoint, set()).add(m.fs_key)
     must_precede: dict[str, set[str]] = {k: set() for k in keys}
     for a in targets:
-        for b in targets:
-            if a.fs_key != b.fs_key and any(
-                    under(a.mountpoint, p) and a.mountpoint != p for p in mountpoints[b.fs_key]):
-                must_precede[a.fs_key].add(b.fs_key)
-        holder = _holder_of(a.backing_file, mounts) if a.backing_file else None
-        if holder in keys and holder != a.fs_key:
-            must_precede[a.fs_key].add(holder)
+        for p in _ancestors(a.mountpoint):
+            must_precede[a.fs_key] |= at.get(p, set()) - {a.fs_key}
+        if a.backing_file:
+            holder = next((newest[p] for p in (a.backing_file, *_ancestors(a.backing_file))
+                           if p in newest), None)
+            if holder in keys and holder != a.fs_key:
+                must_precede[a.fs_key].add(holder)
     return must_precede
+
+
+def _ancestors(path: str) -> list[str]:
+    """The directories above a path, nearest first, `/` last."""
+    out = []
+    while path not in ("/", ""):
+        path = path.rsplit("/", 1)[0] or "/"
+        out.append(path)
+    return out
 
 
 def _holder_of(path: str, mounts: Sequence[Mount]) -> str | None:

@@ -97,6 +97,7 @@ def toml_section(name: str, values: dict[str, object]) -> str:
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
                  max_frozen: float = 30, budget: float | None = None,
                  budget_per_hour: float | None = None, presync: bool = True,
+                 rcu_expedited: bool = False,
                  kernel_timeout: float = 15.0, extra: str = "",
                  frontend: bool = True, notify: dict[str, object] | None = None,
                  control: dict[str, object] | None = None,
@@ -122,6 +123,7 @@ kernel_timeout = {kernel_timeout}
 [freeze]
 only = [{only}]
 presync = {"true" if presync else "false"}
+{"rcu_expedited = true" if rcu_expedited else ""}
 [watchdog]
 max_frozen_seconds = {max_frozen}
 {f"budget_seconds = {budget}" if budget is not None else ""}
