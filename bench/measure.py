@@ -123,9 +123,13 @@ def shipped_config(path: str, workdir: str, mounts: list[str], frontend: bool = 
         text = f.read()
     chroot = os.path.join(workdir, "empty")
     os.makedirs(chroot, mode=0o755, exist_ok=True)
-    keys = "".join(f"{k} = {'true' if v else 'false'}\n" for k, v in freeze.items())
+    for key, value in freeze.items():  # a [freeze] key the shipped file sets, or a new one
+        line = f"{key} = {'true' if value else 'false'}"
+        text, found = re.subn(rf"^{key} = \S+", line, text, count=1, flags=re.MULTILINE)
+        if not found:
+            text = text.replace("only = []", f"only = []\n{line}", 1)
     for old, new in (
-            ("only = []", "only = [" + ", ".join(json.dumps(m) for m in mounts) + "]\n" + keys),
+            ("only = []", "only = [" + ", ".join(json.dumps(m) for m in mounts) + "]"),
             ('dir = "/run/hv-vss-agent"', f"dir = {json.dumps(os.path.join(workdir, 'state'))}"),
             ('chroot = "/var/empty"', f"chroot = {json.dumps(chroot)}"),
             *([('# socket = "/run/hv-vss-agent/notify.sock"',
