@@ -4,15 +4,18 @@
 
 1. control path: one CHECK round trip, simulator -> parent -> child -> back,
    against a bare socketpair ping-pong between two Python processes;
-2. FREEZE latency and longest writer stall on 1, 8 and 32 scratch filesystems,
-   clean and with 256 MiB of dirty data, pre-freeze syncfs on and off, against
-   the same FIFREEZE sequence done in-process with no agent at all;
+2. many filesystems: FREEZE, THAW and the longest blocked write of a writer per
+   filesystem, on 1, 8, 32, 128 and 256 scratch ext4 filesystems (zram), clean
+   and with 256 MiB of dirty data, the agent with its shipped config (and with
+   the `[freeze] rcu_expedited` opt-in) against FIFREEZE one filesystem after
+   another in-process, as the peer daemons do;
 3. memory and start-up: RSS of parent and child, time from start to ready,
    against a bare `python -I -c pass`;
-4. scale: FREEZE and THAW latency as mounts grow to 256, against bare ioctls.
+4. where the time of a FREEZE of one filesystem goes: the child's system calls
+   under `perf trace`, its FIFREEZE against the baseline's.
 
-Writes the table to the output file (with the machine and the command) and a
-plot of latency against mount count to bench/out/scale.png.  Needs root.
+Writes the tables to the output file (with the machine and the command) and a
+plot of latency against filesystem count to bench/out/scale.png.  Needs root.
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ import sys
 import tempfile
 import time
 
-from agent.dev import scratch
-from bench import measure
+from bench import devices, measure
 from bench.common import kib, machine, ms, ratio
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -38,16 +40,20 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: needs root (it makes and freezes loop-device filesystems)", file=sys.stderr)
         return 1
+    missing = devices.missing_tools()
+    if missing:
+        print(f"bench: missing {', '.join(missing)}", file=sys.stderr)
+        return 1
     os.makedirs(OUT_DIR, exist_ok=True)
     started = time.monotonic()
     sections: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hvvss-bench-", dir="/tmp") as work:
         os.chmod(work, 0o755)
         sections.append(_control(work, 200 if args.quick else 2000))
-        sections.append(_freeze(work, [1, 8] if args.quick else [1, 8, 32],
-                                64 if args.quick else 256, 2 if args.quick else 3))
+        sections.append(_many(work, [1, 8] if args.quick else [1, 8, 32, 128, 256],
+                              64 if args.quick else 256, 2 if args.quick else 3))
         sections.append(_startup(work, 3 if args.quick else 10))
-        sections.append(_scale(work, 16 if args.quick else 256, 3))
+        sections.append(_one_freeze(work, 5 if args.quick else 15))
     took = time.monotonic() - started
     doc = _document(sections, args, took)
     with open(args.output, "w", encoding="utf-8") as f:
@@ -66,7 +72,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _control(work: str, n: int) -> str:
     print(f"\n## 1. Control path ({n} CHECKs)", flush=True)
-    with scratch.filesystems(work, ["ext4"]) as fss:
+    with devices.filesystems(work, 1, 64) as fss:
         agent, with_frontend, bare = measure.control_path(work, fss[0].mountpoint, n)
     rows = []
     for label, run in (("", agent), (", with frontend", with_frontend)):
@@ -80,36 +86,66 @@ def _control(work: str, n: int) -> str:
         _table(["measure", "agent", "baseline", "ratio"], rows)
 
 
-def _freeze(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
-    print(f"\n## 2. FREEZE latency and write stall ({dirty_mb} MiB dirty, median of {reps})",
+def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
+    print(f"\n## 2. Many filesystems ({dirty_mb} MiB dirty or none, median of {reps})",
           flush=True)
-    rows = []
+    rows: list[list[str]] = []
+    points: list[tuple[int, dict[str, measure.Run]]] = []
     for n in counts:
-        size = max(64, 2 * dirty_mb // n + 32)
-        with scratch.filesystems(work, ["ext4"] * n, size_mb=size,
-                                options=measure.QUIET) as fss:
+        with devices.filesystems(work, n, max(64, 2 * dirty_mb // n + 32)) as fss:
             mounts = [fs.mountpoint for fs in fss]
             for dirty in (0, dirty_mb):
-                for presync in (True, False):
-                    lat, stall, blat, bstall = measure.freeze_and_stall(
-                        work, mounts, dirty, presync, reps)
-                    rows.append([str(n), f"{dirty} MiB", "on" if presync else "off",
-                                 ms(lat), ms(blat), ratio(lat, blat),
-                                 ms(stall), ms(bstall), ratio(stall, bstall)])
+                runs = measure.freeze_many(work, mounts, dirty, reps)
+                if not dirty:
+                    points.append((n, runs))
+                base = runs[measure.BASELINE]
+                for way, r in runs.items():
+                    rows.append([str(n), f"{dirty} MiB", way,
+                                 ms(r.freeze), ratio(r.freeze, base.freeze),
+                                 ms(r.thaw), ratio(r.thaw, base.thaw),
+                                 ms(r.stall), ratio(r.stall, base.stall)])
                     print("  " + " | ".join(rows[-1]), flush=True)
-    return "## 2. FREEZE latency and write stall\n\nLatency: host FREEZE sent to reply. " \
-        "Stall: the longest any concurrent writer (one per filesystem, a 4 KiB write every " \
-        "millisecond) waited, the host sending THAW as soon as FREEZE is answered. Baseline: " \
-        "the same syncfs/FIFREEZE/FITHAW sequence in-process, no agent, taking turns with " \
-        "it.\n\n" + _table(
-            ["filesystems", "dirty", "presync", "agent latency", "baseline", "ratio",
-             "agent stall", "baseline", "ratio"], rows)
+    _plot(points)
+    optin = "" if measure.optin_supported() else (
+        " The child of this version has no `[freeze] rcu_expedited` opt-in: no row for it.")
+    return "## 2. Many filesystems\n\n" \
+        f"Scratch ext4 filesystems on {devices.kind()}, mounted `{devices.MOUNT_OPTIONS}`. " \
+        "FREEZE and THAW: host request sent to reply, as the simulator sees it. Longest " \
+        "blocked write: one writer per filesystem writes 4 KiB and times each of its own " \
+        f"writes (every {measure_interval(counts)}); the longest write that was blocked " \
+        "at some point between FREEZE sent and THAW answered, the host sending THAW as " \
+        "soon as FREEZE is answered. " \
+        f"\"{measure.BASELINE}\" is the baseline of every ratio: in the same run, taking " \
+        "turns with the agent, the benchmark opens and FIFREEZEs each filesystem one after " \
+        "another (then FITHAWs them in reverse), as hv_vss_daemon and qemu-ga do, with no " \
+        f"flush first. \"{measure.AGENT}\" is the agent with the shipped " \
+        "`etc/hv-vss-agent.toml` (but `[freeze] only`, `[state] dir` and the chroot, set " \
+        "to the benchmark's own); " \
+        f"\"{measure.OPT_IN}\" the same with `[freeze] rcu_expedited = true`; " \
+        f"\"{measure.EXPEDITED}\" the baseline with `/sys/kernel/rcu_expedited` set to 1 " \
+        "around it by the benchmark: what the kernel's RCU grace periods cost. Every FREEZE " \
+        f"comes {measure.IDLE} s after the last THAW, as in real use: a FIFREEZE takes the " \
+        "superblock's three percpu rw-semaphores for writing, and each waits for an RCU " \
+        "grace period unless that superblock was thawed a few milliseconds before." + \
+        optin + "\n\n" + _table(
+            ["filesystems", "dirty", "who", "FREEZE", "ratio", "THAW", "ratio",
+             "longest blocked write", "ratio"], rows) + \
+        "\n\n![latency against filesystem count](bench/out/scale.png)"
+
+
+def measure_interval(counts: list[int]) -> str:
+    from bench.common import write_interval
+
+    lo, hi = write_interval(min(counts)), write_interval(max(counts))
+    return f"{lo * 1e3:g} ms" if lo == hi else \
+        f"{lo * 1e3:g} ms, up to {hi * 1e3:g} ms at {max(counts)} filesystems, so that " \
+        "two CPUs can keep up"
 
 
 def _startup(work: str, reps: int) -> str:
     print(f"\n## 3. Memory and start-up (median of {reps})", flush=True)
     rows = []
-    with scratch.filesystems(work, ["ext4"]) as fss:
+    with devices.filesystems(work, 1, 64) as fss:
         for frontend in (False, True):
             s, bt, brss = measure.startup(work, fss[0].mountpoint, reps, frontend)
             label = ", with frontend" if frontend else ""
@@ -129,34 +165,28 @@ def _startup(work: str, reps: int) -> str:
         _table(["measure", "agent", "baseline", "ratio"], rows)
 
 
-def _scale(work: str, most: int, reps: int) -> str:
-    print(f"\n## 4. Scale (up to {most} filesystems, median of {reps})", flush=True)
-    rows, points = [], []
-    with measure.many_filesystems(work, most, 16) as fss:
-        n = 1
-        while n <= len(fss):
-            p = measure.scale_point(work, [fs.mountpoint for fs in fss[:n]], reps)
-            points.append(p)
-            rows.append([str(n), ms(p.freeze), ms(p.bare_freeze), ratio(p.freeze, p.bare_freeze),
-                         ms(p.thaw), ms(p.bare_thaw), ratio(p.thaw, p.bare_thaw),
-                         ms(p.bare_freeze_expedited)])
-            print("  " + " | ".join(rows[-1]), flush=True)
-            n *= 2
-    _plot(points)
-    return "## 4. Scale\n\nClean ext4 filesystems (presync on). Baseline: the same ioctls " \
-        "in-process, no agent, taking turns with it. Every FREEZE, the agent's and the " \
-        f"baseline's, comes {measure.IDLE} s after the last THAW, as in real use: a " \
-        "FIFREEZE takes the superblock's three percpu rw-semaphores for writing, and each " \
-        "waits for an RCU grace period unless that superblock was thawed a few milliseconds " \
-        "before. The last column is the baseline again with " \
-        "`/sys/kernel/rcu_expedited` set to 1 for that FREEZE only (restored at once): " \
-        "what the kernel's grace periods cost.\n\n" + _table(
-            ["filesystems", "agent FREEZE", "baseline", "ratio", "agent THAW", "baseline",
-             "ratio", "baseline FREEZE, expedited RCU"], rows) + \
-        "\n\n![latency against mount count](bench/out/scale.png)"
+def _one_freeze(work: str, reps: int) -> str:
+    print(f"\n## 4. One FREEZE, step by step (median of {reps})", flush=True)
+    with devices.filesystems(work, 1, 64) as fss:
+        traced = measure.trace_freeze(work, fss[0].mountpoint, reps)
+    head = "## 4. One FREEZE, step by step\n\n"
+    if traced is None:
+        return head + "Not measured: `perf` is not installed, or it traced nothing."
+    steps, base = traced
+    rows = [[s, f"{ms_:.2f} ms"] for s, ms_ in steps.items()]
+    rows.append(["baseline: FIFREEZE in-process, same filesystem, same run", f"{base:.2f} ms"])
+    return head + "The root child's system calls during a FREEZE of one clean ext4 filesystem, " \
+        "timed from outside by `perf trace` (the kernel's syscall tracepoints): from the " \
+        "request's `recvmsg` to the first `openat` (the thread check), selection (the mount " \
+        "table and every loop device's backing file, to the budget's `pwrite64`), opening " \
+        "and checking the target (the mount table again), the thaw guard's `clone` and what " \
+        "follows it before `syncfs`, the FIFREEZE `ioctl`, and from its return to the " \
+        "reply's `sendto` (the guard stopped and reaped). The last row is the baseline's " \
+        "FIFREEZE, timed around the ioctl, in turns with the agent's.\n\n" + \
+        _table(["step", "median"], rows)
 
 
-def _plot(points: list[measure.ScalePoint]) -> None:
+def _plot(points: list[tuple[int, dict[str, measure.Run]]]) -> None:
     try:
         import matplotlib
 
@@ -165,22 +195,22 @@ def _plot(points: list[measure.ScalePoint]) -> None:
     except ImportError:
         print("  (matplotlib not installed: no plot)", file=sys.stderr)
         return
-    n = [p.mounts for p in points]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for series, label, style in (
-            ([p.freeze for p in points], "agent FREEZE", "o-"),
-            ([p.bare_freeze for p in points], "bare FIFREEZE", "o--"),
-            ([p.bare_freeze_expedited for p in points], "bare FIFREEZE, expedited RCU", "^:"),
-            ([p.thaw for p in points], "agent THAW", "s-"),
-            ([p.bare_thaw for p in points], "bare FITHAW", "s--")):
-        ax.plot(n, [x * 1e3 for x in series], style, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("filesystems frozen")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title("FREEZE/THAW latency against mount count")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
+    n = [p[0] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {measure.BASELINE: "o--", measure.AGENT: "o-", measure.OPT_IN: "^-",
+              measure.EXPEDITED: "^:"}
+    for way, style in styles.items():
+        if all(way in p[1] for p in points):
+            left.plot(n, [p[1][way].freeze * 1e3 for p in points], style, label=f"{way}")
+            right.plot(n, [p[1][way].stall * 1e3 for p in points], style, label=f"{way}")
+    for ax, what in ((left, "FREEZE latency"), (right, "longest blocked write")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("filesystems frozen (clean ext4)")
+        ax.set_ylabel(f"{what} (ms)")
+        ax.set_title(what)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(os.path.join(OUT_DIR, "scale.png"), dpi=110)
 
@@ -191,7 +221,7 @@ def _document(sections: list[str], args: argparse.Namespace, took: float) -> str
             "Every figure is next to a baseline measured in the same run; the ratio is "
             "agent / baseline. The kernel side is the built-in simulator; the filesystems, "
             "freezes and processes are real. The agent runs the shipped default config "
-            "(`etc/hv-vss-agent.toml`: no frontend) unless a row says \"with frontend\". "
+            "(`etc/hv-vss-agent.toml`: no frontend) unless a row says otherwise. "
             "Tests never assert on these numbers.\n\n"
             + "\n\n".join(sections) + "\n")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -14,21 +16,16 @@ from dataclasses import dataclass
 
 import psutil
 
-from agent.dev import scratch
 from bench.common import StallMeter, Stats, stats
 from tests.helpers import Agent
 
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
-# No background inode-table zeroing (ext4lazyinit) on the new filesystems: it writes to them
-# for minutes after mkfs, and a freeze waits for it, whoever asks.
-QUIET = "noinit_itable"
 # FIFREEZE takes the superblock's three percpu rw-semaphores for writing; each waits for an
 # RCU grace period (~8 ms here) unless the same superblock was thawed in the last few ms.
 # Every timed FREEZE, the agent's and the baseline's, comes this long after the last THAW,
 # as a host's FREEZE does in real use.
 IDLE = 0.3
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
-_libc = ctypes.CDLL(None, use_errno=True)
 
 PINGPONG = r"""
 import socket, sys, time
@@ -63,7 +60,7 @@ def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats, Stats]
     bare = stats([float(x) for x in out.stdout.split()])
     runs = []
     for frontend in (False, True):
-        agent = Agent(workdir, [mount], frontend=frontend).start()
+        agent = shipped_agent(workdir, [mount], frontend=frontend)
         try:
             for _ in range(50):  # warm up
                 agent.sim.request("check")
@@ -73,7 +70,7 @@ def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats, Stats]
     return runs[0], runs[1], bare
 
 
-# --- 2. freeze latency and write stall ---------------------------------------------------
+# --- 2. freezing many filesystems ----------------------------------------------------------
 
 def dirty(mounts: list[str], total_mb: int) -> None:
     """Leave total_mb of dirty page cache spread over the filesystems (no fsync)."""
@@ -88,58 +85,148 @@ def dirty(mounts: list[str], total_mb: int) -> None:
             os.close(fd)
 
 
-def bare_freeze(mounts: list[str], presync: bool) -> tuple[float, list[int]]:
-    """What the child does, in-process, without any of the agent: the floor."""
-    fds = [os.open(m, os.O_RDONLY | os.O_DIRECTORY) for m in mounts]
+def sequential_freeze(mounts: list[str]) -> tuple[float, list[int]]:
+    """What the peer daemons do (hv_vss_daemon, qemu-ga): open and FIFREEZE each
+    filesystem, one after another, in-process, no flush before."""
     start = time.monotonic()
-    if presync:
-        for fd in fds:
-            _libc.syncfs(fd)
-    for fd in fds:
-        fcntl.ioctl(fd, FIFREEZE, 0)
+    fds: list[int] = []
+    try:
+        for m in mounts:
+            fds.append(os.open(m, os.O_RDONLY | os.O_DIRECTORY))
+            fcntl.ioctl(fds[-1], FIFREEZE, 0)
+    except BaseException:
+        sequential_thaw(fds)
+        raise
     return time.monotonic() - start, fds
 
 
-def bare_thaw(fds: list[int]) -> float:
+def sequential_thaw(fds: list[int]) -> float:
     start = time.monotonic()
     for fd in reversed(fds):
-        fcntl.ioctl(fd, FITHAW, 0)
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, FITHAW, 0)
         os.close(fd)
     return time.monotonic() - start
 
 
-def freeze_and_stall(workdir: str, mounts: list[str], dirty_mb: int, presync: bool,
-                     reps: int) -> tuple[float, float, float, float]:
-    """(agent FREEZE latency, agent stall, bare latency, bare stall), medians.  Agent and
-    baseline take turns, so both see the same state of the machine."""
+SHIPPED_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "etc", "hv-vss-agent.toml")
+
+
+def shipped_config(path: str, workdir: str, mounts: list[str], frontend: bool = False,
+                   **freeze: bool) -> None:
+    """etc/hv-vss-agent.toml as shipped, but for what must change on a shared machine: the
+    filesystems it may freeze ([freeze] only: ours alone), its state directory and chroot
+    (in the run's directory); and the `[freeze]` keys given, and with `frontend` the
+    subscriber and control sockets (in the run's directory)."""
+    with open(SHIPPED_CONFIG, encoding="utf-8") as f:
+        text = f.read()
+    chroot = os.path.join(workdir, "empty")
+    os.makedirs(chroot, mode=0o755, exist_ok=True)
+    for key, value in freeze.items():  # a [freeze] key the shipped file sets, or a new one
+        line = f"{key} = {'true' if value else 'false'}"
+        text, found = re.subn(rf"^{key} = \S+", line, text, count=1, flags=re.MULTILINE)
+        if not found:
+            text = text.replace("only = []", f"only = []\n{line}", 1)
+    for old, new in (
+            ("only = []", "only = [" + ", ".join(json.dumps(m) for m in mounts) + "]"),
+            ('dir = "/run/hv-vss-agent"', f"dir = {json.dumps(os.path.join(workdir, 'state'))}"),
+            ('chroot = "/var/empty"', f"chroot = {json.dumps(chroot)}"),
+            *([('# socket = "/run/hv-vss-agent/notify.sock"',
+                f"socket = {json.dumps(os.path.join(workdir, 'notify.sock'))}"),
+               ('# socket = "/run/hv-vss-agent/control.sock"',
+                f"socket = {json.dumps(os.path.join(workdir, 'control.sock'))}")]
+              if frontend else [])):
+        assert old in text, f"{SHIPPED_CONFIG} has no line {old!r} any more"
+        text = text.replace(old, new, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def shipped_agent(workdir: str, mounts: list[str], *, frontend: bool = False,
+                  start: bool = True, **freeze: bool) -> Agent:
+    """The real agent (tests/helpers.py) on the shipped config (shipped_config)."""
+    os.makedirs(workdir, mode=0o755, exist_ok=True)
+    agent = Agent(workdir, mounts)
+    agent.debug = False  # as shipped: info and above
+    shipped_config(agent.config, workdir, mounts, frontend, **freeze)
+    return agent.start() if start else agent
+
+
+@dataclass
+class Run:
+    """Medians of one way of freezing, at one count of filesystems."""
+
+    freeze: float
+    thaw: float
+    stall: float
+
+
+BASELINE = "sequential (peers)"
+AGENT = "agent"
+OPT_IN = "agent, rcu_expedited"
+EXPEDITED = "sequential, rcu_expedited"
+
+
+def optin_supported() -> bool:
+    """Does the child know `[freeze] rcu_expedited`? (Its own reader: child_config.py.)"""
+    from privileged import child_config
+
+    with open(child_config.__file__, encoding="utf-8") as f:
+        return "rcu_expedited" in f.read()
+
+
+def freeze_many(workdir: str, mounts: list[str], dirty_mb: int, reps: int) -> dict[str, Run]:
+    """FREEZE, THAW and the longest blocked write, each way in turn within every repetition
+    (so all see the same state of the machine); the host sends THAW as soon as FREEZE is
+    answered, and every FREEZE comes IDLE seconds after the last THAW."""
     meter = StallMeter(mounts)
-    a_lat, a_stall, b_lat, b_stall = [], [], [], []
-    agent = Agent(workdir, mounts, presync=presync, frontend=False)
+    agents: dict[str, Agent] = {}
+    samples: dict[str, list[tuple[float, float, float]]] = {}
     try:
-        agent.start()
+        agents[AGENT] = shipped_agent(os.path.join(workdir, "agent"), mounts)
+        if optin_supported():
+            agents[OPT_IN] = shipped_agent(os.path.join(workdir, "agent-optin"), mounts,
+                                           rcu_expedited=True)
+        ways = [BASELINE, AGENT, *([OPT_IN] if OPT_IN in agents else []), EXPEDITED]
         for _ in range(reps):
-            if dirty_mb:
-                dirty(mounts, dirty_mb)
-            t0 = time.monotonic()
-            freeze = agent.sim.request("freeze", timeout=120)
-            assert freeze.status == 0, freeze
-            agent.sim.request("thaw", timeout=60)
-            a_lat.append(freeze.latency)
-            a_stall.append(meter.stall(t0, time.monotonic()))
-            time.sleep(IDLE)
-            if dirty_mb:
-                dirty(mounts, dirty_mb)
-            t0 = time.monotonic()
-            lat, fds = bare_freeze(mounts, presync)
-            bare_thaw(fds)
-            b_lat.append(lat)
-            b_stall.append(meter.stall(t0, time.monotonic()))
-            time.sleep(IDLE)
+            for way in ways:
+                if dirty_mb:
+                    dirty(mounts, dirty_mb)
+                time.sleep(IDLE)
+                t0 = time.monotonic()
+                if way in agents:
+                    f = agents[way].sim.request("freeze", timeout=120)
+                    t = agents[way].sim.request("thaw", timeout=120)
+                    assert f.status == 0 and t.status == 0, (way, f, t)
+                    fz, th = f.latency, t.latency
+                else:
+                    with rcu_expedited() if way == EXPEDITED else contextlib.nullcontext():
+                        fz, fds = sequential_freeze(mounts)
+                        th = sequential_thaw(fds)
+                stall = meter.stall(t0, time.monotonic())
+                samples.setdefault(way, []).append((fz, th, stall))
     finally:
-        agent.stop()
+        for a in agents.values():
+            a.stop()
         meter.close()
-    med = [stats(x).p50 for x in (a_lat, a_stall, b_lat, b_stall)]
-    return med[0], med[1], med[2], med[3]
+    return {way: Run(*(stats([x[i] for x in xs]).p50 for i in range(3)))
+            for way, xs in samples.items()}
+
+
+@contextlib.contextmanager
+def rcu_expedited() -> Iterator[None]:
+    """The kernel's RCU grace periods expedited, for this block only (a global setting)."""
+    with open(RCU_EXPEDITED, encoding="ascii") as f:
+        before = f.read().strip()
+    with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
+            f.write(before)
 
 
 # --- 3. memory and start-up -----------------------------------------------------------------
@@ -157,7 +244,7 @@ def startup(workdir: str, mount: str, reps: int,
     """(the agent's medians, bare start seconds, bare RSS at rest)."""
     times, prss, crss, frss = [], [], [], []
     for _ in range(reps):
-        agent = Agent(workdir, [mount], frontend=frontend)
+        agent = shipped_agent(workdir, [mount], frontend=frontend, start=False)
         agent.sim.start()
         t = time.monotonic()
         agent.launch(wait=True)
@@ -183,75 +270,83 @@ def startup(workdir: str, mount: str, reps: int,
                     int(stats(frss).p50)), stats(bare_t).p50, bare_rss)
 
 
-# --- 4. scale --------------------------------------------------------------------------------
 
-def scale_point(workdir: str, mounts: list[str], reps: int) -> ScalePoint:
-    """Latency medians for these mounts, agent and baseline taking turns, each FREEZE a
-    while after the last THAW (see IDLE)."""
-    agent = Agent(workdir, mounts, frontend=False).start()
-    fz, th, bf, bt, ef = [], [], [], [], []
+
+# --- 4. where one FREEZE's time goes -----------------------------------------------------------
+
+TRACED = "recvmsg,sendto,clone,syncfs,ioctl,pwrite64,wait4,openat"
+STEPS = ("request to work", "selection", "open and check", "fork of the thaw guard",
+         "fork to syncfs", "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
+
+
+def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float], float] | None:
+    """The child's system calls during FREEZE on one filesystem, seen from outside with
+    `perf trace` (timestamps and durations from the kernel's tracepoints), against the
+    FIFREEZE ioctl of the baseline in the same run: (median milliseconds per step, the
+    baseline's FIFREEZE).  None without perf."""
+    if shutil.which("perf") is None:
+        return None
+    out = os.path.join(workdir, "perf-trace.txt")
+    agent = shipped_agent(os.path.join(workdir, "agent-traced"), [mount])
+    base: list[float] = []
     try:
+        tracer = subprocess.Popen(["perf", "trace", "-T", "-o", out, "-e", TRACED,
+                                   "-p", str(agent.child.pid)], stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # perf attaches
         for _ in range(reps):
             time.sleep(IDLE)
-            f = agent.sim.request("freeze", timeout=120)
-            t = agent.sim.request("thaw", timeout=120)
+            f = agent.sim.request("freeze", timeout=60)
+            t = agent.sim.request("thaw", timeout=60)
             assert f.status == 0 and t.status == 0, (f, t)
-            fz.append(f.latency)
-            th.append(t.latency)
             time.sleep(IDLE)
-            lat, fds = bare_freeze(mounts, presync=True)
-            bf.append(lat)
-            bt.append(bare_thaw(fds))
-            time.sleep(IDLE)
-            with rcu_expedited():
-                lat, fds = bare_freeze(mounts, presync=True)
-                bare_thaw(fds)
-            ef.append(lat)
+            fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+            start = time.monotonic()
+            fcntl.ioctl(fd, FIFREEZE, 0)
+            base.append(time.monotonic() - start)
+            sequential_thaw([fd])
+        time.sleep(0.5)
+        tracer.terminate()
+        tracer.wait(10)
     finally:
         agent.stop()
-    return ScalePoint(len(mounts), stats(fz).p50, stats(th).p50, stats(bf).p50,
-                      stats(bt).p50, stats(ef).p50)
+    steps = _freeze_steps(out)
+    if not steps:
+        return None
+    return ({s: stats([x[i] for x in steps]).p50 for i, s in enumerate(STEPS)},
+            stats(base).p50 * 1e3)
 
 
-@dataclass
-class ScalePoint:
-    mounts: int
-    freeze: float
-    thaw: float
-    bare_freeze: float
-    bare_thaw: float
-    bare_freeze_expedited: float
-
-
-@contextlib.contextmanager
-def rcu_expedited() -> Iterator[None]:
-    """The kernel's RCU grace periods expedited, for this block only (a global setting)."""
-    with open(RCU_EXPEDITED, encoding="ascii") as f:
-        before = f.read().strip()
-    with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
-        f.write("1")
-    try:
-        yield
-    finally:
-        with open(RCU_EXPEDITED, "w", encoding="ascii") as f:
-            f.write(before)
-
-
-@contextlib.contextmanager
-def many_filesystems(workdir: str, n: int, size_mb: int) -> Iterator[list[scratch.ScratchFS]]:
-    """Up to n ext4 scratch filesystems: as many as this machine allows."""
-    made: list[scratch.ScratchFS] = []
-    try:
-        for i in range(n):
-            try:
-                made.append(scratch.make(workdir, "ext4", name=f"fs{i:03d}", size_mb=size_mb,
-                                         options=QUIET))
-            except scratch.ScratchError as e:
-                print(f"  stopped at {len(made)} filesystems: {e}", file=sys.stderr)
+def _freeze_steps(path: str) -> list[tuple[float, ...]]:
+    """Per FREEZE (a request whose handling forks), the milliseconds of each of STEPS."""
+    calls = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"\s*([\d.]+) \(\s*([\d.]+) ms\): (\w+)\((.*)", line)
+            if m:
+                calls.append((float(m[1]), float(m[2]), m[3], m[4]))
+    out: list[tuple[float, ...]] = []
+    for i, (t0, _, name, _) in enumerate(calls):
+        if name != "recvmsg":
+            continue
+        ev: dict[str, float] = {}
+        for t, d, n, args in calls[i + 1:]:
+            if n == "recvmsg":
                 break
-            if (i + 1) % 32 == 0:
-                print(f"  {i + 1}/{n} scratch filesystems", file=sys.stderr, flush=True)
-        yield made
-    finally:
-        for fs in reversed(made):
-            scratch.destroy(fs)
+            if n == "openat":
+                ev.setdefault("work", t)
+            elif n == "pwrite64":  # the budget, saved once selection is done
+                ev.setdefault("selected", t)
+            elif n == "clone":
+                ev["fork"], ev["forked"] = t, t + d
+            elif n == "syncfs":
+                ev.setdefault("syncfs", t)
+            elif n == "ioctl" and "0x77" in args:  # FIFREEZE, _IOWR('X', 119, int)
+                ev["fz"], ev["fz_end"] = t, t + d
+            elif n == "sendto" and "fz" in ev:
+                ev.setdefault("reply", t)
+        if {"work", "selected", "fork", "syncfs", "fz", "reply"} <= ev.keys():
+            out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["fork"] - ev["selected"],
+                        ev["forked"] - ev["fork"], ev["syncfs"] - ev["forked"],
+                        ev["fz"] - ev["syncfs"], ev["fz_end"] - ev["fz"],
+                        ev["reply"] - ev["fz_end"]))
+    return out

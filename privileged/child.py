@@ -41,6 +41,9 @@ from privileged.child_config import ChildConfig, ConfigError, load_child_config
 from privileged.device import Identity, identify, open_device
 from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
+from privileged.rcu import PATH as RCU_PATH
+from privileged.rcu import Expedite
+from privileged.rcu import recover as recover_rcu
 from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
@@ -105,12 +108,13 @@ class Child:
     def __init__(self, sock: _socket.socket, freezer: Freezer, cfg: ChildConfig,
                  statedir: StateDir, budget: Bucket, *, device: str | None = None,
                  device_identity: Identity | None = None, recovered: int = 0,
-                 signals: list[int] | None = None,
+                 expedite: Expedite | None = None, signals: list[int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sock, self.freezer, self.cfg, self.device = sock, freezer, cfg, device
         self.statedir, self.budget, self.clock = statedir, budget, clock
         self.device_identity = device_identity  # what REOPEN may open: the device at start-up
         self.recovered = recovered  # filesystems thawed from a predecessor's crash record
+        self.expedite = expedite  # [freeze] rcu_expedited (Linux)
         self.signals = signals if signals is not None else []  # the signal handler's flags
         self.state, self.next_seq = THAWED, 1
         self.held: list[Held] = []
@@ -226,10 +230,17 @@ class Child:
         self.budget.save(self.statedir)  # spent before anything is frozen: a crash keeps it
         self.statedir.write([(m.fs_key, m.mountpoint) for m in sel.targets])
         self.frozen_since, self.deadline = start, start + window
+        if self.expedite is not None:
+            try:
+                self.expedite.on(self.statedir.note_rcu)
+            except OSError as e:  # nothing is frozen yet: say so, and freeze as usual
+                log(p.WARNING, f"[freeze] rcu_expedited: cannot set it: {e.strerror or e}")
         try:
             self.held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
-                                   deadline=self.deadline, clock=self.clock)
+                                   deadline=self.deadline, clock=self.clock, levels=sel.levels,
+                                   at_deadline=self.unexpedite)
         except FreezeFailed as e:
+            self.unexpedite()
             self.statedir.clear()
             self.refund()
             # Logged only now, after the rollback: never while anything is frozen.
@@ -237,6 +248,8 @@ class Child:
             self.answer(op, seq, p.FAILED, err=e.errno, mount=e.mountpoint,
                         elapsed_us=int((self.clock() - start) * 1e6))
             return
+        finally:
+            self.unexpedite()
         elapsed_us = int((self.clock() - start) * 1e6)
         theirs = [h for h in self.held if h.fd is None]  # frozen by someone else: not ours
         for h in theirs:
@@ -249,6 +262,11 @@ class Child:
             log(p.WARNING, f"{h.mountpoint} was already frozen by someone else: counted, and "
                            "left to them")
         log(p.INFO, f"FROZEN: {frozen or 'nothing'}")
+
+    def unexpedite(self) -> None:
+        """Back to the system's own RCU setting (if we changed it), at once."""
+        if self.expedite is not None:
+            self.expedite.off(self.statedir.rcu_restored)
 
     def refund(self) -> None:
         """Give back the part of the last FREEZE's window that was not spent frozen."""
@@ -392,17 +410,30 @@ def start(args: dict[str, str], sock: _socket.socket, stop: list[int]) -> Child:
     # Before anything else: thaw what a killed predecessor left frozen.  Its freeze
     # window was taken from the budget before it froze, so the budget is right as it is.
     recovered = 0
-    crashed = statedir.read()
+    crashed, rcu_left = statedir.read(), statedir.read_rcu()
     if crashed:
         for note in freezer.recover(crashed):
             log(p.WARNING, f"recovery: {note}")
             recovered += note.startswith("thawed")
+    if rcu_left is not None:
+        try:
+            log(p.WARNING, f"recovery: {recover_rcu(rcu_left)}")
+        except OSError as e:
+            log(p.ERROR, f"recovery: cannot restore {RCU_PATH} to {rcu_left}: "
+                         f"{e.strerror or e}")
+    if crashed or rcu_left is not None:
         statedir.clear()
+    expedite = None
+    if cfg.freeze.rcu_expedited:
+        if freezer.platform.freeze_outlives_holder:  # Linux
+            expedite = Expedite.open()
+        else:
+            log(p.WARNING, "[freeze] rcu_expedited is for Linux only: ignored")
     watchdog = cfg.watchdog
     budget = Bucket.load(statedir, watchdog.budget_seconds, watchdog.budget_seconds_per_hour,
                          time.monotonic())
     return Child(sock, freezer, cfg, statedir, budget, device=device, signals=stop,
-                 device_identity=device_identity, recovered=recovered)
+                 device_identity=device_identity, recovered=recovered, expedite=expedite)
 
 
 def devices(targets: list[str]) -> list[int]:

@@ -48,8 +48,9 @@ class ConfigError(Exception):
 
 class FreezeConfig:
     def __init__(self, only: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                 presync: bool = True) -> None:
+                 presync: bool = True, rcu_expedited: bool = False) -> None:
         self.only, self.exclude, self.presync = only, exclude, presync
+        self.rcu_expedited = rcu_expedited  # Linux: /sys/kernel/rcu_expedited = 1 while freezing
 
 
 class CheckConfig:
@@ -106,6 +107,9 @@ class Table:
             raise ConfigError(f"[{self.name}] {key}: expected {expected}, got {v!r}")
         return default if v is None else v
 
+    def boolean(self, key: str, default: bool) -> bool:
+        return self.get(key, default, "true or false", lambda v: isinstance(v, bool))
+
     def number(self, key: str, default: float, lo: float, hi: float) -> float:
         v = self.get(key, default, "a number", lambda v: isinstance(v, int | float)
                      and not isinstance(v, bool) and v == v)  # noqa: PLR0124 (not NaN)
@@ -137,7 +141,7 @@ class Table:
 def parse_child_sections(doc: Mapping[str, object]) -> ChildConfig:
     f = Table("freeze", doc.get("freeze"))
     freeze = FreezeConfig(f.strings("only", absolute=True), f.strings("exclude"),
-                          f.get("presync", True, "true or false", lambda v: isinstance(v, bool)))
+                          f.boolean("presync", True), f.boolean("rcu_expedited", False))
     c = Table("check", doc.get("check"))
     check = CheckConfig(c.choice("mode", "default", ("default", "strict")),
                         c.choice("zfs", "ignore", ("ignore", "veto")))

@@ -57,6 +57,7 @@ WHY = {
 
 class FreeBSDFreezer:
     platform = FREEBSD
+    concurrent = False  # UFSSUSPEND: one single-threaded process, or EDEADLK
 
     def __init__(self, kernel: UfsKernel | None = None) -> None:
         self.kernel: UfsKernel = kernel if kernel is not None else LibcUfsKernel()

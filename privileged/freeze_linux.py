@@ -76,6 +76,7 @@ def mount_id(fd: int) -> int:
 
 class LinuxFreezer:
     platform = LINUX
+    concurrent = True  # independent targets at once (privileged/concurrent.py)
 
     def __init__(self, mounts: Callable[[], list[Mount]] = read_mounts) -> None:
         self.mounts = mounts

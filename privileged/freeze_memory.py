@@ -22,6 +22,7 @@ MOUNTS = (
 
 class MemoryFreezer:
     platform = LINUX
+    concurrent = False
 
     def __init__(self) -> None:
         self.frozen: set[str] = set()

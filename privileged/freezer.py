@@ -10,6 +10,11 @@ descriptor).  freeze_all() puts them in order, the same on every system:
   -> flush -> freeze each, in order, telling the guard after each
   -> stop the guard.
 
+On Linux (a backend with `concurrent`), the targets of one dependency level
+(selection.levels) are flushed and frozen at the same time, each by a worker
+thread (privileged/concurrent.py), level after level; the thaw goes level by
+level in reverse, the same way.  Elsewhere one after another, in order.
+
 The deadline was stamped before the first flush.  A target is never frozen
 after it, and one that a blocked freeze finishes only after it is thawed at
 once; meanwhile the guard has thawed the others at the deadline.  Either
@@ -38,10 +43,12 @@ reads, thaws and exits.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import select
 
+from privileged import concurrent
 from privileged.mounts import Mount
 
 TYPE_CHECKING = False
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
 
     class Freezer(Protocol):
         platform: Platform
+        concurrent: bool  # may freeze and thaw from several threads at once
 
         def mounts(self) -> list[Mount]: ...
 
@@ -83,8 +91,9 @@ DONE = 0xFFFF  # the child's last word to its guard; a target's index is below i
 class Held:
     """A filesystem that is frozen now.  fd None: frozen by someone else, not ours to thaw."""
 
-    def __init__(self, mountpoint: str, fs_key: str, fd: int | None) -> None:
+    def __init__(self, mountpoint: str, fs_key: str, fd: int | None, level: int = 0) -> None:
         self.mountpoint, self.fs_key, self.fd = mountpoint, fs_key, fd
+        self.level = level  # its dependency level: thawed after the levels above it
 
 
 class FreezeFailed(Exception):
@@ -94,7 +103,12 @@ class FreezeFailed(Exception):
 
 
 def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, deadline: float,
-               clock: Callable[[], float]) -> list[Held]:
+               clock: Callable[[], float], levels: Sequence[Sequence[int]] | None = None,
+               at_deadline: Callable[[], None] = lambda: None) -> list[Held]:
+    """`levels`: indices into targets, frozen level after level (default: one each, in
+    order).  `at_deadline` runs once the deadline passes while a freeze still blocks."""
+    if levels is None or not freezer.concurrent:
+        levels = [[i] for i in range(len(targets))]
     fds = freezer.open(targets)
     try:
         guard = Guard(fds, deadline, freezer.release, clock)
@@ -103,17 +117,21 @@ def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, dea
             freezer.close(fd)
         raise FreezeFailed(targets[0].mountpoint if targets else "-", e.errno or errno.EAGAIN,
                            f"cannot start the thaw guard: {e.strerror or e}") from None
-    held: list[Held] = []
-    failure: BaseException | None = None
-    try:
-        if presync:
-            freezer.presync(targets, fds)
-        for i, (m, fd) in enumerate(zip(targets, fds, strict=True)):
+    held: list[Held | None] = [None] * len(targets)
+    failures: list[BaseException] = []
+    lock = _thread.allocate_lock()
+
+    def freeze(level: int, i: int) -> None:
+        m, fd = targets[i], fds[i]
+        try:
             if clock() >= deadline:
                 raise FreezeFailed(m.mountpoint, errno.ETIMEDOUT,
                                    "the watchdog's deadline passed before its turn")
+            if presync and freezer.concurrent:  # each flushed just before its freeze
+                freezer.presync([m], [fd])
             ours = freezer.freeze_one(m, fd)  # may block: the guard keeps the deadline
-            held.append(Held(m.mountpoint, m.fs_key, fd if ours else None))
+            with lock:
+                held[i] = Held(m.mountpoint, m.fs_key, fd if ours else None, level)
             if ours:
                 guard.tell(i)
             else:
@@ -121,28 +139,56 @@ def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, dea
             if clock() >= deadline:
                 raise FreezeFailed(m.mountpoint, errno.ETIMEDOUT, "frozen only after the "
                                    "watchdog's deadline: its freeze blocked in the kernel")
+        except BaseException as e:  # recorded, and every other worker stops taking targets
+            with lock:
+                failures.append(e)
+
+    try:
+        if presync and not freezer.concurrent:  # all flushed before the first freeze
+            freezer.presync(targets, fds)
+        for n, level in enumerate(levels):
+            concurrent.each(level, lambda i, n=n: freeze(n, i),  # type: ignore[misc]
+                            eager=freezer.concurrent, stop=lambda: bool(failures),
+                            at=(deadline, at_deadline), clock=clock)
+            if failures:
+                break
     except BaseException as e:
-        failure = e
+        failures.insert(0, e)
     fired = guard.stop()  # before any thaw or close: on FreeBSD its copies would keep them
-    if failure is None and fired:
-        failure = FreezeFailed(targets[-1].mountpoint, errno.ETIMEDOUT,
-                               "the watchdog's deadline passed while freezing")
-    if failure is not None:
-        thaw(freezer, held)
-        for fd in fds[len(held):]:
-            freezer.close(fd)
-        raise failure
-    return held
+    ordered = [held[i] for level in levels for i in level if held[i] is not None]
+    frozen = [h for h in ordered if h is not None]
+    if not failures and fired:
+        failures.append(FreezeFailed(targets[-1].mountpoint, errno.ETIMEDOUT,
+                                     "the watchdog's deadline passed while freezing"))
+    if failures:
+        thaw(freezer, frozen)
+        done = {h.fs_key for h in frozen}
+        for m, fd in zip(targets, fds, strict=True):
+            if m.fs_key not in done:
+                freezer.close(fd)
+        raise failures[0]
+    return frozen
 
 
 def thaw(freezer: Freezer, held: Sequence[Held]) -> list[str]:
-    """Thaw in reverse order; what went wrong, never an exception."""
-    problems = []
-    for h in reversed(held):
-        problem = freezer.thaw_one(h) if h.fd is not None else None
-        h.fd = None
-        if problem:
-            problems.append(problem)
+    """Thaw level by level, the last frozen first; what went wrong, never an exception."""
+    problems: list[str] = []
+    ours = [h for h in held if h.fd is not None]
+    for level in sorted({h.level for h in ours}, reverse=True):
+        group = [h for h in reversed(ours) if h.level == level]
+
+        def one(i: int, group: list[Held] = group) -> None:
+            h = group[i]
+            problem = freezer.thaw_one(h)
+            h.fd = None
+            if problem:
+                problems.append(problem)
+
+        if freezer.concurrent:
+            concurrent.each(range(len(group)), one, eager=False)
+        else:
+            for i in range(len(group)):
+                one(i)
     return problems
 
 

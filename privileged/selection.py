@@ -47,6 +47,10 @@ class Decision:
 class Selection:
     def __init__(self) -> None:
         self.targets: list[Mount] = []  # in freeze order
+        # The same targets by dependency level (indices into targets): each level is frozen
+        # after the one before it, its filesystems independently of each other (at once, on
+        # Linux).
+        self.levels: list[list[int]] = []
         self.decisions: list[Decision] = []
         self.missing_only: list[str] = []  # [freeze] only entries not found
 
@@ -153,11 +157,32 @@ def select_targets(mounts: Sequence[Mount], cfg: ChildConfig, plat: Platform) ->
     found = {d.mount.mountpoint for d in sel.decisions if d.verdict is Verdict.FREEZE
              or d.reason == SAME}
     sel.missing_only = [p for p in cfg.freeze.only if p not in found]
-    sel.targets = order(list(chosen.values()), mounts)
+    targets = list(chosen.values())
+    precede = _dependencies(targets, mounts)
+    sel.targets = order(targets, precede)
+    sel.levels = levels(sel.targets, precede)
     return sel
 
 
-def order(chosen: list[Mount], mounts: Sequence[Mount]) -> list[Mount]:
+def levels(targets: Sequence[Mount], precede: dict[str, set[str]]) -> list[list[int]]:
+    """Dependency levels of targets in freeze order: a target's level is one above the
+    highest of those that must be frozen before it (a filesystem mounted inside it, a
+    loop-backed filesystem whose image it holds), and `/` has a level of its own, last.
+    Indices within a level keep the freeze order."""
+    level: dict[str, int] = {}
+    for m in targets:  # freeze order: whatever must precede m has its level already
+        level[m.fs_key] = 1 + max((level[k] for k in level if m.fs_key in precede[k]),
+                                  default=-1)
+    for m in targets:
+        if m.mountpoint == "/":
+            level[m.fs_key] = max(level.values()) + 1
+    out: list[list[int]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for i, m in enumerate(targets):
+        out[level[m.fs_key]].append(i)
+    return [lv for lv in out if lv]
+
+
+def order(chosen: list[Mount], precede: dict[str, set[str]]) -> list[Mount]:
     """Freeze order: what depends on a filesystem is frozen before it.
 
     A filesystem mounted inside another goes first (inside any of the other's
@@ -166,27 +191,47 @@ def order(chosen: list[Mount], mounts: Sequence[Mount]) -> list[Mount]:
     would leave the inner one's flush blocked on it); so `/` goes last.
     Otherwise newest mount first, as the peer agents do.  A cycle (odd bind
     mounts) is broken where it closes.  Thaw is the reverse."""
-    places = {t.fs_key: [m.mountpoint for m in mounts if m.fs_key == t.fs_key] for t in chosen}
-
-    def holder(path: str) -> str:
-        """The filesystem a path lives on: the longest (then newest) mountpoint above it."""
-        above = [m for m in mounts if under(path, m.mountpoint)]
-        return max(above, key=lambda m: len(m.mountpoint)).fs_key if above else ""
-
-    def before(u: Mount, t: Mount) -> bool:
-        return u.fs_key != t.fs_key and (
-            any(under(u.mountpoint, p) and u.mountpoint != p for p in places[t.fs_key])
-            or (u.backing_file is not None and holder(u.backing_file) == t.fs_key))
-
     result: list[Mount] = []
 
     def place(t: Mount, path: list[Mount]) -> None:
         if t not in result and t not in path:
             for u in reversed(chosen):
-                if before(u, t):
+                if t.fs_key in precede[u.fs_key]:
                     place(u, [*path, t])
             result.append(t)
 
     for t in reversed(chosen):
         place(t, [])
     return result
+
+
+def _dependencies(targets: Sequence[Mount], mounts: Sequence[Mount]) -> dict[str, set[str]]:
+    """fs_key -> the fs_keys that must be frozen after it.  Found by walking up each
+    target's mountpoint and backing file, not by comparing every pair: hundreds of
+    targets are common on hosts with many volumes."""
+    keys = {m.fs_key for m in targets}
+    at: dict[str, set[str]] = {}  # every mountpoint of each target, to match bind mounts too
+    newest: dict[str, str] = {}  # mountpoint -> fs_key of the last mount there
+    for m in mounts:
+        newest[m.mountpoint] = m.fs_key
+        if m.fs_key in keys:
+            at.setdefault(m.mountpoint, set()).add(m.fs_key)
+    precede: dict[str, set[str]] = {k: set() for k in keys}
+    for a in targets:
+        for p in _ancestors(a.mountpoint):
+            precede[a.fs_key] |= at.get(p, set()) - {a.fs_key}
+        if a.backing_file:
+            holder = next((newest[p] for p in (a.backing_file, *_ancestors(a.backing_file))
+                           if p in newest), None)
+            if holder in keys and holder != a.fs_key:
+                precede[a.fs_key].add(holder)
+    return precede
+
+
+def _ancestors(path: str) -> list[str]:
+    """The directories above a path, nearest first, `/` last."""
+    out = []
+    while path not in ("/", ""):
+        path = path.rsplit("/", 1)[0] or "/"
+        out.append(path)
+    return out

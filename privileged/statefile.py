@@ -16,6 +16,9 @@ create-and-rename; each is a single write(2) that a kill cannot tear:
   the first freeze; "-<fs_key>" appended for a target someone else had
   frozen (not ours to thaw); truncated to nothing after the thaw.  Mountpoints
   are escaped as in mountinfo.  A torn last line (no newline) is ignored;
+  With [freeze] rcu_expedited, "rcu_expedited <value>" is appended before
+  /sys/kernel/rcu_expedited is changed, "-rcu_expedited" once it is restored
+  (privileged/rcu.py);
 - budget: "<seconds left> <CLOCK_MONOTONIC time>" in a fixed width, rewritten
   in place (CLOCK_MONOTONIC is shared by every process and, like /run, starts
   again at boot).
@@ -37,6 +40,7 @@ from privileged.mounts import escape, unescape
 from privileged.safe_path import directories_reason
 
 RECORD, BUDGET = "frozen", "budget"
+RCU = "rcu_expedited"  # a crash-record key no fs_key can be (those are major:minor)
 _MAX_READ = 1 << 20
 _BUDGET_FORMAT = "{:020.6f} {:020.6f}\n"  # always 42 bytes: rewritten in place
 
@@ -88,6 +92,29 @@ class StateDir:
         """A target that is not ours to thaw after all."""
         if self.enabled:
             os.write(self._record, f"-{fs_key}\n".encode())
+
+    def note_rcu(self, value: str) -> None:
+        """/sys/kernel/rcu_expedited is about to change: this is the value to restore."""
+        if self.enabled:
+            os.write(self._record, f"{RCU} {value}\n".encode())
+
+    def rcu_restored(self) -> None:
+        if self.enabled:
+            os.write(self._record, f"-{RCU}\n".encode())
+
+    def read_rcu(self) -> str | None:
+        """The value a killed predecessor left to restore, if any."""
+        if not self.enabled:
+            return None
+        value = None
+        text = os.pread(self._record, _MAX_READ, 0).decode("utf-8", "replace")
+        for line in text.split("\n")[:-1]:
+            key, _, rest = line.partition(" ")
+            if key == RCU:
+                value = rest
+            elif key == f"-{RCU}":
+                value = None
+        return value
 
     def clear(self) -> None:
         if self.enabled:

@@ -99,6 +99,7 @@ def toml_section(name: str, values: dict[str, object]) -> str:
 def write_config(path: str, mounts: list[str], workdir: str, *, protocol: str = "linux",
                  max_frozen: float = 30, budget: float | None = None,
                  budget_per_hour: float | None = None, presync: bool = True,
+                 rcu_expedited: bool = False,
                  kernel_timeout: float = 15.0, extra: str = "",
                  frontend: bool = True, notify: dict[str, object] | None = None,
                  control: dict[str, object] | None = None,
@@ -124,6 +125,7 @@ kernel_timeout = {kernel_timeout}
 [freeze]
 only = [{only}]
 presync = {"true" if presync else "false"}
+{"rcu_expedited = true" if rcu_expedited else ""}
 [watchdog]
 max_frozen_seconds = {max_frozen}
 {f"budget_seconds = {budget}" if budget is not None else ""}
@@ -153,6 +155,7 @@ class Agent:
         self.extra_args = extra_args
         self.python = PY  # the interpreter (and so the install) the agent runs from
         self.argv_prefix: list[str] | None = None  # in place of the launcher below
+        self.debug = True  # -d: log at debug level
         self.cwd = REPO
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -163,8 +166,8 @@ class Agent:
     def launch(self, wait: bool = True) -> Agent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*(self.argv_prefix or [self.python, *LAUNCH]), "-n", "-d",
-                 "--config", self.config,
+                [*(self.argv_prefix or [self.python, *LAUNCH]), "-n",
+                 *(["-d"] if self.debug else []), "--config", self.config,
                  "--device", self.socket, *self.extra_args], stderr=log, cwd=self.cwd)
         if wait:
             self.wait_registered()

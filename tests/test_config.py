@@ -36,6 +36,7 @@ def test_defaults():
     ({"freeze": {"only": "/mnt"}}, "[freeze] only: expected a list of non-empty strings"),
     ({"freeze": {"only": ["mnt"]}}, "[freeze] only: 'mnt' is not an absolute path"),
     ({"freeze": {"presync": "yes"}}, "[freeze] presync: expected true or false"),
+    ({"freeze": {"rcu_expedited": 1}}, "[freeze] rcu_expedited: expected true or false"),
     ({"check": {"mode": "lenient"}}, "[check] mode: expected one of default, strict"),
     ({"watchdog": {"max_frozen_seconds": 0}}, "[watchdog] max_frozen_seconds: 0 is outside"),
     ({"watchdog": {"max_frozen_seconds": True}}, "expected a number"),
@@ -88,6 +89,13 @@ def test_root_refuses_a_config_others_could_change(workdir):
     os.chmod(workdir, 0o777)  # the directory above: anyone could swap the file
     with pytest.raises(ConfigError, match="is writable by group or others"):
         config.load(path)
+
+
+def test_rcu_expedited_is_read_by_the_child_s_reader_and_accepted_by_the_parent(workdir):
+    path = write(os.path.join(workdir, "rcu.toml"), "[freeze]\nrcu_expedited = true\n")
+    assert load_child_config(path).freeze.rcu_expedited is True  # the child's own reader
+    assert config.load(path).child.freeze.rcu_expedited is True  # the parent's validator
+    assert load_child_config(None).freeze.rcu_expedited is False  # off by default
 
 
 def test_the_shipped_example_config_parses_to_the_defaults(workdir):

@@ -148,7 +148,16 @@ def test_key_decisions_of_the_child_filter():
     assert bpf.run(prog, 59, arch) == eperm  # execve
     assert bpf.run(prog, 57, arch) == eperm  # fork(2) itself: glibc's fork is a clone
     assert bpf.run(prog, nr["clone"], arch, (FORK_FLAGS,)) == ALLOW  # the thaw guard
-    assert bpf.run(prog, nr["clone"], arch, (THREAD_FLAGS,)) == eperm  # never a thread
+    # FREEZE's and THAW's worker threads: glibc's flags exactly, clone3 sent back to clone
+    assert bpf.run(prog, nr["clone"], arch, (THREAD_FLAGS,)) == ALLOW
+    assert bpf.run(prog, nr["clone3"], arch) == refuse_with(errno.ENOSYS)
+    # a thread in a new user namespace, a fork in a new mount namespace, a process sharing
+    # the child's memory (no CLONE_THREAD), a bare CLONE_VM | CLONE_THREAD: refused
+    for other in (THREAD_FLAGS | 0x10000000, FORK_FLAGS | 0x00020000, THREAD_FLAGS & ~0x10000,
+                  0x00010000 | 0x100):
+        assert bpf.run(prog, nr["clone"], arch, (other,)) == eperm
+    assert bpf.run(prog, nr["mprotect"], arch, (0, 4096, 3)) == ALLOW  # a stack: RW
+    assert bpf.run(prog, nr["mprotect"], arch, (0, 4096, 5)) == eperm  # never executable
     assert bpf.run(prog, 165, arch) == eperm  # mount
     for name_nr in (101, 175, 313, 246, 320, 437):  # ptrace, (f)init_module, kexec, openat2
         assert bpf.run(prog, name_nr, arch) == eperm
@@ -248,11 +257,12 @@ def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs, workdi
         if pid == 0:
             os._exit(7)
         print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-        try:
-            threading.Thread(target=print).start()  # never a thread
-            print("allowed")
-        except RuntimeError:
-            print("refused")
+        # a worker thread, as FREEZE starts them: it freezes; the main thread thaws
+        worker = threading.Thread(target=lambda: print("thread", fails(fcntl.ioctl, fd,
+                                                                     0xC0045877, 0)))
+        worker.start()
+        worker.join()
+        print(fails(fcntl.ioctl, fd, 0xC0045878, 0))
         print(fails(socket.socket, socket.AF_INET, socket.SOCK_STREAM))
         print(fails(socket.socket, socket.AF_UNIX, socket.SOCK_STREAM))
         print(fails(os.setuid, 0))
@@ -263,9 +273,9 @@ def test_child_filter_in_the_kernel_freezes_and_refuses_the_rest(make_fs, workdi
         with open("/proc/self/status") as f:
             print([l.split()[1] for l in f if l.startswith("Seccomp:")][0])
         """)
-    assert proc.stdout.split() == ["allowed", "allowed", "ENOTTY", "EPERM", "7", "refused",
-                                   "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM", "EPERM",
-                                   "2"], proc.stderr
+    assert proc.stdout.split() == ["allowed", "allowed", "ENOTTY", "EPERM", "7", "thread",
+                                   "allowed", "allowed", "EPERM", "EPERM", "EPERM", "EPERM",
+                                   "EPERM", "EPERM", "EPERM", "2"], proc.stderr
     assert not os.path.exists(outside)
     assert_writable(fs.mountpoint)
 

@@ -93,6 +93,32 @@ def test_order_nested_first_loop_backed_first_root_last():
     assert order.index("/srv") < order.index("/")
 
 
+def test_levels_freeze_what_depends_on_nothing_together_and_root_alone_last():
+    mounts = [
+        mnt("/"),
+        mnt("/var"),
+        mnt("/var/lib"),  # nested in /var
+        mnt("/var/lib/deep"),  # nested in /var/lib: two levels below /var
+        mnt("/images/disk", "ext4", backing="/var/img/disk.img"),  # its file lives on /var
+        mnt("/srv"),
+        mnt("/home"),
+    ]
+    sel = select_targets(mounts, cfg(), LINUX)
+    levels = [sorted(sel.targets[i].mountpoint for i in lv) for lv in sel.levels]
+    assert levels == [["/home", "/images/disk", "/srv", "/var/lib/deep"], ["/var/lib"],
+                      ["/var"], ["/"]]
+    # every index once, and each level in freeze order
+    flat = [i for lv in sel.levels for i in lv]
+    assert sorted(flat) == list(range(len(sel.targets)))
+    assert all(lv == sorted(lv) for lv in sel.levels)
+
+
+def test_levels_without_dependencies_are_one_level():
+    mounts = [mnt(f"/data/{i}") for i in range(5)]
+    sel = select_targets(mounts, cfg(), LINUX)
+    assert sel.levels == [list(range(5))]
+
+
 def test_ties_go_newest_mount_first():
     mounts = [mnt("/"), mnt("/a"), mnt("/b"), mnt("/c")]
     assert [m.mountpoint for m in select_targets(mounts, cfg(), LINUX).targets] == \

@@ -183,7 +183,8 @@ class Scene:
 
 
 @contextlib.contextmanager
-def _scene(work: str, name: str, fs: scratch.ScratchFS, trace: Trace, *, foreground: bool = True,
+def _scene(work: str, name: str, fss: list[scratch.ScratchFS], trace: Trace, *,
+           foreground: bool = True,
            frontend: bool = False, metrics: bool = False) -> Iterator[Scene]:
     """One traced run of the agent."""
     run = os.path.join(work, name)
@@ -195,7 +196,8 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, trace: Trace, *, foregro
     metrics_dir = os.path.join(run, "metrics")
     os.mkdir(metrics_dir, 0o755)
     os.chown(metrics_dir, pwd.getpwnam("hvvss").pw_uid, -1)
-    config = write_config(os.path.join(run, "agent.toml"), [fs.mountpoint], run, max_frozen=1.0,
+    config = write_config(os.path.join(run, "agent.toml"), [fs.mountpoint for fs in fss], run,
+                          max_frozen=1.0,
                           extra=f'[log]\nsyslog_socket = "{run}/log.sock"\n',
                           frontend=frontend, metrics={"dir": metrics_dir} if metrics else None)
     sim = Simulator(os.path.join(run, "vss.sock"), util_timeout=2.0).start()
@@ -213,7 +215,8 @@ def _scene(work: str, name: str, fs: scratch.ScratchFS, trace: Trace, *, foregro
             strace.kill()
         sim.stop()
         syslog.close()
-        scratch.thaw(fs.mountpoint)
+        for fs in fss:
+            scratch.thaw(fs.mountpoint)
     trace.add(out, parent_roles(frontend=frontend, metrics=metrics))
 
 
@@ -238,8 +241,9 @@ def _cycle(sim: Simulator) -> None:
 
 def measure(work: str) -> Trace:
     trace = Trace()
-    with scratch.filesystems(work, ["ext4"]) as (fs,):
-        with _scene(work, "foreground", fs, trace) as scene:
+    # Two filesystems: the child freezes them from worker threads (privileged/concurrent.py).
+    with scratch.filesystems(work, ["ext4", "ext4"]) as fss:
+        with _scene(work, "foreground", fss, trace) as scene:
             sim = scene.sim
             _cycle(sim)
             time.sleep(0.2)
@@ -256,7 +260,7 @@ def measure(work: str) -> Trace:
             time.sleep(0.2)
             _cycle(sim)
             os.kill(scene.parent, signal.SIGTERM)
-        with _scene(work, "daemon", fs, trace, foreground=False) as scene:
+        with _scene(work, "daemon", fss, trace, foreground=False) as scene:
             _cycle(scene.sim)
             scene.syslog_goes_away()  # SysLogHandler then reconnects at each record
             scene.sim.request("check", timeout=20)
@@ -264,10 +268,10 @@ def measure(work: str) -> Trace:
             scene.sim.request("freeze", timeout=20)
             (child,) = psutil.Process(scene.parent).children()
             child.send_signal(signal.SIGTERM)  # the child's signal path, then the parent's
-        with _scene(work, "stop-frozen", fs, trace) as scene:
+        with _scene(work, "stop-frozen", fss, trace) as scene:
             scene.sim.request("freeze", timeout=20)
             os.kill(scene.parent, signal.SIGTERM)
-        with _scene(work, "frontend", fs, trace, frontend=True, metrics=True) as scene:
+        with _scene(work, "frontend", fss, trace, frontend=True, metrics=True) as scene:
             subscriber = scene.subscriber()
             _cycle(scene.sim)
             status_client.fetch(os.path.join(scene.run, "control.sock"))

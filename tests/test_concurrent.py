@@ -1,0 +1,64 @@
+"""privileged/concurrent.py: every item done once, threads only where they pay, none left."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from privileged import concurrent
+
+
+def _run(n: int, seconds: float, *, eager: bool) -> tuple[list[int], set[int], int]:
+    done: list[int] = []
+    idents: set[int] = set()
+
+    def work(i: int) -> None:
+        time.sleep(seconds)
+        done.append(i)
+        idents.add(threading.get_ident())
+
+    threads = concurrent.each(range(n), work, eager=eager)
+    return done, idents, threads
+
+
+def test_a_freeze_runs_every_item_once_in_threads_and_leaves_none():
+    done, idents, threads = _run(40, 0.01, eager=True)
+    assert sorted(done) == list(range(40))
+    assert threads == 40 and threading.get_ident() not in idents
+    assert threading.active_count() == 1
+
+
+def test_a_thaw_stays_in_the_main_thread_while_each_item_is_quick():
+    done, idents, threads = _run(200, 0.0, eager=False)
+    assert sorted(done) == list(range(200))
+    assert (threads, idents) == (0, {threading.get_ident()})
+
+
+def test_a_thaw_calls_threads_in_when_items_are_slow():
+    done, idents, threads = _run(40, 0.005, eager=False)
+    assert sorted(done) == list(range(40))
+    assert threads > 0 and len(idents) > 1
+    assert threading.active_count() == 1
+
+
+def test_stop_ends_the_work_and_the_deadline_action_runs_once_while_a_worker_blocks():
+    release = threading.Event()
+    fired: list[float] = []
+    done: list[int] = []
+
+    def work(i: int) -> None:
+        if i == 0:
+            release.wait(5)  # a freeze that blocks
+        done.append(i)
+
+    def at_deadline() -> None:
+        fired.append(time.monotonic())
+        release.set()
+
+    start = time.monotonic()
+    concurrent.each(range(3), work, eager=True, at=(start + 0.2, at_deadline))
+    assert len(fired) == 1 and 0.15 < fired[0] - start < 2
+    assert sorted(done) == [0, 1, 2]
+    stopped: list[int] = []
+    concurrent.each(range(100), stopped.append, eager=False, stop=lambda: len(stopped) >= 5)
+    assert len(stopped) == 5
