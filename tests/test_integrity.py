@@ -68,7 +68,7 @@ def test_an_untouched_install_passes_the_check(workdir, install):
     # below the packages, where nothing is imported yet when the check runs: found by
     # walking the whole tree, not by looking at what was imported
     ("agent/dev/demo.py", 0o664, "{p} is writable by group or others (mode 0664)"),
-    ("agent/frontend", 0o775, "directory {p} is writable by group or others (mode 0775)"),
+    ("agent/frontend", 0o775, "{p} is writable by group or others (mode 0775)"),
 ])
 def test_a_writable_package_file_or_directory_is_refused(workdir, install, target, mode, says):
     path = os.path.join(install, target).rstrip("/")
