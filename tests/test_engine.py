@@ -65,6 +65,7 @@ def test_failed_freeze_releases_logs_and_fails(eng):
     acts = eng.on_child_result(result(Op.FREEZE, Status.FAILED), 0.1)
     assert any(isinstance(a, E.ReleaseLogs) for a in acts)
     assert replies(acts) == [False] and not eng.frozen
+    assert not any(isinstance(a, E.Notify) for a in acts)  # no subscribers configured
     assert "FREEZE failed on /bad" in eng.history[-1].detail
 
 

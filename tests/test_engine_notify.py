@@ -119,9 +119,9 @@ def test_an_auto_thaw_tells_the_subscribers_to_resume():
 
 def test_the_child_s_time_is_counted_apart_from_the_subscribers():
     e = engine()
-    e.on_kernel(FREEZE, 0.0)
-    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.5)
-    e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 0.75)
+    e.on_kernel(FREEZE, 10.0)
+    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 10.5)
+    e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 10.75)
     timings = e.history[-1].timings
     assert (timings["subscribers"], timings["freeze"], timings["total"]) == (0.5, 0.25, 0.75)
 
