@@ -7,8 +7,8 @@ site, no script directory on sys.path) and -S (site.py does not run, so no
 sys.path).  This file is then run by its path: it loads the packages agent
 and privileged from the directory that holds it (the one the install check
 verifies), leaving sys.path to the standard library, as the root child does
-(agent/engine/child_link.py).  Third-party modules are reached only after the
-privilege drop (agent/engine/daemon.py).
+(agent/engine/child_link.py).  Site-packages is reached only after the
+privilege drop, without its .pth files (agent/engine/root.py).
 """
 
 import sys
