@@ -85,14 +85,8 @@ def glob_match(name: str, pattern: str) -> bool:
         elif end < 0:
             items.append((c == "?", [] if c == "?" else [(c, c)]))  # "?": not in no range
         else:
-            body, i = pattern[i:end], end + 1
-            negated = body[:1] == "!"
-            body, ranges = body[negated:], []
-            while body:
-                step = 3 if body[1:2] == "-" and len(body) > 2 else 1  # "a-z", or one "a"
-                ranges.append((body[0], body[step - 1]))
-                body = body[step:]
-            items.append((negated, ranges))
+            items.append(_char_set(pattern[i:end]))
+            i = end + 1
     n = p = 0
     star = resume = -1
     while n < len(name):
@@ -108,6 +102,30 @@ def glob_match(name: str, pattern: str) -> bool:
         else:
             return False
     return all(item is None for item in items[p:])
+
+
+def _char_set(body: str) -> tuple[bool, list[tuple[str, str]]]:
+    """fnmatch's reading of "[body]": split at the hyphens that make ranges, drop each
+    reversed range with its two ends (so "[z-a!]" is "[!]", any character), then a
+    leading "!" negates; other hyphens are themselves.  (negated, ranges)."""
+    chunks, start, k = [], 0, 2 if body[:1] == "!" else 1
+    while (k := body.find("-", k)) >= 0:
+        chunks.append(body[start:k])
+        start, k = k + 1, k + 3
+    if body[start:] or not chunks:
+        chunks.append(body[start:])
+    else:
+        chunks[-1] += "-"
+    for k in range(len(chunks) - 1, 0, -1):
+        if chunks[k - 1][-1] > chunks[k][0]:
+            chunks[k - 1] = chunks[k - 1][:-1] + chunks[k][1:]
+            del chunks[k]
+    negated = chunks[0][:1] == "!"
+    chunks[0] = chunks[0][negated:]
+    ranges = [(c, c) for chunk in chunks for c in chunk]
+    for j in range(1, len(chunks)):  # "[!-x]": that hyphen is itself
+        ranges.append((chunks[j - 1][-1], chunks[j][0]) if chunks[j - 1] else ("-", "-"))
+    return negated, ranges
 
 
 def classify(m: Mount, cfg: ChildConfig, plat: Platform) -> Decision:
