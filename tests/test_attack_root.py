@@ -109,11 +109,17 @@ def attacker_dir(workdir: str, name: str = "user") -> str:
     return d
 
 
-def writable_within(mountpoint: str, seconds: float) -> bool:
-    """A write from another process completes within `seconds` (else it is left to finish)."""
-    proc = subprocess.Popen([PY, "-I", "-c", "import os,sys; fd = os.open(sys.argv[1], "
-                             "os.O_WRONLY | os.O_CREAT | os.O_APPEND); os.write(fd, b'x')",
-                             os.path.join(mountpoint, "probe.dat")])
+def writable_within(mountpoint: str, seconds: float, dir_fd: int | None = None) -> bool:
+    """A write from another process completes within `seconds` (else it is left to finish).
+    With `dir_fd`, an open descriptor of the mountpoint, the write goes through it, so no
+    path is walked that an attacker could be swapping at the time."""
+    probe = ("import os,sys; d = int(sys.argv[2]); "
+             "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, "
+             "dir_fd=d if d >= 0 else None); os.write(fd, b'x')")
+    fds = () if dir_fd is None else (dir_fd,)
+    proc = subprocess.Popen([PY, "-I", "-c", probe, os.path.join(mountpoint, "probe.dat")
+                             if dir_fd is None else "probe.dat", str(-1 if dir_fd is None else dir_fd)],
+                            pass_fds=fds)
     try:
         proc.wait(seconds)
         return True
@@ -173,18 +179,22 @@ def test_a_symlink_swapped_above_a_mountpoint_never_freezes_another_filesystem(w
                                                                                swap_scene):
     x, y, real, evil = swap_scene
     froze_x = 0
-    with running_agent(workdir, [x.mountpoint], frontend=False) as agent, \
-            swapping(workdir, real, evil):
-        for _ in range(30):
-            ok = agent.sim.request("freeze").status == lw.HV_S_OK
-            try:
-                assert writable_within(y.mountpoint, 2.0), \
-                    f"{y.mountpoint} was frozen, through the attacker's symlink"
-                if ok:
-                    froze_x += not writable_within(x.mountpoint, 0.2)
-            finally:
-                agent.sim.request("thaw")
-        log = agent.log()
+    x_root = os.open(x.mountpoint, os.O_RDONLY | os.O_DIRECTORY)  # before any swap
+    try:
+        with running_agent(workdir, [x.mountpoint], frontend=False) as agent, \
+                swapping(workdir, real, evil):
+            for _ in range(30):
+                ok = agent.sim.request("freeze").status == lw.HV_S_OK
+                try:
+                    assert writable_within(y.mountpoint, 2.0), \
+                        f"{y.mountpoint} was frozen, through the attacker's symlink"
+                    if ok:
+                        froze_x += not writable_within(x.mountpoint, 0.2, x_root)
+                finally:
+                    agent.sim.request("thaw")
+            log = agent.log()
+    finally:
+        os.close(x_root)
     assert froze_x > 0, "no FREEZE got through: the test raced nothing"
     assert "the path now leads to" in log or "open: " in log  # and some were refused
     assert_writable(x.mountpoint)
