@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from agent.simulator.server import Simulator
 from bench.common import StallMeter, Stats, stats
 from tests.helpers import Agent
 
@@ -27,26 +28,23 @@ FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 IDLE = 0.3
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
 
-PINGPONG = r"""
-import socket, sys, time
-a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-n = int(sys.argv[1])
-import os
-if os.fork() == 0:
-    a.close()
-    while True:
-        m = b.recv(64)
-        if not m:
-            os._exit(0)
-        b.send(m)
-b.close()
-msg, rtts = bytes(12), []
-for _ in range(n):
-    t = time.perf_counter()
-    a.send(msg)
-    a.recv(64)
-    rtts.append(time.perf_counter() - t)
-print(" ".join(map(str, rtts)))
+# A daemon that answers every request at once and does nothing else, speaking the device
+# protocol through the agent's own kernel channel: what the simulator itself costs.
+NULL_DAEMON = r"""
+import select, socket, sys
+sys.path.insert(0, sys.argv[2])
+from agent.kernel.channel import KernelChannel
+from agent.kernel.transport import attach
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+sock.connect(sys.argv[1])
+channel = KernelChannel(attach(sock.detach(), "linux"), "linux")
+channel.register()
+poller = select.poll()
+poller.register(channel.fileno(), channel.poll_mask)
+while poller.poll():
+    request = channel.read_request()
+    if request is not None:
+        channel.reply(request, True)
 """
 
 
@@ -54,20 +52,35 @@ print(" ".join(map(str, rtts)))
 
 def control_path(workdir: str, mount: str, n: int) -> tuple[Stats, Stats, Stats]:
     """CHECK through simulator, parent and child (without, then with the frontend and its
-    sockets, no subscriber), against a bare socketpair ping-pong."""
-    out = subprocess.run([sys.executable, "-I", "-c", PINGPONG, str(n)], capture_output=True,
-                         text=True, check=True)
-    bare = stats([float(x) for x in out.stdout.split()])
-    runs = []
+    sockets, no subscriber), against a daemon that does nothing on the same simulator."""
+    runs = [null_daemon(workdir, n)]
     for frontend in (False, True):
         agent = shipped_agent(workdir, [mount], frontend=frontend)
         try:
-            for _ in range(50):  # warm up
-                agent.sim.request("check")
-            runs.append(stats([agent.sim.request("check").latency for _ in range(n)]))
+            runs.append(checks(agent.sim, n))
         finally:
             agent.stop()
-    return runs[0], runs[1], bare
+    return runs[1], runs[2], runs[0]
+
+
+def checks(sim: Simulator, n: int) -> Stats:
+    for _ in range(50):  # warm up
+        sim.request("check")
+    return stats([sim.request("check").latency for _ in range(n)])
+
+
+def null_daemon(workdir: str, n: int) -> Stats:
+    sim = Simulator(os.path.join(workdir, "null.sock"), "linux")
+    sim.start()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-I", "-c", NULL_DAEMON, sim.path, root])
+    try:
+        sim.wait_registered(10)
+        return checks(sim, n)
+    finally:
+        proc.kill()
+        proc.wait()
+        sim.stop()
 
 
 # --- 2. freezing many filesystems ----------------------------------------------------------

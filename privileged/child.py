@@ -41,9 +41,6 @@ from privileged.child_config import ChildConfig, ConfigError, load_child_config
 from privileged.device import Identity, identify, open_device
 from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
-from privileged.rcu import PATH as RCU_PATH
-from privileged.rcu import Expedite
-from privileged.rcu import recover as recover_rcu
 from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
@@ -57,6 +54,9 @@ if sys.platform.startswith("freebsd"):
         return "no sandbox on this system"
 else:
     from privileged.freeze_linux import LinuxFreezer as NativeFreezer
+    from privileged.rcu import PATH as RCU_PATH  # [freeze] rcu_expedited: Linux only
+    from privileged.rcu import Expedite
+    from privileged.rcu import recover as recover_rcu
     from privileged.sandbox import confine_child
 
 TYPE_CHECKING = False
@@ -173,8 +173,8 @@ class Child:
 
     # --- handlers: one per request ---------------------------------------------
 
-    def selection(self) -> Selection:
-        sel = select_targets(self.freezer.mounts(), self.cfg, self.freezer.platform)
+    def selection(self, reuse: bool = False) -> Selection:
+        sel = select_targets(self.freezer.mounts(reuse), self.cfg, self.freezer.platform)
         crash_only: dict[str, list[str]] = {}  # one line per reason, however many datasets
         for d in sel.decisions:
             if d.verdict is Verdict.CRASH_ONLY:
@@ -194,7 +194,7 @@ class Child:
         return sel.veto_reason()
 
     def handle_check(self, op: int, seq: int) -> None:
-        sel = self.selection()
+        sel = self.selection(reuse=True)
         veto = self.blocker(sel)
         if veto:
             log(p.WARNING, f"CHECK vetoed by {veto[0]}: {veto[1]}")

@@ -64,7 +64,7 @@ class FreeBSDFreezer:
         # Read the table once now: a struct statfs we do not know is refused at start-up.
         self.mounts()
 
-    def mounts(self) -> list[Mount]:
+    def mounts(self, reuse: bool = False) -> list[Mount]:
         return parse_mounts(self.kernel.getfsstat())
 
     def open(self, targets: Sequence[Mount]) -> list[int]:

@@ -31,11 +31,11 @@ import os
 
 from privileged import libc
 from privileged.freezer import FreezeFailed, Held
-from privileged.mounts_linux import LINUX, read, read_mounts
+from privileged.mounts_linux import LINUX, MOUNTINFO, parse_mountinfo, read
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from privileged.mounts import Mount
 
@@ -78,8 +78,17 @@ class LinuxFreezer:
     platform = LINUX
     concurrent = True  # independent targets at once (privileged/concurrent.py)
 
-    def __init__(self, mounts: Callable[[], list[Mount]] = read_mounts) -> None:
-        self.mounts = mounts
+    def __init__(self) -> None:
+        self._parsed: tuple[str, list[Mount]] = ("", [])
+
+    def mounts(self, reuse: bool = False) -> list[Mount]:
+        """The mount table; with `reuse`, the last one parsed while /proc/self/mountinfo
+        reads the same (for CHECK, whose work the parse, a stat or two per line, is most
+        of; FREEZE and the checks after an open parse afresh)."""
+        text = read(MOUNTINFO)
+        if not reuse or text != self._parsed[0]:
+            self._parsed = (text, parse_mountinfo(text))
+        return list(self._parsed[1])
 
     def open(self, targets: Sequence[Mount]) -> list[int]:
         """Each target opened without following a symlink, then checked: the mount its

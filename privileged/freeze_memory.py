@@ -27,7 +27,7 @@ class MemoryFreezer:
     def __init__(self) -> None:
         self.frozen: set[str] = set()
 
-    def mounts(self) -> list[Mount]:
+    def mounts(self, reuse: bool = False) -> list[Mount]:
         return list(MOUNTS)
 
     def open(self, targets: Sequence[Mount]) -> list[int]:

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
         platform: Platform
         concurrent: bool  # may freeze and thaw from several threads at once
 
-        def mounts(self) -> list[Mount]: ...
+        def mounts(self, reuse: bool = False) -> list[Mount]: ...
 
         def open(self, targets: Sequence[Mount]) -> list[int]:
             """One descriptor per target; FreezeFailed (with nothing left open) if any is

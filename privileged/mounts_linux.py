@@ -32,7 +32,7 @@ NETWORK = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "ncpfs",
     "fuse.sshfs", "fuse.glusterfs", "lustre", "gpfs", "davfs", "fuse.s3fs", "ocfs2_dlmfs",
 })
-__all__ = ["LINUX", "parse_mountinfo", "read", "read_mounts", "unescape"]
+__all__ = ["LINUX", "MOUNTINFO", "parse_mountinfo", "read", "unescape"]
 LINUX = Platform("linux", FREEZABLE, crash_consistent=frozenset({"vfat", "msdos", "exfat"}))
 
 
@@ -87,7 +87,3 @@ def read(path: str) -> str:
         return b"".join(iter(lambda: os.read(fd, 1 << 16), b"")).decode("utf-8", "surrogateescape")
     finally:
         os.close(fd)
-
-
-def read_mounts() -> list[Mount]:
-    return parse_mountinfo(read(MOUNTINFO))

@@ -117,9 +117,9 @@ def writable_within(mountpoint: str, seconds: float, dir_fd: int | None = None) 
              "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, "
              "dir_fd=d if d >= 0 else None); os.write(fd, b'x')")
     fds = () if dir_fd is None else (dir_fd,)
-    proc = subprocess.Popen([PY, "-I", "-c", probe, os.path.join(mountpoint, "probe.dat")
-                             if dir_fd is None else "probe.dat", str(-1 if dir_fd is None else dir_fd)],
-                            pass_fds=fds)
+    target = os.path.join(mountpoint, "probe.dat") if dir_fd is None else "probe.dat"
+    proc = subprocess.Popen([PY, "-I", "-c", probe, target,
+                             str(-1 if dir_fd is None else dir_fd)], pass_fds=fds)
     try:
         proc.wait(seconds)
         return True
@@ -205,10 +205,9 @@ def test_the_path_is_checked_against_the_mount_table_after_it_is_opened(swap_sce
     not the selected filesystem, and nothing is frozen."""
     from privileged.freeze_linux import LinuxFreezer
     from privileged.freezer import FreezeFailed
-    from privileged.mounts_linux import read_mounts
 
     x, y, real, _evil = swap_scene
-    (target,) = [m for m in read_mounts() if m.mountpoint == x.mountpoint]
+    (target,) = [m for m in LinuxFreezer().mounts() if m.mountpoint == x.mountpoint]
     os.rename(real, real + ".moved")
     os.rename(os.path.dirname(y.mountpoint), real)  # no symlink: Y's directory, renamed in
     try:

@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import struct
+import subprocess
 import time
 
 from agent.dev.demo import Writer
@@ -216,3 +217,25 @@ def test_daemon_mode_detaches_and_logs_to_syslog(workdir, ext4_xfs):
             daemon.terminate()
             daemon.wait(15)
     syslog.close()
+
+
+def test_each_check_sees_the_mount_table_as_it_is_now(workdir, make_fs):
+    """CHECK reuses the last parse of the mount table only while it reads the same: a
+    configured filesystem mounted or unmounted since the last CHECK counts at once (not
+    mounted, it vetoes the backup)."""
+    a, b = make_fs("ext4"), make_fs("ext4")
+    subprocess.run(["umount", b.mountpoint], check=True)
+    with running_agent(workdir, [a.mountpoint, b.mountpoint]) as agent:
+        seen = []
+        for step in ("as started", "b mounted", "b unmounted", "b mounted again"):
+            if "mounted" in step:
+                subprocess.run(["umount" if "unmounted" in step else "mount"]
+                               + ([] if "unmounted" in step else [b.device]) + [b.mountpoint],
+                               check=True)
+            for _ in range(2):  # the second CHECK of each step is the one that may reuse
+                seen.append((step, agent.sim.request("check").status == lw.HV_S_OK))
+        assert seen == [(step, ok) for step, ok in (("as started", False), ("b mounted", True),
+                                                     ("b unmounted", False),
+                                                     ("b mounted again", True))
+                        for _ in range(2)], agent.log()[-2000:]
+        assert "CHECK: 2 filesystem(s) can be frozen" in agent.log()

@@ -125,18 +125,48 @@ def test_the_engine_keeps_its_own_deadline(workdir, make_fs):
     """Even a frontend that never answers cannot hold the FREEZE past [notify] budget."""
     fs = make_fs("ext4")
     with running_agent(workdir, [fs.mountpoint], notify={"budget": 1.0}) as agent:
+        sub = Subscriber(agent.notify_socket, workdir, name="waiting")
+        try:
+            sub.wait_welcome()  # someone to tell: the engine asks the frontend
+            frontend = agent.frontend
+            os.kill(frontend.pid, signal.SIGSTOP)
+            try:
+                freeze = agent.sim.request("freeze", timeout=20)
+            finally:
+                os.kill(frontend.pid, signal.SIGCONT)
+            assert freeze.status == lw.HV_E_FAIL
+            assert_writable(fs.mountpoint, 2)
+            assert wait_for(lambda: "the agent's own deadline ([notify] budget = 1.0 s"
+                            in agent.log())
+            # and once the frontend runs again, everything works
+            assert agent.sim.request("freeze").status == 0
+            assert agent.sim.request("thaw").status == 0
+        finally:
+            sub.stop()
+
+
+def test_with_no_subscriber_to_tell_the_frontend_is_not_waited_for(workdir, make_fs):
+    """The frontend says how many subscribers would hear an event; while that is none,
+    CHECK, FREEZE and THAW go on without a round trip to it, so even a stopped frontend
+    holds nothing up.  Once one has been welcomed, it is asked again."""
+    fs = make_fs("ext4")
+    with running_agent(workdir, [fs.mountpoint], notify={"budget": 1.0}) as agent:
         frontend = agent.frontend
         os.kill(frontend.pid, signal.SIGSTOP)
         try:
-            freeze = agent.sim.request("freeze", timeout=20)
+            for request in ("check", "freeze", "thaw"):
+                assert agent.sim.request(request, timeout=20).status == lw.HV_S_OK, request
         finally:
             os.kill(frontend.pid, signal.SIGCONT)
-        assert freeze.status == lw.HV_E_FAIL
-        assert_writable(fs.mountpoint, 2)
-        assert wait_for(lambda: "the agent's own deadline ([notify] budget = 1.0 s" in agent.log())
-        # and once the frontend runs again, everything works
-        assert agent.sim.request("freeze").status == 0
-        assert agent.sim.request("thaw").status == 0
+        sub = Subscriber(agent.notify_socket, workdir, name="late")
+        try:
+            sub.wait_welcome()
+            assert agent.sim.request("freeze").status == lw.HV_S_OK
+            assert agent.sim.request("thaw").status == lw.HV_S_OK
+            assert wait_for(lambda: sub.events() == ["FREEZE", "THAW"])
+        finally:
+            sub.stop()
+        assert "the agent's own deadline" not in agent.log()
 
 
 def test_frontend_log_records_are_held_while_frozen(workdir, make_fs):

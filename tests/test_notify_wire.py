@@ -100,18 +100,18 @@ DONE = fw.Done(fw.WireEvent.FREEZE, 42, (
 
 
 def test_done_round_trips():
-    assert fw.decode_done(fw.encode_done(DONE)) == DONE
+    assert fw.decode_frontend(fw.encode_done(DONE)) == DONE
     empty = fw.Done(fw.WireEvent.THAW, 0, ())
-    assert fw.decode_done(fw.encode_done(empty)) == empty
+    assert fw.decode_frontend(fw.encode_done(empty)) == empty
 
 
 def test_every_truncation_and_extension_of_done_is_rejected():
     data = fw.encode_done(DONE)
     for n in range(len(data)):
         with pytest.raises(fw.WireError):
-            fw.decode_done(data[:n])
+            fw.decode_frontend(data[:n])
     with pytest.raises(fw.WireError):
-        fw.decode_done(data + b"\0")
+        fw.decode_frontend(data + b"\0")
 
 
 @pytest.mark.parametrize(("offset", "value"), [
@@ -127,7 +127,7 @@ def test_done_fields_out_of_range_are_rejected(offset, value):
     data = bytearray(fw.encode_done(DONE))
     data[offset] = value
     with pytest.raises(fw.WireError):
-        fw.decode_done(bytes(data))
+        fw.decode_frontend(bytes(data))
 
 
 def test_done_names_and_reasons_are_checked():
@@ -135,18 +135,32 @@ def test_done_names_and_reasons_are_checked():
     first_name = fw.DONE.size + fw.ENTRY.size
     bad_name[first_name] = ord(" ")
     with pytest.raises(fw.WireError):
-        fw.decode_done(bytes(bad_name))
+        fw.decode_frontend(bytes(bad_name))
     raw = fw.DONE.pack(1, fw.Kind.DONE, 2, 0, 1, 1) + fw.ENTRY.pack(0, 1, 2, 0, 0, 0) + b"a\n\x1b"
     with pytest.raises(fw.WireError):
-        fw.decode_done(raw)
+        fw.decode_frontend(raw)
     too_many = fw.DONE.pack(1, fw.Kind.DONE, 2, 0, 1, fw.MAX_SUBSCRIBERS + 1)
     with pytest.raises(fw.WireError):
-        fw.decode_done(too_many)
+        fw.decode_frontend(too_many)
+
+
+def test_hearing_is_exactly_four_bytes_with_a_bounded_count():
+    assert fw.encode_hearing(fw.Hearing(3)) == b"\x01\x82\x03\x00"
+    for n in (0, fw.MAX_SUBSCRIBERS):
+        assert fw.decode_frontend(fw.encode_hearing(fw.Hearing(n))) == fw.Hearing(n)
+    with pytest.raises(fw.WireError):
+        fw.encode_hearing(fw.Hearing(fw.MAX_SUBSCRIBERS + 1))
+    for bad in (b"\x01\x82\x03", b"\x01\x82\x03\x00\x00",
+                fw.HEARING.pack(1, fw.Kind.HEARING, fw.MAX_SUBSCRIBERS + 1)):
+        with pytest.raises(fw.WireError):
+            fw.decode_frontend(bad)
+    with pytest.raises(fw.WireError):  # only the frontend says it
+        fw.decode_engine(fw.encode_hearing(fw.Hearing(1)))
 
 
 @given(st.binary(max_size=400))
 def test_decoding_arbitrary_bytes_either_succeeds_or_is_a_wire_error(data):
-    for decode in (fw.decode_done, fw.decode_engine):
+    for decode in (fw.decode_frontend, fw.decode_engine):
         try:
             decode(data)
         except fw.WireError:

@@ -159,11 +159,11 @@ def test_unescape():
 
 def test_this_machines_root_is_a_candidate_without_only():
     """Why every test sets [freeze] only: without it, / itself would be frozen."""
-    from privileged.mounts_linux import read_mounts
+    from privileged.freeze_linux import LinuxFreezer
 
-    sel = select_targets(read_mounts(), cfg(), LINUX)
+    sel = select_targets(LinuxFreezer().mounts(), cfg(), LINUX)
     assert "/" in [m.mountpoint for m in sel.targets]
-    assert select_targets(read_mounts(), cfg(only=("/nonexistent",)), LINUX).targets == []
+    assert select_targets(LinuxFreezer().mounts(), cfg(only=("/nonexistent",)), LINUX).targets == []
 
 
 @settings(max_examples=3000, deadline=None)

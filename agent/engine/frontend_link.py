@@ -35,6 +35,8 @@ class FrontendLink:
         self.clock = clock
         # The status the frontend holds now, if it is whole: what CHANGES are made against.
         self.sent: dict[str, object] | None = None
+        # How many subscribers the frontend last said an event would reach (None: not said).
+        self.hearing: int | None = None
         self.sock.setblocking(False)
 
     @property
@@ -44,9 +46,14 @@ class FrontendLink:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def notify(self, event: str, txid: int, deadline: float) -> None:
+    def notify(self, event: str, txid: int, deadline: float) -> bool:
+        """False, with nothing sent, when the frontend last said that no subscriber would
+        hear it: the round trip would only add to the host's wait."""
+        if self.hearing == 0:
+            return False
         ms = int((deadline - self.clock()) * 1000)
         self._send(fw.encode_notify(fw.Notify(EVENTS[event], txid, ms)), must=True)
+        return True
 
     def publish(self, status: dict[str, object]) -> None:
         """Bring the frontend's copy of the status up to `status`: with only what changed
@@ -87,9 +94,13 @@ class FrontendLink:
             if not data:
                 raise FrontendGone("the frontend closed its link")
             try:
-                out.append(fw.decode_done(data))
+                msg = fw.decode_frontend(data)
             except fw.WireError as e:
                 raise FrontendGone(f"malformed record from the frontend: {e}") from None
+            if isinstance(msg, fw.Hearing):
+                self.hearing = msg.count
+            else:
+                out.append(msg)
 
     def _send(self, record: bytes, must: bool) -> bool:
         """False if the record was dropped."""

@@ -40,7 +40,8 @@ EXIT_FRONTEND_DIED = 4
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
-PUBLISH_AFTER = 0.05  # seconds into a transaction before the status shows it in flight
+PUBLISH_AFTER = 0.05  # seconds at most between a change and the status showing it
+PUBLISH_QUIET = 0.005  # seconds without a change before the status is published
 
 
 class FrontendGone(Exception):
@@ -53,7 +54,7 @@ class Notifier(Protocol):
     Its methods raise FrontendGone when the frontend can no longer be trusted."""
 
     def fileno(self) -> int: ...
-    def notify(self, event: str, txid: int, deadline: float) -> None: ...
+    def notify(self, event: str, txid: int, deadline: float) -> bool: ...
     def receive(self) -> list[Done]: ...
     def publish(self, status: dict[str, object]) -> None: ...
 
@@ -79,6 +80,8 @@ class Service:
         self.started = time.time()
         self.on_change: Callable[[], None] | None = None  # status publication hook
         self._change_due = False  # something changed that on_change has not seen
+        self._change_since = 0.0  # when it first changed since on_change last saw it
+        self._changed_at = 0.0  # when it last changed
         self.before_freeze: Callable[[], None] | None = None  # the last moment nothing is frozen
         self.refresh_every: float | None = None  # on_change at least this often
         self._refresh_at: float | None = None
@@ -303,8 +306,10 @@ class Service:
             elif isinstance(act, E.ReplyKernel):
                 self._reply(act)
             elif isinstance(act, E.Notify):
-                if self.notifier is not None:
-                    self.notifier.notify(act.event, act.txid, act.deadline)
+                if self.notifier is not None and not self.notifier.notify(
+                        act.event, act.txid, act.deadline):
+                    # No subscriber would hear it: done at once, as the frontend would say.
+                    self._run(self.engine.on_notify_done(act.event, act.txid, (), self.clock()))
             elif isinstance(act, E.HoldLogs):
                 self.gate.hold()
             elif isinstance(act, E.ReleaseLogs):
@@ -318,19 +323,21 @@ class Service:
             self._changed()
 
     def _changed(self) -> None:
+        now = self.clock()
         if self.refresh_every is not None:
-            self._refresh_at = self.clock() + self.refresh_every
-        self._change_due = True
+            self._refresh_at = now + self.refresh_every
+        if not self._change_due:
+            self._change_since = now
+        self._change_due, self._changed_at = True, now
 
     def _publish_at(self) -> float | None:
-        """When on_change is to see what changed: before the loop waits again, but not in
-        the middle of a transaction younger than PUBLISH_AFTER (the status then shows it
-        when it ends: a CHECK takes well under a millisecond, and each step would be
-        published otherwise)."""
+        """When on_change is to see what changed: once nothing has changed for
+        PUBLISH_QUIET, so that a host's requests in quick succession (CHECK, then FREEZE)
+        do not wait behind it, yet never later than PUBLISH_AFTER after the first change
+        it has not seen (a transaction in flight then shows as such)."""
         if not self._change_due or self.on_change is None:
             return None
-        tx = self.engine.tx
-        return tx.started + PUBLISH_AFTER if tx is not None else self.clock()
+        return min(self._changed_at + PUBLISH_QUIET, self._change_since + PUBLISH_AFTER)
 
     def _publish(self) -> None:
         at = self._publish_at()

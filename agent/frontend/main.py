@@ -154,6 +154,7 @@ class Frontend:
         self.refusal_window = (0.0, 0)  # (window start, lines logged in it)
         self.poller = select.poll()
         self.started = time.time()
+        self.told_hearing: int | None = None  # the count the engine was last given
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class Frontend:
             if lst is not None:
                 self.poller.register(lst.fileno(), select.POLLIN)
         log.debug("frontend %d serving", os.getpid())
+        self._tell_hearing()
         while True:
             ready = dict(self.poller.poll(self._timeout_ms()))
             if self.plan.link.fileno() in ready and not self._from_engine():
@@ -205,6 +207,14 @@ class Frontend:
             self.plan.link.sendall(fw.encode_done(done))
 
     # --- the engine ---------------------------------------------------------------------
+
+    def _tell_hearing(self) -> None:
+        """Give the engine the number of subscribers an event would reach, when it changed:
+        before a new subscriber is welcomed, so no event it could be sent is skipped."""
+        count = sum(1 for sub in self.registry.subs.values() if sub.name)
+        if count != self.told_hearing:
+            self.plan.link.sendall(fw.encode_hearing(fw.Hearing(count)))
+            self.told_hearing = count
 
     def _from_engine(self) -> bool:
         """False when the engine has gone away."""
@@ -325,6 +335,7 @@ class Frontend:
                 if heard is Heard.WELCOME:
                     conn.deadline = None
                     log.info("subscriber %s connected (%s)", sub.name, describe(sub.cred))
+                    self._tell_hearing()
                     self._send(sub, nw.encode_welcome(sub.id))
                 elif heard is Heard.LATE:
                     log.info("subscriber %s answered too late: %s", sub.label,
@@ -360,6 +371,7 @@ class Frontend:
         conn.sock.close()
         if conn.sub is not None:
             self.registry.gone(conn.sub, outcome, reason, self.clock())
+            self._tell_hearing()
 
     # --- control ---------------------------------------------------------------------------------
 

@@ -19,6 +19,11 @@ Layouts (little endian), one SOCK_SEQPACKET record each:
           then `count` (<= MAX_SUBSCRIBERS) entries:
   ENTRY   <BBHIII   outcome, name_len (1..64), reason_len (0..200), uid, pid,
                     elapsed_ms; then the name, then the reason
+  HEARING <BBH      version, kind=0x82, count (<= MAX_SUBSCRIBERS)              4 bytes
+                    how many subscribers would hear an event now (said HELLO); sent
+                    at start and whenever it changes, before the subscriber is
+                    welcomed, so that the engine skips the NOTIFY round trip only
+                    while no one could hear it
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ MAX_RECORD = 4 + MAX_STATUS  # the largest record either side sends
 NOTIFY = struct.Struct("<BBBBII")
 STATUS_HEADER = struct.Struct("<BBH")
 DONE = struct.Struct("<BBBBIH")
+HEARING = struct.Struct("<BBH")
 ENTRY = struct.Struct("<BBHIII")
 
 
@@ -50,6 +56,7 @@ class Kind(enum.IntEnum):
     STATUS = 2
     CHANGES = 3
     DONE = 0x81
+    HEARING = 0x82
 
 
 class WireEvent(enum.IntEnum):
@@ -108,6 +115,13 @@ class Done:
     event: WireEvent
     txid: int
     results: tuple[SubscriberResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Hearing:
+    """How many subscribers an event would reach now."""
+
+    count: int
 
 
 # --- engine -> frontend -------------------------------------------------------------------
@@ -196,10 +210,31 @@ def encode_done(d: Done) -> bytes:
     return b"".join(parts)
 
 
-def decode_done(frame: bytes) -> Done:
+def encode_hearing(h: Hearing) -> bytes:
+    if not 0 <= h.count <= MAX_SUBSCRIBERS:
+        raise WireError(f"{h.count} subscribers")
+    return HEARING.pack(VERSION, Kind.HEARING, h.count)
+
+
+def decode_frontend(frame: bytes) -> Done | Hearing:
     kind = _header(frame)
+    if kind is Kind.HEARING:
+        return _decode_hearing(frame)
     if kind is not Kind.DONE:
         raise WireError(f"{kind.name} is not sent by the frontend")
+    return _decode_done(frame)
+
+
+def _decode_hearing(frame: bytes) -> Hearing:
+    if len(frame) != HEARING.size:
+        raise WireError(f"HEARING of {len(frame)} bytes")
+    count = HEARING.unpack(frame)[2]
+    if count > MAX_SUBSCRIBERS:
+        raise WireError(f"HEARING {count} subscribers")
+    return Hearing(count)
+
+
+def _decode_done(frame: bytes) -> Done:
     if len(frame) < DONE.size:
         raise WireError("DONE too short")
     _, _, event, reserved, txid, count = DONE.unpack_from(frame)
