@@ -84,7 +84,7 @@ class LinuxFreezer:
     def mounts(self, reuse: bool = False) -> list[Mount]:
         """The mount table; with `reuse`, the last one parsed while /proc/self/mountinfo
         reads the same (for CHECK, whose work the parse, a stat or two per line, is most
-        of; FREEZE and the checks after an open parse afresh)."""
+        of, and for the check after an open; FREEZE's selection parses afresh)."""
         text = read(MOUNTINFO)
         if not reuse or text != self._parsed[0]:
             self._parsed = (text, parse_mountinfo(text))
@@ -102,7 +102,8 @@ class LinuxFreezer:
                 except OSError as e:
                     raise FreezeFailed(m.mountpoint, e.errno or 0,
                                        f"open: {e.strerror}") from None
-            table = {m.mount_id: m for m in self.mounts()}
+            # Ids and keys are the text's own fields: the parse of the same text serves.
+            table = {m.mount_id: m for m in self.mounts(reuse=True)}
             for m, fd in zip(targets, fds, strict=True):
                 found = table.get(mount_id(fd))
                 if found is None or found.fs_key != m.fs_key:
