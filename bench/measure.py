@@ -287,7 +287,7 @@ def startup(workdir: str, mount: str, reps: int,
 
 # --- 4. where one FREEZE's time goes -----------------------------------------------------------
 
-TRACED = "recvmsg,sendto,clone,syncfs,ioctl,pwrite64,wait4,openat"
+TRACED = "recvmsg,sendmsg,clone,syncfs,ioctl,pwrite64,wait4,openat"
 STEPS = ("request to work", "selection", "open and check", "fork of the thaw guard",
          "fork to syncfs", "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
 
@@ -355,7 +355,7 @@ def _freeze_steps(path: str) -> list[tuple[float, ...]]:
                 ev.setdefault("syncfs", t)
             elif n == "ioctl" and "0x77" in args:  # FIFREEZE, _IOWR('X', 119, int)
                 ev["fz"], ev["fz_end"] = t, t + d
-            elif n == "sendto" and "fz" in ev:
+            elif n == "sendmsg" and "fz" in ev:  # the answer (a LOG record would come after)
                 ev.setdefault("reply", t)
         if {"work", "selected", "fork", "syncfs", "fz", "reply"} <= ev.keys():
             out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["fork"] - ev["selected"],
