@@ -183,9 +183,10 @@ def _one_freeze(work: str, reps: int) -> str:
         "timed from outside by `perf trace` (the kernel's syscall tracepoints): from the " \
         "request's `recvmsg` to the first `openat` (the thread check), selection (the mount " \
         "table and every loop device's backing file, to the budget's `pwrite64`), opening " \
-        "and checking the target (the mount table again), the thaw guard's `clone` and what " \
-        "follows it before `syncfs`, the FIFREEZE `ioctl`, and from its return to the " \
-        "reply's `sendto` (the guard stopped and reaped). The last row is the baseline's " \
+        "and checking the target (the mount table again, to the first record to the thaw " \
+        "guard), arming the guard (its descriptors and deadline, to `syncfs`), the FIFREEZE " \
+        "`ioctl`, and from its return to the reply's `sendmsg` (the guard told and " \
+        "disarmed). The last row is the baseline's " \
         "FIFREEZE, timed around the ioctl, in turns with the agent's.\n\n" + \
         _table(["step", "median"], rows)
 

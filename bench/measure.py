@@ -287,9 +287,9 @@ def startup(workdir: str, mount: str, reps: int,
 
 # --- 4. where one FREEZE's time goes -----------------------------------------------------------
 
-TRACED = "recvmsg,sendmsg,clone,syncfs,ioctl,pwrite64,wait4,openat"
-STEPS = ("request to work", "selection", "open and check", "fork of the thaw guard",
-         "fork to syncfs", "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
+TRACED = "recvmsg,sendmsg,syncfs,ioctl,pwrite64,openat"
+STEPS = ("request to work", "selection", "open and check", "arming the thaw guard",
+         "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
 
 
 def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float], float] | None:
@@ -330,36 +330,40 @@ def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float],
 
 
 def _freeze_steps(path: str) -> list[tuple[float, ...]]:
-    """Per FREEZE (a request whose handling forks), the milliseconds of each of STEPS."""
+    """Per FREEZE, the milliseconds of each of STEPS.  The child sends to its parent
+    without blocking (DONTWAIT) and to its thaw guard blocking: that tells the two
+    sockets apart (perf trace leaves out an argument that is zero, such as fd 0)."""
     calls = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = re.match(r"\s*([\d.]+) \(\s*([\d.]+) ms\): (\w+)\((.*)", line)
             if m:
-                calls.append((float(m[1]), float(m[2]), m[3], m[4]))
+                fd = re.search(r"fd: (\d+)", m[4])
+                calls.append((float(m[1]), float(m[2]), m[3], m[4], int(fd[1]) if fd else 0))
+    guard = next((fd for _, _, n, args, fd in calls if n == "sendmsg" and "DONTWAIT" not in args),
+                 None)
     out: list[tuple[float, ...]] = []
-    for i, (t0, _, name, _) in enumerate(calls):
-        if name != "recvmsg":
+    for i, (t0, _, name, _, fd) in enumerate(calls):
+        if name != "recvmsg" or fd == guard:
             continue
         ev: dict[str, float] = {}
-        for t, d, n, args in calls[i + 1:]:
-            if n == "recvmsg":
+        for t, d, n, args, on in calls[i + 1:]:
+            if n == "recvmsg" and on != guard:
                 break
             if n == "openat":
                 ev.setdefault("work", t)
             elif n == "pwrite64":  # the budget, saved once selection is done
                 ev.setdefault("selected", t)
-            elif n == "clone":
-                ev["fork"], ev["forked"] = t, t + d
+            elif n == "sendmsg" and "DONTWAIT" not in args:
+                ev.setdefault("arm", t)
             elif n == "syncfs":
                 ev.setdefault("syncfs", t)
             elif n == "ioctl" and "0x77" in args:  # FIFREEZE, _IOWR('X', 119, int)
                 ev["fz"], ev["fz_end"] = t, t + d
-            elif n == "sendmsg" and "fz" in ev:  # the answer (a LOG record would come after)
+            elif n == "sendmsg" and "fz" in ev:  # the answer (its LOG record comes after)
                 ev.setdefault("reply", t)
-        if {"work", "selected", "fork", "syncfs", "fz", "reply"} <= ev.keys():
-            out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["fork"] - ev["selected"],
-                        ev["forked"] - ev["fork"], ev["syncfs"] - ev["forked"],
-                        ev["fz"] - ev["syncfs"], ev["fz_end"] - ev["fz"],
-                        ev["reply"] - ev["fz_end"]))
+        if {"work", "selected", "arm", "syncfs", "fz", "reply"} <= ev.keys():
+            out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["arm"] - ev["selected"],
+                        ev["syncfs"] - ev["arm"], ev["fz"] - ev["syncfs"],
+                        ev["fz_end"] - ev["fz"], ev["reply"] - ev["fz_end"]))
     return out

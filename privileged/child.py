@@ -39,7 +39,7 @@ from privileged import records
 from privileged.budget import Bucket
 from privileged.child_config import ChildConfig, ConfigError, load_child_config
 from privileged.device import Identity, identify, open_device
-from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
+from privileged.freezer import FreezeFailed, Guard, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
@@ -88,6 +88,10 @@ class Quit(Exception):
     pass
 
 
+class GuardGone(Exception):
+    pass
+
+
 class _Log:
     sock: _socket.socket | None = None  # once the channel is up
     threshold = p.INFO
@@ -121,12 +125,15 @@ class Child:
         self.frozen_since = 0.0  # stamped before the first flush of the last FREEZE
         self.deadline = 0.0  # the watchdog's, for the filesystems held now
         self.reopens = Bucket(REOPEN_BURST, 1 / REOPEN_EVERY, REOPEN_BURST, clock())
+        self.guard: Guard | None = None  # forked by main() before it confines the child
 
     # --- the loop ------------------------------------------------------------
 
     def serve(self) -> None:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        if self.guard is not None:  # it sends nothing unasked: anything is its EOF
+            poller.register(self.guard.sock.fileno(), select.POLLIN)
         while True:
             timeout = TICK_MS
             if self.state == FROZEN:
@@ -138,6 +145,9 @@ class Child:
                 return
             if self.state == FROZEN and self.clock() >= self.deadline:
                 self.auto_thaw(p.WATCHDOG)
+            if self.guard is not None and any(fd == self.guard.sock.fileno() for fd, _ in ready):
+                raise GuardGone("the thaw guard is gone: exiting, to be started again with "
+                                "a new one")
             if ready:
                 try:
                     record, _ = records.receive(self.sock, p.MAX_RECORD, drain=False)
@@ -236,8 +246,9 @@ class Child:
             except OSError as e:  # nothing is frozen yet: say so, and freeze as usual
                 log(p.WARNING, f"[freeze] rcu_expedited: cannot set it: {e.strerror or e}")
         try:
-            self.held = freeze_all(self.freezer, sel.targets, presync=self.cfg.freeze.presync,
-                                   deadline=self.deadline, clock=self.clock, levels=sel.levels,
+            self.held = freeze_all(self.freezer, self.guard, sel.targets,
+                                   presync=self.cfg.freeze.presync, deadline=self.deadline,
+                                   clock=self.clock, levels=sel.levels,
                                    at_deadline=self.unexpedite)
         except FreezeFailed as e:
             self.unexpedite()
@@ -343,7 +354,7 @@ class Child:
             if reason == p.WATCHDOG else "signal") + ")")
 
     def shutdown(self) -> None:
-        """Every exit path: thaw what we hold.  Never raises."""
+        """Every exit path: thaw what we hold, then let the guard go.  Never raises."""
         try:
             if self.held:
                 count = len(self.held)
@@ -351,6 +362,9 @@ class Child:
                 log(p.WARNING, f"thawed {count} filesystem(s) on the way out")
         except Exception as e:
             log(p.ERROR, f"thaw on exit failed: {e}")
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.close()
 
 
 HANDLERS: dict[int, Callable[[Child, int, int], None]] = {
@@ -459,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     os.set_inheritable(sock.fileno(), False)
     _Log.sock, _Log.threshold = sock, p.DEBUG if "--debug" in args else p.INFO
+    guard_link = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)  # above 0-2
     quiet_stdio()  # from here on, errors travel as LOG records
 
     stop: list[int] = []
@@ -466,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         _signal.signal(s, lambda signum, _frame: stop.append(signum))  # the loop does the work
     try:
         child = start(args, sock, stop)
+        # Forked before the filter, which then refuses any fork: the guard confines itself.
+        child.guard = Guard(guard_link, child.freezer.release,
+                            lambda: confine_child(child.device))
         confined = confine_child(child.device)
         log(p.INFO if "Landlock ABI" in confined else p.WARNING, f"confined: {confined}")
     except (ConfigError, OSError) as e:

@@ -11,8 +11,8 @@ synchronously, which on a real disk is a round trip each.
 How: for one dependency level at a time (selection.levels), worker threads
 take the level's targets from a shared list and call the backend's one step
 (freeze_one or thaw_one) on descriptors the main thread opened.  A worker
-does nothing else: no log, no socket, no state file; it may write one
-index to the thaw guard's pipe (a write of two bytes, atomic).  At most
+does nothing else: no log, no state file; it may send one record, a
+target's index, on the socket to the thaw guard (one sendmsg: atomic).  At most
 MAX_THREADS run; the main thread joins them all before the next level, and
 before the child answers it waits until the kernel has let the last one go
 (/proc/self/task lists the main thread alone again), so a FREEZE's threads
@@ -21,9 +21,9 @@ in the main thread and starts workers only once its first thaws took longer
 than SLOW each on average (on a fast device, 256 thaws take 10 ms in one thread, and starting the
 threads would cost more than they save).
 
-The thaw guard is forked before the first worker starts (a fork of a
-process with threads would copy one thread and whatever locks the others
-held), and stopped after the last one is joined.  FreeBSD never comes here:
+The thaw guard was forked at start-up, long before any worker (a fork of
+a process with threads would copy one thread and whatever locks the others
+held), and is disarmed after the last one is joined.  FreeBSD never comes here:
 UFSSUSPEND must come from one single-threaded process (EDEADLK otherwise).
 """
 

@@ -6,9 +6,9 @@ the single steps: open the targets, flush, freeze one, thaw one, and
 descriptor).  freeze_all() puts them in order, the same on every system:
 
   open every target (refused as a whole if any is not what selection chose)
-  -> fork the thaw guard with the deadline
+  -> arm the thaw guard with their descriptors and the deadline
   -> flush -> freeze each, in order, telling the guard after each
-  -> stop the guard.
+  -> disarm the guard.
 
 On Linux (a backend with `concurrent`), the targets of one dependency level
 (selection.levels) are flushed and frozen at the same time, each by a worker
@@ -25,30 +25,41 @@ The thaw guard, and why a process: FIFREEZE, syncfs and UFSSUSPEND can block
 in the kernel for as long as a filesystem's storage stalls (freeze_super
 syncs with s_umount held).  While the child is blocked freezing one target,
 the targets it froze before stay frozen, and its own watchdog cannot run.
-So for the length of each FREEZE the child forks a guard: it shares the
-child's target descriptors (the same open files), learns through a pipe
-which targets are frozen, and if the deadline passes before the child says
-DONE, it thaws those itself and exits with FIRED.  A thaw needs only the
-thawed superblock (Linux thaw_super takes that filesystem's s_umount;
-FreeBSD's UFSRESUME acts through the open file, whichever process holds it:
-ffs_susp_unsuspend notes that the suspension belongs to the descriptor and
-is inherited across fork), so a blocked freeze of one target never delays
-the thaw of another.  The guard also thaws at once if the child dies
-mid-freeze (the pipe reaches EOF without DONE).  It is a fork of the child,
-so it carries the child's confinement, and it stays single-threaded; the
-process that suspends UFS stays single-threaded too, as FreeBSD requires.
-The guard never logs and never touches the child's socket: it only polls,
-reads, thaws and exits.
+So the child forks a guard once, at start-up, before it confines itself
+(the guard confines itself the same way; the child's filter then refuses
+any further fork).  For each FREEZE the child passes it the targets'
+descriptors (SCM_RIGHTS: the same open files) and the deadline, tells it
+which targets are frozen, and says DONE at the end; if the deadline passes
+first, the guard thaws those itself and answers DONE with FIRED.  A thaw
+needs only the thawed superblock (Linux thaw_super takes that filesystem's
+s_umount; FreeBSD's UFSRESUME acts through the open file, whichever process
+holds it: ffs_susp_unsuspend notes that the suspension belongs to the
+descriptor, which passing it keeps), so a blocked freeze of one target never
+delays the thaw of another.  The guard also thaws at once if the child dies
+mid-freeze (its socket reaches EOF).  Between FREEZEs it holds no target and
+waits; if it dies, the child exits (child.py), and its successor forks a new
+one.  Forked once rather than at each FREEZE: a fork just before FIFREEZE
+makes the kernel's RCU grace periods inside it longer (7 ms of 24 here).  It
+stays single-threaded; the process that suspends UFS stays single-threaded
+too, as FreeBSD requires.  The guard never logs and never reads the child's
+socket to its parent: it only polls, reads, thaws and answers.
+
+The child's records to its guard (one SOCK_SEQPACKET record each): TARGETS
+"T" with up to MAX_PASSED descriptors, in order; ARM "A" + the deadline in
+microseconds of CLOCK_MONOTONIC (8 bytes, little endian); FROZEN "F" + a
+target's index (2 bytes); DONE "D", answered "0" (nothing fired) or "1".
 """
 
 from __future__ import annotations
 
+import _socket
 import _thread
 import errno
 import os
 import select
+import time
 
-from privileged import concurrent
+from privileged import concurrent, records
 from privileged.mounts import Mount
 
 TYPE_CHECKING = False
@@ -85,7 +96,7 @@ if TYPE_CHECKING:
 
         def recover(self, records: Sequence[tuple[str, str]]) -> list[str]: ...
 
-DONE = 0xFFFF  # the child's last word to its guard; a target's index is below it
+MAX_PASSED = 64  # descriptors per TARGETS record (records.receive sees at most 64)
 
 
 class Held:
@@ -102,8 +113,9 @@ class FreezeFailed(Exception):
         self.mountpoint, self.errno, self.why = mountpoint, errno, why
 
 
-def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, deadline: float,
-               clock: Callable[[], float], levels: Sequence[Sequence[int]] | None = None,
+def freeze_all(freezer: Freezer, guard: Guard | None, targets: Sequence[Mount], *,
+               presync: bool, deadline: float, clock: Callable[[], float],
+               levels: Sequence[Sequence[int]] | None = None,
                at_deadline: Callable[[], None] = lambda: None) -> list[Held]:
     """`levels`: indices into targets, frozen level after level (default: one each, in
     order).  `at_deadline` runs once the deadline passes while a freeze still blocks."""
@@ -111,12 +123,14 @@ def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, dea
         levels = [[i] for i in range(len(targets))]
     fds = freezer.open(targets)
     try:
-        guard = Guard(fds, deadline, freezer.release, clock)
+        if guard is None:
+            raise OSError(errno.ECHILD, "there is none")
+        guard.arm(fds, deadline)
     except OSError as e:
         for fd in fds:
             freezer.close(fd)
         raise FreezeFailed(targets[0].mountpoint if targets else "-", e.errno or errno.EAGAIN,
-                           f"cannot start the thaw guard: {e.strerror or e}") from None
+                           f"cannot arm the thaw guard: {e.strerror or e}") from None
     held: list[Held | None] = [None] * len(targets)
     failures: list[BaseException] = []
     lock = _thread.allocate_lock()
@@ -154,12 +168,11 @@ def freeze_all(freezer: Freezer, targets: Sequence[Mount], *, presync: bool, dea
                 break
     except BaseException as e:
         failures.insert(0, e)
-    fired = guard.stop()  # before any thaw or close: on FreeBSD its copies would keep them
-    ordered = [held[i] for level in levels for i in level if held[i] is not None]
-    frozen = [h for h in ordered if h is not None]
-    if not failures and fired:
+    # Disarmed before any thaw or close: on FreeBSD its copies would keep the suspensions.
+    if guard.disarm() and not failures:
         failures.append(FreezeFailed(targets[-1].mountpoint, errno.ETIMEDOUT,
                                      "the watchdog's deadline passed while freezing"))
+    frozen = [h for level in levels for i in level if (h := held[i]) is not None]
     if failures:
         thaw(freezer, frozen)
         done = {h.fs_key for h in frozen}
@@ -193,60 +206,90 @@ def thaw(freezer: Freezer, held: Sequence[Held]) -> list[str]:
 
 
 class Guard:
-    """The thaw guard of one FREEZE, seen from the child: a pid and a pipe."""
+    """The thaw guard, seen from the child: a process forked at start-up, and a socket."""
 
-    def __init__(self, fds: Sequence[int], deadline: float, release: Callable[[int], None],
-                 clock: Callable[[], float]) -> None:
-        if len(fds) >= DONE:
-            raise OSError(f"cannot guard {len(fds)} targets (at most {DONE - 1})")
-        r, self.pipe = os.pipe2(os.O_CLOEXEC)
+    def __init__(self, link: tuple[_socket.socket, _socket.socket],
+                 release: Callable[[int], None], confine: Callable[[], object],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`link`: a SOCK_SEQPACKET socketpair (made while 0-2 were taken, so that no
+        write to stdout can reach either end)."""
+        ours, theirs = link
         self.pid = os.fork()
         if self.pid == 0:  # the guard: never return into the child's stack
             code = 1
             try:
-                os.close(self.pipe)
-                code = watch(r, fds, deadline, release, clock)
+                ours.close()
+                confine()
+                code = watch(theirs, release, clock)
             finally:
                 os._exit(code)
-        os.close(r)
+        theirs.close()
+        self.sock = ours
+
+    def arm(self, fds: Sequence[int], deadline: float) -> None:
+        for i in range(0, len(fds), MAX_PASSED):
+            records.send(self.sock, b"T", tuple(fds[i:i + MAX_PASSED]))
+        records.send(self.sock, b"A" + int(deadline * 1e6).to_bytes(8, "little"))
 
     def tell(self, index: int) -> None:
-        """Target `index` is frozen now (or, DONE, all is well): the guard acts on it."""
+        """Target `index` is frozen now (OSError if the guard is gone: the FREEZE fails)."""
+        records.send(self.sock, b"F" + index.to_bytes(2, "little"))
+
+    def disarm(self) -> bool:
+        """The FREEZE is over; True if the guard fired (what it thawed is thawed) or is
+        gone (what it was told is frozen may be frozen or not)."""
         try:
-            os.write(self.pipe, index.to_bytes(2, "little"))
-        except BrokenPipeError:
-            pass  # it fired and is gone: the deadline has passed, which the caller sees
+            records.send(self.sock, b"D")
+            return records.receive(self.sock, 1)[0] != b"0"
+        except (OSError, records.RecordError):
+            return True
 
-    def stop(self) -> bool:
-        """End the guard; True if it fired (what it thawed is thawed)."""
-        self.tell(DONE)
-        os.close(self.pipe)
-        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1]) != 0
+    def close(self) -> None:
+        """The guard exits at EOF; reaped here."""
+        self.sock.close()
+        os.waitpid(self.pid, 0)
 
 
-def watch(pipe: int, fds: Sequence[int], deadline: float, release: Callable[[int], None],
+def watch(sock: _socket.socket, release: Callable[[int], None],
           clock: Callable[[], float]) -> int:
-    """The guard's whole life: wait for DONE (exit 0), or thaw what is frozen at the deadline
-    or when the child dies (exit 1)."""
+    """The guard's whole life: hold each FREEZE's descriptors until DONE, and thaw the
+    frozen ones at the deadline, or at once when the child is gone (EOF) or on any error."""
+    fds: list[int] = []
     frozen: list[int] = []
-    pending = b""
+    deadline, fired = None, False
     poller = select.poll()
-    poller.register(pipe, select.POLLIN)
-    while (left := deadline - clock()) > 0:
-        if not poller.poll(int(left * 1000) + 1):
-            continue
-        data = os.read(pipe, 4096)
-        if not data:
-            break  # the child died mid-freeze: thaw what it froze, now
-        pending += data
-        while len(pending) >= 2:
-            index, pending = int.from_bytes(pending[:2], "little"), pending[2:]
-            if index == DONE:
+    poller.register(sock.fileno(), select.POLLIN)
+
+    def thaw_frozen() -> None:
+        while frozen:
+            try:
+                release(fds[frozen.pop()])
+            except (OSError, IndexError):
+                pass  # thawed already (EINVAL), or nothing we can do from here
+
+    try:
+        while True:
+            if deadline is not None and clock() >= deadline:
+                deadline, fired = None, True
+                thaw_frozen()
+            wait = -1 if deadline is None else int((deadline - clock()) * 1000) + 1
+            if not poller.poll(wait):
+                continue
+            record, passed = records.receive(sock, 9, MAX_PASSED)
+            kind, value = record[:1], int.from_bytes(record[1:], "little")
+            if kind == b"":  # EOF: the child is gone (thawed below, at once)
                 return 0
-            frozen.append(index)
-    for index in reversed(frozen):
-        try:
-            release(fds[index])
-        except (OSError, IndexError):
-            pass  # thawed already (EINVAL), or nothing we can do from here
-    return 1
+            if kind == b"T":
+                fds += passed
+            elif kind == b"A":
+                deadline, fired = value / 1e6, False
+            elif kind == b"F":
+                frozen.append(value)
+            elif kind == b"D":
+                records.send(sock, b"1" if fired else b"0")
+                frozen.clear()
+                while fds:
+                    os.close(fds.pop())
+                deadline = None
+    finally:
+        thaw_frozen()

@@ -17,12 +17,14 @@ descriptors, so nothing creates, renames or removes a file.  With Landlock in
 force, read-write opens are let through to it (it allows one file: the device
 node, for REOPEN); without Landlock they are refused here, and so is REOPEN
 of a real device node.  openat2, whose flags seccomp cannot see, is refused.
-Processes: fork (glibc's flags exactly) for the thaw guard, and wait4.
-Threads: during a FREEZE or THAW only, worker threads that freeze or thaw
-independent filesystems at once (privileged/concurrent.py): clone with
-glibc's pthread_create flags exactly, clone3 refused with ENOSYS (its flags
-are behind a pointer the filter cannot read; glibc then falls back to clone),
-and what a thread needs to start and end.  Every other clone is refused.
+Processes: none.  The thaw guard was forked before this filter (it installs
+the same one on itself), so no clone that makes a process is let through;
+wait4 reaps the guard on the way out.  Threads: during a FREEZE or THAW
+only, worker threads that freeze or thaw independent filesystems at once
+(privileged/concurrent.py): clone with glibc's pthread_create flags exactly,
+clone3 refused with ENOSYS (its flags are behind a pointer the filter cannot
+read; glibc then falls back to clone), and what a thread needs to start and
+end.  Every other clone is refused.
 
 The syscalls below were measured with strace on the real agent driven by the
 simulator (tools/measure_syscalls.py): CHECK, FREEZE, THAW, the watchdog,
@@ -44,9 +46,6 @@ from privileged.seccomp import Allow, AllowIf, AllowIfClear, Policy, Refuse, Rul
 PROT_EXEC = 0x4
 O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE; O_TMPFILE adds O_DIRECTORY
 NEVER_OPEN = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | O_TMPFILE_BIT
-CLONE_CHILD_SETTID, CLONE_CHILD_CLEARTID = 0x01000000, 0x00200000
-SIGCHLD = 17  # asm-generic/signal.h, x86_64 and arm64 alike
-FORK_FLAGS = CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD  # glibc's fork()
 # glibc's pthread_create (sysdeps/unix/sysv/linux/createthread.c): CLONE_VM FS FILES
 # SIGHAND THREAD SYSVSEM SETTLS PARENT_SETTID CHILD_CLEARTID.
 THREAD_FLAGS = 0x3D0F00
@@ -61,11 +60,10 @@ _COMMON: tuple[Rule, ...] = (
             "isatty() probe takes that as 'not a terminal')",
             "ioctl", 1, (FIFREEZE, FITHAW), refuse_with(errno.ENOTTY)),
     Allow("flush each filesystem before freezing it", ("syncfs",)),
-    Allow("the state files (opened at start-up) and the thaw guard's pipe",
-          ("write", "pwrite64", "ftruncate")),
-    AllowIf("the thaw guard: a fork (glibc's fork flags exactly); FREEZE's and THAW's "
-            "worker threads (glibc's pthread_create flags exactly); nothing else",
-            "clone", 0, (FORK_FLAGS, THREAD_FLAGS), refuse_with(errno.EPERM)),
+    Allow("the state files (opened at start-up)", ("write", "pwrite64", "ftruncate")),
+    AllowIf("FREEZE's and THAW's worker threads (glibc's pthread_create flags exactly); "
+            "no process (the thaw guard was forked before this filter)",
+            "clone", 0, (THREAD_FLAGS,), refuse_with(errno.EPERM)),
     Refuse("clone3: its flags are out of the filter's sight; glibc then uses clone",
            ("clone3",), errno.ENOSYS),
     Allow("a worker thread's start and end: robust futex list, restartable sequences, "
@@ -73,7 +71,7 @@ _COMMON: tuple[Rule, ...] = (
           ("set_robust_list", "rseq", "rt_sigprocmask", "gettid", "futex", "exit")),
     AllowIfClear("a worker thread's stack made readable and writable past its guard page; "
                  "never executable", "mprotect", 2, PROT_EXEC, refuse_with(errno.EPERM)),
-    Allow("the thaw guard: its pipe, and reaping it", ("pipe2", "wait4")),
+    Allow("reaping the thaw guard on the way out", ("wait4",)),
     Allow("memory", ("brk", "mmap", "munmap", "mremap", "madvise")),
     Allow("log records carry the pid and the time (clock_gettime when the vDSO cannot)",
           ("getpid", "clock_gettime", "gettimeofday")),

@@ -18,8 +18,10 @@ Invariants, checked as the frames go:
   budget allows, and never stays frozen past max_frozen_seconds (the
   watchdog, within half a second); a second filesystem, not in the child's
   config, is never frozen at all;
-- the child holds one thread and three descriptors, its socket and its two
-  state files (+1 while frozen), and no process of its own between requests.
+- the child holds one thread and four descriptors, its sockets to the parent
+  and to its thaw guard and its two state files (+1 while frozen), and one
+  process, the same thaw guard all its life, which holds no target between
+  requests.
 
 Time makes answers uncertain, and the model keeps intervals instead of
 guessing: what the budget holds lies between a lower and an upper bound
@@ -231,6 +233,7 @@ class HostileParent:
     frames: int = 0
     children: int = 0
     link: ChildLink | None = None
+    guards: dict[int, str] = field(default_factory=dict)  # child pid -> its thaw guard's
     model: Model = field(init=False)
     check: WriteCheck = field(init=False)
     bystander_check: WriteCheck = field(init=False)
@@ -423,10 +426,17 @@ class HostileParent:
             fds, threads = len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
             with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
                 children = f.read().split()
-            want = 4 if self.model.state == "frozen" else 3
-            if (fds, threads, children) != (want, 1, []):
+            want = 5 if self.model.state == "frozen" else 4
+            if (fds, threads, len(children)) != (want, 1, 1):
                 raise InvariantBroken(f"child holds {fds} descriptors, {threads} threads and "
                                       f"processes {children} (state {self.model.state})")
+            # its one process, the thaw guard: the same all its life, holding no target
+            # between requests (its sockets and the inherited state files)
+            self.guards.setdefault(pid, children[0])
+            guard_fds = len(os.listdir(f"/proc/{children[0]}/fd"))
+            if (children[0], guard_fds) != (self.guards[pid], 4):
+                raise InvariantBroken(f"thaw guard {children[0]} (first {self.guards[pid]}) "
+                                      f"holds {guard_fds} descriptors")
 
     def assert_really_frozen(self) -> None:
         if self.model.state == "frozen" and \

@@ -179,21 +179,31 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
             assert f.read() == b""
         assert core_limit(child.pid) == ["0", "0"]
 
-        def held() -> list[str]:
-            fds = descriptors(child.pid)
+        def held(pid: int = child.pid) -> list[str]:
+            fds = descriptors(pid)
             assert all(flags & O_CLOEXEC for _, flags in fds.values()), fds
             return sorted(re.sub(r":\[\d+\]", "", target) for target, _ in fds.values())
 
-        # its socket, and the two state files it opened at start-up (all it may write)
+        # its socket to the parent, its socket to the thaw guard, and the two state files
+        # it opened at start-up (all it may write)
         state = [os.path.join(workdir, "state", name) for name in ("budget", "frozen")]
         assert child.num_threads() == 1
-        assert held() == sorted(["socket", *state])
+        assert held() == sorted(["socket", "socket", *state])
+        # the thaw guard: forked before the child confined itself, confined the same way
+        # by itself, and holding no target between FREEZEs
+        (guard,) = child.children()
+        gst = status(guard.pid)
+        assert (gst["NoNewPrivs"], gst["Seccomp"], gst["Seccomp_filters"]) == ("1", "2", "1")
+        assert [gst[k] for k in ("CapPrm", "CapEff", "CapBnd")] == [kept, kept, kept]
+        assert guard.num_threads() == 1
+        assert held(guard.pid) == sorted(["socket", "socket", *state])
         assert agent.sim.request("freeze").status == 0
         assert child.num_threads() == 1
-        assert held() == sorted(["socket", *state, *mounts])
+        assert held() == sorted(["socket", "socket", *state, *mounts])
+        assert held(guard.pid) == sorted(["socket", "socket", *state])  # disarmed
         assert agent.sim.request("thaw").status == 0
-        assert held() == sorted(["socket", *state])
-        assert child.children() == []  # the thaw guard lives only while it freezes
+        assert held() == sorted(["socket", "socket", *state])
+        assert child.children() == [guard]  # the same guard, for the child's life
         # two targets: FREEZE ran worker threads, whose clone3 is answered ENOSYS (glibc then
         # calls clone); nothing else was refused
         assert seccomp_records({child.pid}, answered=("clone3",)) == []

@@ -8,13 +8,14 @@ records, refused when their layout is not the one we know.
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 import time
 
 import pytest
 
 from privileged.freeze_freebsd import FreeBSDFreezer
-from privileged.freezer import FreezeFailed, Held, freeze_all, thaw
+from privileged.freezer import FreezeFailed, Guard, Held, freeze_all, thaw
 from privileged.selection import Mount
 from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
 from privileged.ufs_kernel import read_fsstat
@@ -45,8 +46,13 @@ def model(mounts: list[ModelMount] | None = None, **kw: object) -> UfsModel:
 
 def freeze(freezer: FreeBSDFreezer, targets: list[Mount], presync: bool) -> list[Held]:
     """What the child does: with a deadline far away, so the thaw guard only watches."""
-    return freeze_all(freezer, targets, presync=presync, deadline=time.monotonic() + 60,
-                      clock=time.monotonic)
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET), freezer.release,
+                  lambda: None)
+    try:
+        return freeze_all(freezer, guard, targets, presync=presync,
+                          deadline=time.monotonic() + 60, clock=time.monotonic)
+    finally:
+        guard.close()
 
 
 def ufs_targets(freezer: FreeBSDFreezer) -> list[Mount]:

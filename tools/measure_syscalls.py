@@ -84,7 +84,7 @@ _CLONES = ("clone", "clone3", "fork", "vfork")
 class Trace:
     """Syscalls per role after the process's own seccomp() call (TSYNC: its threads'
     too), and every syscall any process made from exec on (what a unit's
-    SystemCallFilter must allow).  Roles: "child", "frontend", and
+    SystemCallFilter must allow).  Roles: "child", "thaw guard", "frontend", and
     "parent[<roles>]" with the roles its filter was built from."""
 
     calls: dict[str, collections.Counter[str]] = field(
@@ -127,8 +127,11 @@ class Trace:
 
         def label(proc: str) -> str:
             r = role.get(proc)
-            if r is None and proc in forked_by and role.get(process(forked_by[proc])) == "parent":
+            forker = role.get(process(forked_by[proc])) if proc in forked_by else None
+            if r is None and forker == "parent":
                 return "frontend"  # forked by the parent, never exec'd
+            if r is None and forker == "child":
+                return "thaw guard"  # forked by the child, under the child's own filter
             return f"parent[{'+'.join(parent_roles)}]" if r == "parent" else r or "?"
 
         start: dict[str, int] = {}
@@ -302,7 +305,7 @@ def report(trace: Trace) -> list[str]:
 
 
 def _policy_of(label: str) -> seccomp.Policy:
-    if label == "child":
+    if label in ("child", "thaw guard"):
         # measured against the simulator, whose socket REOPEN reopens, under Landlock
         return child_policy(simulated=True, landlock=True)
     if label == "frontend":

@@ -1,0 +1,76 @@
+"""The thaw guard, from outside: real processes, real scratch filesystems.
+
+The root child forks its guard once, before it confines itself; the guard thaws what
+it was told is frozen when the deadline passes (tests/test_attack_root.py) or the moment
+the child is gone, and a child whose guard is gone ends, so that its successor forks a
+new one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+
+import psutil
+
+from agent.kernel import linux_wire as lw
+from tests.helpers import PY, Agent, assert_blocked, assert_writable, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A stand-in for the child: arms a guard with the mountpoint's descriptor and a deadline a
+# minute away, freezes it, tells the guard, and is killed before it can thaw or disarm.
+KILLED_MID_FREEZE = textwrap.dedent("""\
+    import fcntl, os, signal, socket, sys, time
+    sys.path.insert(0, sys.argv[2])
+    from privileged.freeze_linux import FIFREEZE, LinuxFreezer
+    from privileged.freezer import Guard
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                  LinuxFreezer().release, lambda: None)
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+    guard.arm([fd], time.monotonic() + 60)
+    fcntl.ioctl(fd, FIFREEZE, 0)
+    guard.tell(0)
+    print(guard.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_the_guard_thaws_at_once_when_the_child_dies_mid_freeze(make_fs):
+    fs = make_fs("ext4")
+    proc = subprocess.run([PY, "-I", "-c", KILLED_MID_FREEZE, fs.mountpoint, ROOT],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    guard = int(proc.stdout)
+    # well before the minute's deadline: the guard saw its socket's EOF and thawed
+    assert_writable(fs.mountpoint, 5.0)
+    assert wait_for(lambda: not psutil.pid_exists(guard), 5.0)
+
+
+def test_a_child_whose_guard_is_killed_thaws_and_ends_and_the_next_one_has_a_guard(workdir,
+                                                                                  make_fs):
+    fs = make_fs("ext4")
+    agent = Agent(workdir, [fs.mountpoint], frontend=False).start()
+    try:
+        assert agent.sim.request("freeze").status == lw.HV_S_OK
+        probe = assert_blocked(fs.mountpoint)
+        child = agent.child
+        (guard,) = child.children()
+        guard.kill()
+        # without a guard no FREEZE could be bounded: the child thaws what it holds and
+        # ends, and the parent exits for the service manager to start it again
+        assert probe.done_within(5), "still frozen after the guard was killed"
+        assert agent.wait_exit(10) == 3
+        assert "the thaw guard is gone" in agent.log()
+        agent.launch(wait=False)
+        agent.wait_registered(connections=2)
+        (new_guard,) = agent.child.children()
+        assert new_guard.pid != guard.pid
+        assert agent.sim.request("freeze").status == lw.HV_S_OK
+        probe = assert_blocked(fs.mountpoint)
+        assert agent.sim.request("thaw").status == lw.HV_S_OK
+        assert probe.done_within(5)
+    finally:
+        agent.stop()
