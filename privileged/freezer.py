@@ -48,6 +48,7 @@ The child's records to its guard (one SOCK_SEQPACKET record each): TARGETS
 "T" with up to MAX_PASSED descriptors, in order; ARM "A" + the deadline in
 microseconds of CLOCK_MONOTONIC (8 bytes, little endian); FROZEN "F" + a
 target's index (2 bytes); DONE "D", answered "0" (nothing fired) or "1".
+ARM is answered "0" too, once the guard holds what it needs.
 """
 
 from __future__ import annotations
@@ -227,9 +228,13 @@ class Guard:
         self.sock = ours
 
     def arm(self, fds: Sequence[int], deadline: float) -> None:
+        """Hand it the targets and the deadline, and wait until it has them: FIFREEZE's
+        grace periods take a scheduler tick longer while another CPU runs the guard."""
         for i in range(0, len(fds), MAX_PASSED):
             records.send(self.sock, b"T", tuple(fds[i:i + MAX_PASSED]))
         records.send(self.sock, b"A" + int(deadline * 1e6).to_bytes(8, "little"))
+        if records.receive(self.sock, 1)[0] != b"0":
+            raise OSError(errno.ECHILD, "it is gone")
 
     def tell(self, index: int) -> None:
         """Target `index` is frozen now (OSError if the guard is gone: the FREEZE fails)."""
@@ -267,12 +272,16 @@ def watch(sock: _socket.socket, release: Callable[[int], None],
             except (OSError, IndexError):
                 pass  # thawed already (EINVAL), or nothing we can do from here
 
+    answer = b""  # sent just before the guard sleeps: the child goes on once it does
     try:
         while True:
             if deadline is not None and clock() >= deadline:
                 deadline, fired = None, True
                 thaw_frozen()
             wait = -1 if deadline is None else int((deadline - clock()) * 1000) + 1
+            if answer:
+                records.send(sock, answer)
+                answer = b""
             if not poller.poll(wait):
                 continue
             record, passed = records.receive(sock, 9, MAX_PASSED)
@@ -282,14 +291,13 @@ def watch(sock: _socket.socket, release: Callable[[int], None],
             if kind == b"T":
                 fds += passed
             elif kind == b"A":
-                deadline, fired = value / 1e6, False
+                deadline, fired, answer = value / 1e6, False, b"0"
             elif kind == b"F":
                 frozen.append(value)
             elif kind == b"D":
-                records.send(sock, b"1" if fired else b"0")
+                answer, deadline = b"1" if fired else b"0", None
                 frozen.clear()
                 while fds:
                     os.close(fds.pop())
-                deadline = None
     finally:
         thaw_frozen()

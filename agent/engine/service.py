@@ -331,12 +331,17 @@ class Service:
         self._change_due, self._changed_at = True, now
 
     def _publish_at(self) -> float | None:
-        """When on_change is to see what changed: once nothing has changed for
-        PUBLISH_QUIET, so that a host's requests in quick succession (CHECK, then FREEZE)
-        do not wait behind it, yet never later than PUBLISH_AFTER after the first change
-        it has not seen (a transaction in flight then shows as such)."""
+        """When on_change is to see what changed: not in the middle of a transaction
+        younger than PUBLISH_AFTER (the status then shows it in flight: a CHECK takes well
+        under a millisecond, and the parent stays idle while the child freezes), and
+        otherwise once nothing has changed for PUBLISH_QUIET, so that a host's requests in
+        quick succession (CHECK, then FREEZE) do not wait behind it, yet never later than
+        PUBLISH_AFTER after the first change it has not seen."""
         if not self._change_due or self.on_change is None:
             return None
+        tx = self.engine.tx
+        if tx is not None:
+            return tx.started + PUBLISH_AFTER
         return min(self._changed_at + PUBLISH_QUIET, self._change_since + PUBLISH_AFTER)
 
     def _publish(self) -> None:
