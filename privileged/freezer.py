@@ -38,8 +38,10 @@ descriptor, which passing it keeps), so a blocked freeze of one target never
 delays the thaw of another.  The guard also thaws at once if the child dies
 mid-freeze (its socket reaches EOF).  Between FREEZEs it holds no target and
 waits; if it dies, the child exits (child.py), and its successor forks a new
-one.  Forked once rather than at each FREEZE: a fork just before FIFREEZE
-makes the kernel's RCU grace periods inside it longer (7 ms of 24 here).  It
+one.  Forked once rather than at each FREEZE, and answering ARM before the
+child freezes: while another process of ours runs on a CPU as FIFREEZE
+begins, the kernel's RCU grace periods inside it take a scheduler tick
+longer (a fork just before it: 31 ms instead of 24 here).  It
 stays single-threaded; the process that suspends UFS stays single-threaded
 too, as FreeBSD requires.  The guard never logs and never reads the child's
 socket to its parent: it only polls, reads, thaws and answers.
