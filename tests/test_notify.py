@@ -151,6 +151,9 @@ def test_with_no_subscriber_to_tell_the_frontend_is_not_waited_for(workdir, make
     holds nothing up.  Once one has been welcomed, it is asked again."""
     fs = make_fs("ext4")
     with running_agent(workdir, [fs.mountpoint], notify={"budget": 1.0}) as agent:
+        # Answered, this CHECK shows the frontend serving: it says how many would hear an
+        # event (none) before it handles anything, so the engine knows it from here on.
+        assert agent.sim.request("check").status == lw.HV_S_OK
         frontend = agent.frontend
         os.kill(frontend.pid, signal.SIGSTOP)
         try:
