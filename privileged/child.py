@@ -211,9 +211,9 @@ class Child:
             self.answer(op, seq, p.REFUSED, err=errno.EPERM, count=len(sel.targets),
                         mount=veto[0])
             return
+        self.answer(op, seq, p.OK, count=len(sel.targets))  # the host first, then the log
         log(p.INFO, f"CHECK: {len(sel.targets)} filesystem(s) can be frozen: "
                     f"{', '.join(m.mountpoint for m in sel.targets) or 'none'}")
-        self.answer(op, seq, p.OK, count=len(sel.targets))
 
     def handle_freeze(self, op: int, seq: int) -> None:
         window = self.cfg.watchdog.max_frozen_seconds

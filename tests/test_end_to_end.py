@@ -238,4 +238,4 @@ def test_each_check_sees_the_mount_table_as_it_is_now(workdir, make_fs):
                                                      ("b unmounted", False),
                                                      ("b mounted again", True))
                         for _ in range(2)], agent.log()[-2000:]
-        assert "CHECK: 2 filesystem(s) can be frozen" in agent.log()
+        assert wait_for(lambda: "CHECK: 2 filesystem(s) can be frozen" in agent.log())
