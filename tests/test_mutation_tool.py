@@ -21,7 +21,7 @@ import pytest
 from agent.engine import child_link
 from privileged import wire
 from tests.helpers import PY, REPO, assert_writable, write_config
-from tools.mutation import guard
+from tools.mutation import guard, tracer
 from tools.mutation.__main__ import spread
 from tools.mutation.mutants import Mutant, mutants
 from tools.mutation.report import BEGIN, END, complete, render, table, update_section
@@ -418,3 +418,36 @@ def test_guard_source_is_self_contained():
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported == {"errno", "fcntl", "os"}
     assert textwrap.dedent(guard.IMPORT_LINE).startswith("import privileged._mutation_guard")
+
+
+def test_the_tracer_follows_the_thaw_guard_a_process_the_child_forks(workdir, make_fs,
+                                                                     monkeypatch):
+    """The guard's loop runs only in the guard, a fork of the root child: its lines are
+    mapped to the test that started the child, so its mutants are run, not left as
+    survivors no test was seen to reach."""
+    fs = make_fs("ext4")
+    top = os.path.join(workdir, "copy")
+    for package in guard.PACKAGES:
+        shutil.copytree(os.path.join(REPO, package), os.path.join(top, package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    out = os.path.join(workdir, "trace")
+    tracer.install(top, ["privileged/freezer.py"], out)
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
+        f"import sys; sys.path.insert(0, {top!r}); "
+        "from privileged.child import main; sys.exit(main())"))
+    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
+                                                   [fs.mountpoint], workdir), None)
+    try:
+        link.wait_hello()
+        assert link.request(wire.Op.FREEZE)[0].status is wire.Status.OK
+        assert link.request(wire.Op.THAW)[0].status is wire.Status.OK
+        assert link.request(wire.Op.QUIT)[0].op is wire.Op.QUIT
+    finally:
+        link.close()
+        link.exit_status(10)
+    with open(os.path.join(REPO, "privileged", "freezer.py"), encoding="utf-8") as f:
+        source = f.read().splitlines()
+    only_in_the_guard = [n for n, text in enumerate(source, 1) if "fds += passed" in text]
+    assert len(only_in_the_guard) == 1
+    assert ("privileged/freezer.py", only_in_the_guard[0]) in {
+        (file, line) for _, file, line in tracer.read(out)}

@@ -14,8 +14,10 @@ after each test.  Where to write: one descriptor each process opens at start
 under its seccomp filter, and the root child under Landlock, which lets it
 open nothing for writing.  That descriptor is one more than the tests that
 count the child's descriptors expect: they fail traced, and are taken as
-incomplete (below).  A forked process (the frontend, the thaw guard,
-multiprocessing in tests) writes nothing.
+incomplete (below).  A process forked by one of ours (the frontend, the thaw
+guard) keeps tracing and writes through the descriptor it inherited, for
+the test of the process that forked it; one forked in pytest's process
+(multiprocessing in tests) writes nothing.
 
 A module run from a copy of our packages that a test made (tests/test_integrity.py
 installs one and tampers with it) counts as the module itself: the copy is
@@ -92,7 +94,7 @@ def _rel(filename):
 
 
 def flush():
-    if _os.getpid() != PID:
+    if IN_PYTEST and _os.getpid() != PID:  # a fork in a test: its test is not known here
         _new.clear()
         return
     if not _new:
