@@ -6,6 +6,7 @@ to use it when it runs as root, so root can never be talked into pretending.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from privileged.freezer import Held
@@ -31,7 +32,8 @@ class MemoryFreezer:
         return list(MOUNTS)
 
     def open(self, targets: Sequence[Mount]) -> list[int]:
-        return [-1 for _ in targets]
+        # Real descriptors (of nothing in particular), for the thaw guard to be handed.
+        return [os.open("/", os.O_PATH | os.O_CLOEXEC) for _ in targets]
 
     def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
         pass
@@ -42,13 +44,15 @@ class MemoryFreezer:
 
     def thaw_one(self, held: Held) -> str | None:
         self.frozen.discard(held.fs_key)
+        if held.fd is not None:
+            os.close(held.fd)
         return None
 
     def release(self, fd: int) -> None:
         pass  # the guard is another process: nothing of ours to change from there
 
     def close(self, fd: int) -> None:
-        pass
+        os.close(fd)
 
     def recover(self, records: Sequence[tuple[str, str]]) -> list[str]:
         return []

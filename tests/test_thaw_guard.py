@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import textwrap
+import time
 
 import psutil
 
 from agent.kernel import linux_wire as lw
+from privileged.freeze_memory import MOUNTS, MemoryFreezer
+from privileged.freezer import Guard, freeze_all, thaw
 from tests.helpers import PY, Agent, assert_blocked, assert_writable, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,3 +78,19 @@ def test_a_child_whose_guard_is_killed_thaws_and_ends_and_the_next_one_has_a_gua
         assert probe.done_within(5)
     finally:
         agent.stop()
+
+
+def test_the_demo_s_in_memory_freezer_hands_the_guard_real_descriptors():
+    """The unprivileged demo freezes nothing, yet FREEZE goes through the same guard, which
+    takes descriptors only (SCM_RIGHTS refuses -1 with EBADF)."""
+    freezer = MemoryFreezer()
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET), freezer.release,
+                  lambda: None)
+    try:
+        held = freeze_all(freezer, guard, list(MOUNTS), presync=True,
+                          deadline=time.monotonic() + 60, clock=time.monotonic)
+        assert freezer.frozen == {m.fs_key for m in MOUNTS}
+        assert thaw(freezer, held) == []
+        assert freezer.frozen == set()
+    finally:
+        guard.close()
