@@ -6,6 +6,7 @@ fixtures thaw and remove them whatever happens.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 
 from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
+from privileged.freeze_linux import FIFREEZE, FITHAW
 from tests.helpers import (
     Probe,
     assert_blocked,
@@ -239,3 +241,24 @@ def test_each_check_sees_the_mount_table_as_it_is_now(workdir, make_fs):
                                                      ("b mounted again", True))
                         for _ in range(2)], agent.log()[-2000:]
         assert wait_for(lambda: "CHECK: 2 filesystem(s) can be frozen" in agent.log())
+
+
+def test_a_filesystem_someone_else_froze_is_counted_and_left_frozen_to_them(workdir, make_fs):
+    """FIFREEZE answers EBUSY on a filesystem already frozen (here by hand, as an
+    administrator or another tool would): FREEZE counts it and succeeds, and THAW leaves
+    it frozen, since that freeze is not the agent's to end."""
+    a, b = make_fs("ext4"), make_fs("ext4")
+    fd = os.open(b.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FIFREEZE, 0)
+        with running_agent(workdir, [a.mountpoint, b.mountpoint]) as agent:
+            assert agent.sim.request("freeze").status == lw.HV_S_OK
+            assert agent.sim.request("thaw").status == lw.HV_S_OK
+            assert_writable(a.mountpoint)
+            assert_blocked(b.mountpoint)  # still the administrator's freeze
+            # logged while frozen, so held until the thaw
+            assert wait_for(lambda: "already frozen by someone else" in agent.log())
+    finally:
+        fcntl.ioctl(fd, FITHAW, 0)
+        os.close(fd)
+    assert_writable(b.mountpoint)
