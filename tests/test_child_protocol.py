@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import os
 import select
 import socket
+import stat
 import struct
 
 import pytest
@@ -130,6 +132,30 @@ def test_reopen_without_a_device_fails_cleanly(workdir, make_fs):
     res, fds = link.request(Op.REOPEN)
     assert res.status is wire.Status.FAILED and fds == []
     link.request(Op.QUIT)
+
+
+def test_reopen_of_a_device_node_hands_the_parent_it_read_write(workdir, make_fs):
+    """A real device node (here one with /dev/null's numbers): the parent writes replies
+    to it, so what REOPEN passes is open for reading and writing, and is that node."""
+    fs = make_fs("ext4")
+    device = os.path.join(workdir, "vss-device")
+    os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    config = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)
+    link = ChildLink.spawn(config, device)
+    try:
+        link.wait_hello()
+        res, fds = link.request(Op.REOPEN)
+        assert res.status is wire.Status.OK and len(fds) == 1
+        try:
+            st = os.fstat(fds[0])
+            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        finally:
+            os.close(fds[0])
+        link.request(Op.QUIT)
+    finally:
+        link.close()
+        link.exit_status(10)
 
 
 def test_reopen_is_rate_limited(workdir, make_fs):
