@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run by path, not as `-m agent`
     import os
 
     _top = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    for _name in ("agent", "privileged"):
+    for _name in ("privileged", "agent"):  # privileged imports nothing of agent
         _spec = _ext.PathFinder.find_spec(_name, [_top])
         if _spec is None or _spec.loader is None:
             sys.exit(f"hv-vss-agent: no {_name} package in {_top}")

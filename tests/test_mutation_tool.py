@@ -451,3 +451,18 @@ def test_the_tracer_follows_the_thaw_guard_a_process_the_child_forks(workdir, ma
     assert len(only_in_the_guard) == 1
     assert ("privileged/freezer.py", only_in_the_guard[0]) in {
         (file, line) for _, file, line in tracer.read(out)}
+
+
+def test_the_daemon_started_by_path_from_a_guarded_copy_finds_its_guard(workdir):
+    """The unit, the demo and the tests start the daemon as `python -I -S agent/__main__.py`;
+    in a mutation run's copy, agent/__init__.py imports the guard from privileged first
+    thing, so privileged must be loaded before agent (else every test that starts the real
+    agent fails on the unmutated copy and is left out of the run)."""
+    top = os.path.join(workdir, "copy")
+    for package in guard.PACKAGES:
+        shutil.copytree(os.path.join(REPO, package), os.path.join(top, package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    guard.install(top, os.path.join(workdir, "allowed"), os.path.join(workdir, "guard.log"))
+    proc = subprocess.run([PY, "-I", "-S", os.path.join(top, "agent", "__main__.py"), "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
