@@ -34,7 +34,7 @@ from tools.mutation.results import (
     Results,
     load_equivalents,
 )
-from tools.mutation.runner import Outcome, verdict_of
+from tools.mutation.runner import Outcome, make_venv, verdict_of
 from tools.mutation.testmap import CoverageMap, naming_files
 
 SAMPLE = b'''\
@@ -464,5 +464,22 @@ def test_the_daemon_started_by_path_from_a_guarded_copy_finds_its_guard(workdir)
                         ignore=shutil.ignore_patterns("__pycache__"))
     guard.install(top, os.path.join(workdir, "allowed"), os.path.join(workdir, "guard.log"))
     proc = subprocess.run([PY, "-I", "-S", os.path.join(top, "agent", "__main__.py"), "--help"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_copy_s_virtualenv_holds_what_the_daemon_imports_without_its_pth(tmp_path):
+    """The daemon starts with -S and appends its virtualenv's site-packages once
+    unprivileged, without running .pth files: a copy's virtualenv must hold the packages
+    themselves, not a .pth that names the worktree's (else every test that starts the real
+    agent fails on the unmutated copy and is left out of the run)."""
+    venv = str(tmp_path / "venv")
+    make_venv(venv, REPO)
+    python = os.path.join(venv, "bin", "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                              "['purelib'])"], capture_output=True, text=True, check=True,
+                             timeout=60).stdout.strip()
+    proc = subprocess.run([python, "-I", "-S", "-c", "import sys; sys.path.append(sys.argv[1]); "
+                           "import multiprocessing_logging, psutil", purelib],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

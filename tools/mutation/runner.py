@@ -20,6 +20,7 @@ then unmounted), loop devices backed by files there, files.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import queue
 import re
@@ -42,6 +43,8 @@ from tools.mutation.testmap import IGNORED_FILES, CoverageMap
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FITHAW = 0xC0045878
+# The third-party packages the daemon imports (pyproject.toml's dependencies).
+DAEMON_IMPORTS = ("multiprocessing_logging", "psutil")
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _REFUSED = re.compile(r"mutation guard refused FI(?:FREEZE|THAW): [^)\n]*")
 
@@ -88,9 +91,21 @@ def make_venv(dest: str, tree: str) -> None:
     except (OSError, subprocess.SubprocessError) as e:
         raise RunError(f"cannot make a virtualenv for the copy at {dest}: {e}") from None
     deps = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    with open(os.path.join(out.stdout.strip(), "_mutation_copy.pth"), "w",
-              encoding="utf-8") as f:
+    purelib = out.stdout.strip()
+    with open(os.path.join(purelib, "_mutation_copy.pth"), "w", encoding="utf-8") as f:
         f.write("\n".join([tree, *deps]) + "\n")
+    # The daemon starts with -S and, once unprivileged, adds this site-packages without
+    # running its .pth files: the packages it imports then must be in it themselves.
+    for name in DAEMON_IMPORTS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RunError(f"{name}, which the daemon imports, is not installed")
+        if spec.submodule_search_locations:
+            source = os.path.dirname(spec.origin)
+            shutil.copytree(source, os.path.join(purelib, os.path.basename(source)),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(spec.origin, purelib)
 
 
 @dataclass
