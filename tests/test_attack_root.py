@@ -253,6 +253,19 @@ def test_crash_recovery_never_thaws_what_a_swapped_path_leads_to(workdir, swap_s
 # --- the watchdog is a bound, whatever blocks ---------------------------------------------
 
 
+def stalled_freeze(agent: Agent, stalled: str, holder: str) -> tuple[threading.Thread,
+                                                                     list[int]]:
+    """Leave data for the freeze of `stalled` to write out, and freeze `holder`, where its
+    image lives: the host's FREEZE, sent by the thread returned (not yet started), then
+    blocks in FIFREEZE of `stalled` until `holder` is thawed.  `answer` gets its status."""
+    with open(os.path.join(stalled, "dirty"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    freeze_by_hand(holder)
+    answer: list[int] = []
+    return threading.Thread(target=lambda: answer.append(
+        agent.sim.request("freeze", timeout=60).status)), answer
+
+
 def test_a_stalled_freeze_does_not_keep_the_others_frozen_past_the_watchdog(workdir, make_fs):
     """B's image lives on C; with C frozen, B's FIFREEZE blocks (its journal cannot reach
     its storage) for ten watchdog windows.  A, frozen before it, is thawed at the deadline:
@@ -264,12 +277,7 @@ def test_a_stalled_freeze_does_not_keep_the_others_frozen_past_the_watchdog(work
     writer = Writer(os.path.join(a.mountpoint, "writer.dat")).start()
     with running_agent(workdir, [a.mountpoint, b.mountpoint], frontend=False, presync=False,
                        max_frozen=max_frozen, sim_timeouts={"util_timeout": 30.0}) as agent:
-        with open(os.path.join(b.mountpoint, "dirty"), "wb") as f:
-            f.write(os.urandom(1 << 20))  # left for B's freeze to write out
-        freeze_by_hand(c.mountpoint)
-        answer: list[int] = []
-        t = threading.Thread(target=lambda: answer.append(
-            agent.sim.request("freeze", timeout=60).status))
+        t, answer = stalled_freeze(agent, b.mountpoint, c.mountpoint)
         try:
             t.start()
             time.sleep(10 * max_frozen)  # B's freeze blocks all this time

@@ -330,12 +330,27 @@ def test_guard_import_comes_before_the_package_s_own_code():
     assert guard.with_import(b"x = 1").decode() == guard.IMPORT_LINE + "x = 1\n"
 
 
+def copy_packages(top: str, packages: tuple[str, ...] = guard.PACKAGES) -> str:
+    """Our packages copied under `top`, as a mutation run's copy has them."""
+    for package in packages:
+        shutil.copytree(os.path.join(REPO, package), os.path.join(top, package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    return top
+
+
 def guarded_copy(top: str, allowed: str) -> str:
     """privileged/ alone, copied under `top`, with the guard a mutation run gives it."""
-    shutil.copytree(os.path.join(REPO, "privileged"), os.path.join(top, "privileged"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    copy_packages(top, ("privileged",))
     guard.install(top, allowed, os.path.join(top, "guard.log"), packages=("privileged",))
     return top
+
+
+def child_from(top: str, monkeypatch: pytest.MonkeyPatch, config: str) -> child_link.ChildLink:
+    """The real root child, its packages imported from the copy at `top`."""
+    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
+        f"import sys; sys.path.insert(0, {top!r}); "
+        "from privileged.child import main; sys.exit(main())"))
+    return child_link.ChildLink.spawn(config, None)
 
 
 GUARD_PROBE = """\
@@ -392,11 +407,8 @@ def test_guard_stops_the_real_child_freezing_outside_the_scratch_directory(
     outside = make_fs("ext4", name="outside")
     os.makedirs(os.path.join(workdir, "allowed"))
     top = guarded_copy(os.path.join(workdir, "copy"), os.path.join(workdir, "allowed"))
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
-        f"import sys; sys.path.insert(0, {top!r}); "
-        "from privileged.child import main; sys.exit(main())"))
-    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
-                                                   [outside.mountpoint], workdir), None)
+    link = child_from(top, monkeypatch, write_config(os.path.join(workdir, "c.toml"),
+                                                     [outside.mountpoint], workdir))
     try:
         assert link.wait_hello().targets == 1
         result, _ = link.request(wire.Op.FREEZE)
@@ -426,17 +438,11 @@ def test_the_tracer_follows_the_thaw_guard_a_process_the_child_forks(workdir, ma
     mapped to the test that started the child, so its mutants are run, not left as
     survivors no test was seen to reach."""
     fs = make_fs("ext4")
-    top = os.path.join(workdir, "copy")
-    for package in guard.PACKAGES:
-        shutil.copytree(os.path.join(REPO, package), os.path.join(top, package),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    top = copy_packages(os.path.join(workdir, "copy"))
     out = os.path.join(workdir, "trace")
     tracer.install(top, ["privileged/freezer.py"], out)
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
-        f"import sys; sys.path.insert(0, {top!r}); "
-        "from privileged.child import main; sys.exit(main())"))
-    link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),
-                                                   [fs.mountpoint], workdir), None)
+    link = child_from(top, monkeypatch, write_config(os.path.join(workdir, "c.toml"),
+                                                     [fs.mountpoint], workdir))
     try:
         link.wait_hello()
         assert link.request(wire.Op.FREEZE)[0].status is wire.Status.OK
@@ -458,10 +464,7 @@ def test_the_daemon_started_by_path_from_a_guarded_copy_finds_its_guard(workdir)
     in a mutation run's copy, agent/__init__.py imports the guard from privileged first
     thing, so privileged must be loaded before agent (else every test that starts the real
     agent fails on the unmutated copy and is left out of the run)."""
-    top = os.path.join(workdir, "copy")
-    for package in guard.PACKAGES:
-        shutil.copytree(os.path.join(REPO, package), os.path.join(top, package),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    top = copy_packages(os.path.join(workdir, "copy"))
     guard.install(top, os.path.join(workdir, "allowed"), os.path.join(workdir, "guard.log"))
     proc = subprocess.run([PY, "-I", "-S", os.path.join(top, "agent", "__main__.py"), "--help"],
                           capture_output=True, text=True, timeout=60, check=False)

@@ -21,7 +21,7 @@ from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
 from privileged.rcu import PATH as RCU_PATH
 from tests.helpers import Agent, Probe, assert_writable, running_agent, shutdown_ext4, wait_for
-from tests.test_attack_root import freeze_by_hand, thaw_by_hand
+from tests.test_attack_root import stalled_freeze, thaw_by_hand
 
 MANY = 8
 
@@ -101,12 +101,7 @@ def test_a_blocked_target_does_not_keep_the_others_frozen_past_the_watchdog(work
         with running_agent(workdir, [b.mountpoint, *[fs.mountpoint for fs in others]],
                            frontend=False, presync=False, max_frozen=max_frozen,
                            rcu_expedited=True, sim_timeouts={"util_timeout": 30.0}) as agent:
-            with open(os.path.join(b.mountpoint, "dirty"), "wb") as f:
-                f.write(os.urandom(1 << 20))  # left for B's freeze to write out
-            freeze_by_hand(c.mountpoint)
-            answer: list[int] = []
-            t = threading.Thread(target=lambda: answer.append(
-                agent.sim.request("freeze", timeout=60).status))
+            t, answer = stalled_freeze(agent, b.mountpoint, c.mountpoint)
             rcu_during: list[str] = []
             try:
                 t.start()
@@ -152,10 +147,7 @@ def test_a_killed_child_s_successor_restores_rcu_expedited_and_thaws(workdir, ma
         agent = Agent(workdir, [a.mountpoint, b.mountpoint], **config)  # type: ignore[arg-type]
         try:
             agent.start()
-            with open(os.path.join(b.mountpoint, "dirty"), "wb") as f:
-                f.write(os.urandom(1 << 20))
-            freeze_by_hand(c.mountpoint)
-            t = threading.Thread(target=lambda: agent.sim.request("freeze", timeout=60))
+            t, _ = stalled_freeze(agent, b.mountpoint, c.mountpoint)
             try:
                 t.start()
                 assert wait_for(lambda: _rcu() == "1", 5.0), "never expedited"
