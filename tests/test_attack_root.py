@@ -392,7 +392,8 @@ def test_reopen_never_hands_out_anything_but_the_device(workdir, make_fs):
             while True:
                 server.accept()[0].close()
 
-    threading.Thread(target=accept, daemon=True).start()
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     secret = os.path.join(workdir, "secret")
     with open(secret, "w", encoding="utf-8") as f:
         f.write("root only\n")
@@ -423,7 +424,10 @@ def test_reopen_never_hands_out_anything_but_the_device(workdir, make_fs):
         link.request(wire.Op.QUIT)
     finally:
         link.close()
+        server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(): the thread ends
         server.close()
+        acceptor.join(5)
+    assert not acceptor.is_alive()
     assert given + refused > 0
     assert given <= REOPEN_BURST + (time.monotonic() - start) / REOPEN_EVERY + 1
 
