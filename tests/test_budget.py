@@ -186,3 +186,12 @@ def test_no_span_holds_more_frozen_time_than_the_bound(freezes, window, per_hour
             if b > a:
                 inside = sum(min(e, b) - max(s, a) for s, e in frozen if e > a and s < b)
                 assert inside <= capacity + per_hour / 3600 * (b - a) + 1e-6
+
+
+def test_the_wait_a_refusal_names_is_what_the_bucket_lacks_at_its_refill_rate():
+    bucket = Bucket(10.0, 0.5, 4.0, 0.0)
+    assert bucket.seconds_until(3.0, 0.0) == 0.0  # enough already
+    assert bucket.seconds_until(4.0, 0.0) == 0.0
+    assert bucket.seconds_until(6.0, 0.0) == 4.0  # 2 s short, 0.5 s refilled each second
+    assert bucket.seconds_until(6.0, 2.0) == 2.0  # 1 s of it came in meanwhile
+    assert Bucket(10.0, 0.0, 4.0, 0.0).seconds_until(6.0, 0.0) == float("inf")

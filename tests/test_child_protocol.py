@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -204,3 +205,38 @@ def test_child_lets_go_of_its_stdio_once_it_runs(workdir, make_fs):
         assert not {"0", "1", "2"} & set(os.listdir(f"/proc/{link.pid}/fd"))
     finally:
         link.request(Op.QUIT)
+
+
+def test_a_parent_that_stops_reading_never_blocks_the_child(workdir, make_fs, monkeypatch):
+    """Frozen, with the parent reading nothing and its socket full: the watchdog thaws, its
+    notice to the parent is dropped rather than waited on, and SIGTERM still ends the child
+    at once (a child blocked in a send would retry it after every signal, for ever)."""
+    fs = make_fs("ext4")
+    theirs: list[socket.socket] = []
+    pair = socket.socketpair
+
+    def keeping_a_copy(*args: int) -> tuple[socket.socket, socket.socket]:
+        ours, child_end = pair(*args)
+        theirs.append(child_end.dup())  # the child's end, to fill from here
+        return ours, child_end
+
+    monkeypatch.setattr(socket, "socketpair", keeping_a_copy)
+    link = spawn(workdir, fs.mountpoint, max_frozen=1.0)
+    monkeypatch.undo()
+    filler = theirs[0]
+    try:
+        assert link.request(Op.FREEZE)[0].status is wire.Status.OK
+        probe = assert_blocked(fs.mountpoint, 0.2)
+        with pytest.raises(BlockingIOError):  # (not setblocking: the file's flags are shared)
+            for _ in range(100_000):  # the child's send buffer, charged to the socket it shares
+                filler.send(b"\0" * 1024, socket.MSG_DONTWAIT)
+        assert probe.done_within(10)  # the watchdog thawed
+        os.kill(link.pid, signal.SIGTERM)
+        assert link.exit_status(5) == EXIT_OK
+    finally:
+        filler.close()
+        link.close()
+        if link.exit_status(0) is None:
+            link.proc.kill()
+            link.exit_status(5)
+    assert_writable(fs.mountpoint, 2)

@@ -66,3 +66,12 @@ def test_stop_ends_the_work_and_the_deadline_action_runs_once_while_a_worker_blo
     stopped: list[int] = []
     concurrent.each(range(100), stopped.append, eager=False, stop=lambda: len(stopped) >= 5)
     assert len(stopped) == 5
+
+
+def test_the_deadline_action_is_not_run_when_every_worker_finished_in_time():
+    fired: list[bool] = []
+    done: list[int] = []
+    concurrent.each(range(3), done.append, eager=True,
+                    at=(time.monotonic() + 30, lambda: fired.append(True)))
+    assert sorted(done) == [0, 1, 2]
+    assert fired == []

@@ -8,14 +8,18 @@ records, refused when their layout is not the one we know.
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import socket
 import threading
 import time
 
 import pytest
 
+from privileged import ufs_kernel
 from privileged.freeze_freebsd import FreeBSDFreezer
 from privileged.freezer import FreezeFailed, Guard, Held, freeze_all, thaw
+from privileged.mounts_freebsd import fsid_of
 from privileged.selection import Mount
 from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
 from privileged.ufs_kernel import read_fsstat
@@ -249,3 +253,54 @@ def test_read_fsstat_sizes_the_buffer_and_retries_when_mounts_appear():
         return fit
 
     assert read_fsstat(getfsstat) == b"".join(records)
+
+
+def test_a_thaw_whose_close_fails_is_named_and_the_others_are_still_thawed():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    held = freeze(freezer, ufs_targets(freezer), presync=False)
+    lost = next(h for h in held if h.mountpoint == "/var")
+    os.close(lost.fd)  # gone behind the freezer's back: its close(2) is EBADF
+    assert thaw(freezer, held) == ["/var: close: Bad file descriptor"]
+    assert m.suspended() == {"/var"}  # the model's record of it: the descriptor was lost
+
+
+def test_read_fsstat_gives_up_on_a_table_that_keeps_growing():
+    grown = iter(range(1, 100))
+
+    def getfsstat(buf, size, mode):
+        n = next(grown) * 10  # more every time it is asked
+        return n if buf is None else size // 2344
+
+    with pytest.raises(OSError) as e:
+        read_fsstat(getfsstat, attempts=3)
+    assert e.value.errno == errno.EAGAIN
+
+
+def test_a_key_that_is_not_an_fsid_is_refused_before_any_suspension():
+    bad = Mount("/x", "ufs", "/dev/x", readonly=False, local=True, pseudo=False, fs_key="0a0b")
+    with pytest.raises(ValueError, match="is not an fsid"):
+        fsid_of(bad)
+
+
+def test_the_suspension_device_is_opened_read_write_and_close_on_exec(monkeypatch, tmp_path):
+    """As the stock daemon opens /dev/ufssuspend (O_RDWR), and never inherited by anything
+    the child could start."""
+    node = tmp_path / "ufssuspend"
+    node.write_bytes(b"")
+    monkeypatch.setattr(ufs_kernel, "PATH_UFSSUSPEND", str(node))
+    fd = ufs_kernel.LibcUfsKernel.open_suspend(object.__new__(ufs_kernel.LibcUfsKernel))
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    finally:
+        os.close(fd)
+
+
+def test_a_refusal_without_words_of_ours_is_named_by_the_system_s_own():
+    mounts = table()
+    next(mm for mm in mounts if mm.mountpoint == "/var").suspend_error = errno.EIO
+    freezer = FreeBSDFreezer(model(mounts))
+    with pytest.raises(FreezeFailed) as e:
+        freeze(freezer, ufs_targets(freezer), presync=False)
+    assert e.value.why == f"UFSSUSPEND: {os.strerror(errno.EIO)}"

@@ -451,12 +451,34 @@ def test_the_tracer_follows_the_thaw_guard_a_process_the_child_forks(workdir, ma
     finally:
         link.close()
         link.exit_status(10)
-    with open(os.path.join(REPO, "privileged", "freezer.py"), encoding="utf-8") as f:
-        source = f.read().splitlines()
-    only_in_the_guard = [n for n, text in enumerate(source, 1) if "fds += passed" in text]
-    assert len(only_in_the_guard) == 1
-    assert ("privileged/freezer.py", only_in_the_guard[0]) in {
-        (file, line) for _, file, line in tracer.read(out)}
+    assert traced(out, "privileged/freezer.py", "fds += passed")  # only the guard runs it
+
+
+def traced(out: str, module: str, text: str) -> bool:
+    """Whether the tracer writing to `out` saw the one line of `module` that holds `text`."""
+    with open(os.path.join(REPO, module), encoding="utf-8") as f:
+        lines = [n for n, line in enumerate(f.read().splitlines(), 1) if text in line]
+    assert len(lines) == 1
+    return (module, lines[0]) in {(file, line) for _, file, line in tracer.read(out)}
+
+
+THREADS_PROBE = """\
+import sys
+sys.path.insert(0, sys.argv[1])
+from privileged import concurrent
+concurrent.each(range(3), lambda i: None, eager=True)
+"""
+
+
+def test_the_tracer_follows_threads_started_without_threading(workdir):
+    """concurrent.each() starts its workers with _thread (the child does not import
+    threading): the lines only they run are mapped too, not left as survivors no test was
+    seen to reach."""
+    top = copy_packages(os.path.join(workdir, "copy"))
+    out = os.path.join(workdir, "trace")
+    tracer.install(top, ["privileged/concurrent.py"], out)
+    subprocess.run([PY, "-I", "-c", THREADS_PROBE, top], check=True, timeout=60)
+    assert traced(out, "privileged/concurrent.py", "running.release()  #")  # workers only
 
 
 def test_the_daemon_started_by_path_from_a_guarded_copy_finds_its_guard(workdir):

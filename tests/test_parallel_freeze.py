@@ -16,9 +16,11 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
+from privileged import rcu
 from privileged.rcu import PATH as RCU_PATH
 from tests.helpers import Agent, Probe, assert_writable, running_agent, shutdown_ext4, wait_for
 from tests.test_attack_root import stalled_freeze, thaw_by_hand
@@ -178,3 +180,20 @@ def _rcu() -> str:
 def _set_rcu(value: str) -> None:
     with open(RCU_PATH, "w", encoding="ascii") as f:
         f.write(value)
+
+
+def test_a_crash_record_value_that_is_not_0_or_1_is_not_written_to_the_kernel():
+    before = _rcu()
+    try:
+        _set_rcu("0")
+        said = rcu.recover("7")
+        assert "left as it is" in said and _rcu() == "0"
+    finally:
+        _set_rcu(before)
+
+
+def test_rcu_expedited_that_cannot_be_opened_is_one_line_naming_the_key(monkeypatch, workdir):
+    monkeypatch.setattr(rcu, "PATH", os.path.join(workdir, "absent"))
+    with pytest.raises(OSError) as e:
+        rcu.Expedite.open()
+    assert str(e.value.strerror).startswith("[freeze] rcu_expedited: cannot open ")

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.sandbox_linux import FIONBIO, FRONTEND, METRICS_OPEN, ROLES, parent_policy
-from privileged import seccomp
+from privileged import libc, seccomp
 from privileged.freeze_linux import FIFREEZE, FITHAW
 from privileged.sandbox import child_policy, is_simulator
 from privileged.seccomp import (
@@ -333,3 +333,40 @@ def test_unknown_architecture_is_refused(monkeypatch):
     monkeypatch.setattr(os, "uname", lambda: riscv)
     with pytest.raises(seccomp.SandboxError, match="riscv64"):
         seccomp.native_arch()
+
+
+LONGEST_FILTER = textwrap.dedent("""\
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from privileged import seccomp
+    arch = seccomp.native_arch()
+
+    def policy(n):  # one AllowIf (5 instructions) makes the length even, each name adds 2
+        return seccomp.Policy("longest", (
+            seccomp.AllowIf("an argument", "ioctl", 1, (1,), seccomp.KILL_PROCESS),
+            seccomp.Allow("a long list", ("getpid",) * n)), seccomp.ALLOW)
+
+    n = (4096 - len(seccomp.compile_policy(policy(0), arch))) // 2
+    try:
+        seccomp.compile_policy(policy(n + 1), arch)
+    except seccomp.SandboxError as e:
+        print("refused:", e)
+    seccomp.confine(policy(n), all_threads=False)
+    print("loaded:", len(seccomp.compile_policy(policy(n), arch)))
+""")
+
+
+def test_a_filter_as_long_as_the_kernel_takes_is_loaded_and_one_longer_is_refused():
+    """The kernel takes up to BPF_MAXINSNS (4096) instructions: the compiler refuses what
+    it would not, with our words, and not what it would."""
+    proc = subprocess.run([PY, "-I", "-c", LONGEST_FILTER, REPO], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["refused: the longest filter has 4098 instructions",
+                                        "loaded: 4096"]
+
+
+def test_a_failed_libc_call_is_an_oserror_with_its_errno():
+    with pytest.raises(OSError) as e:
+        libc.function("close")(-1)
+    assert e.value.errno == errno.EBADF

@@ -18,8 +18,10 @@ import time
 import psutil
 
 from agent.kernel import linux_wire as lw
+from privileged.child_config import parse_child_sections
 from privileged.freeze_memory import MOUNTS, MemoryFreezer
 from privileged.freezer import Guard, freeze_all, thaw
+from privileged.selection import select_targets
 from tests.helpers import PY, Agent, assert_blocked, assert_writable, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,13 +86,17 @@ def test_the_demo_s_in_memory_freezer_hands_the_guard_real_descriptors():
     """The unprivileged demo freezes nothing, yet FREEZE goes through the same guard, which
     takes descriptors only (SCM_RIGHTS refuses -1 with EBADF)."""
     freezer = MemoryFreezer()
+    targets = select_targets(freezer.mounts(), parse_child_sections({}), freezer.platform).targets
+    assert sorted(targets, key=MOUNTS.index) == list(MOUNTS)  # the demo freezes both
     guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET), freezer.release,
                   lambda: None)
+    fds_before = set(os.listdir("/proc/self/fd"))
     try:
-        held = freeze_all(freezer, guard, list(MOUNTS), presync=True,
+        held = freeze_all(freezer, guard, targets, presync=True,
                           deadline=time.monotonic() + 60, clock=time.monotonic)
         assert freezer.frozen == {m.fs_key for m in MOUNTS}
         assert thaw(freezer, held) == []
         assert freezer.frozen == set()
+        assert set(os.listdir("/proc/self/fd")) == fds_before  # every descriptor given back
     finally:
         guard.close()

@@ -1,7 +1,8 @@
 """Which test runs which line of the mutated modules, in every process a test starts.
 
 The coverage copy's `privileged` and `agent` packages import a tracer first
-thing (as the guard is imported): sys.settrace and threading.settrace, with a
+thing (as the guard is imported): sys.settrace, threading.settrace and a
+start_new_thread that sets it in threads started without threading, with a
 local tracer only for frames of the target modules, recording (test, file,
 line).  The test is the one pytest is running (trace_plugin.py tells the
 tracer, and writes it to a file that subprocesses read when they start): the
@@ -47,6 +48,7 @@ _SOURCE = '''\
 import atexit as _atexit
 import os as _os
 import sys as _sys
+import _thread
 import threading as _threading
 import time as _time
 
@@ -157,6 +159,14 @@ def _start():
     _atexit.register(flush)
     _threading.settrace(_global)
     _sys.settrace(_global)
+    _thread.start_new_thread = _traced_start  # privileged/concurrent.py starts its own
+
+
+def _traced_start(function, args, kwargs=None, _start=_thread.start_new_thread):
+    def run(*a, **k):
+        _sys.settrace(_global)
+        return function(*a, **k)
+    return _start(run, args, kwargs or {{}})
 
 
 if not getattr(_sys, "_mutation_traced", False):

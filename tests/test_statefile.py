@@ -1,0 +1,43 @@
+"""The child's state directory: the crash record names exactly what a successor must thaw,
+and the directory the check passed is the one the records go to."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from privileged import statefile
+from privileged.statefile import StateDir
+
+
+def test_a_target_frozen_by_someone_else_is_dropped_from_the_crash_record(workdir):
+    """A successor thaws what the record names: never a filesystem that was not ours."""
+    state = StateDir(os.path.join(workdir, "state"))
+    state.open()
+    state.write([("7:1", "/srv/a"), ("7:2", "/srv/b with space")])
+    state.drop("7:2")
+    assert state.read() == [("7:1", "/srv/a")]
+    state.clear()
+    assert state.read() == []
+
+
+def test_a_state_directory_swapped_for_a_symlink_after_its_check_is_refused(workdir,
+                                                                           monkeypatch):
+    """Checked, then swapped for a symlink to a directory the records must not reach before
+    the open: the open does not follow it, and nothing is written there."""
+    path, elsewhere = os.path.join(workdir, "state"), os.path.join(workdir, "elsewhere")
+    os.mkdir(path, 0o700)
+    os.mkdir(elsewhere, 0o700)
+    checked = statefile.directories_reason
+
+    def check_then_swap(real: str) -> str | None:
+        reason = checked(real)
+        os.rename(path, path + ".old")
+        os.symlink(elsewhere, path)
+        return reason
+
+    monkeypatch.setattr(statefile, "directories_reason", check_then_swap)
+    with pytest.raises(OSError):
+        StateDir(path).open()
+    assert os.listdir(elsewhere) == []
