@@ -30,6 +30,7 @@ from bench import devices, measure
 from bench.common import kib, machine, ms, ratio
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+SAMPLES = 24  # section 2: at least this many FIFREEZEs of single filesystems per mean
 
 
 def main() -> int:
@@ -91,15 +92,15 @@ def _control(work: str, n: int) -> str:
 
 
 def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
-    print(f"\n## 2. Many filesystems ({dirty_mb} MiB dirty or none, median of {reps})",
-          flush=True)
+    print(f"\n## 2. Many filesystems ({dirty_mb} MiB dirty or none, mean of {reps} or "
+          f"more)", flush=True)
     rows: list[list[str]] = []
     points: list[tuple[int, dict[str, measure.Run]]] = []
     for n in counts:
         with devices.filesystems(work, n, max(64, 2 * dirty_mb // n + 32)) as fss:
             mounts = [fs.mountpoint for fs in fss]
             for dirty in (0, dirty_mb):
-                runs = measure.freeze_many(work, mounts, dirty, reps)
+                runs = measure.freeze_many(work, mounts, dirty, repeats(reps, n))
                 if not dirty:
                     points.append((n, runs))
                 base = runs[measure.BASELINE]
@@ -114,6 +115,10 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
         " The child of this version has no `[freeze] rcu_expedited` opt-in: no row for it.")
     return "## 2. Many filesystems\n\n" \
         f"Scratch ext4 filesystems on {devices.kind()}, mounted `{devices.MOUNT_OPTIONS}`. " \
+        f"Each figure is a mean, of {repeats(reps, counts[0])} repetitions at " \
+        f"{counts[0]} filesystem and of {repeats(reps, counts[-1])} at {counts[-1]} " \
+        "(fewer filesystems, more repetitions): a FIFREEZE takes one of two times here, a " \
+        "scheduler tick apart, and a median of a few lands on either at random. " \
         "FREEZE and THAW: host request sent to reply, as the simulator sees it. Longest " \
         "blocked write: one writer per filesystem writes 4 KiB and times each of its own " \
         f"writes (every {measure_interval(counts)}); the longest write that was blocked " \
@@ -135,6 +140,12 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
             ["filesystems", "dirty", "who", "FREEZE", "ratio", "THAW", "ratio",
              "longest blocked write", "ratio"], rows) + \
         "\n\n![latency against filesystem count](bench/out/scale.png)"
+
+
+def repeats(reps: int, n: int) -> int:
+    """More of them where one FREEZE is short: each row's mean takes SAMPLES freezes of
+    single filesystems at least, since each FIFREEZE is one of two times a tick apart."""
+    return max(reps, SAMPLES // n)
 
 
 def measure_interval(counts: list[int]) -> str:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -169,7 +170,9 @@ def shipped_agent(workdir: str, mounts: list[str], *, frontend: bool = False,
 
 @dataclass
 class Run:
-    """Medians of one way of freezing, at one count of filesystems."""
+    """Means of one way of freezing, at one count of filesystems: a FIFREEZE takes one of
+    two times here (a scheduler tick apart, whether another task runs as its RCU grace
+    periods begin), so a median of few samples lands on either at random."""
 
     freeze: float
     thaw: float
@@ -224,7 +227,7 @@ def freeze_many(workdir: str, mounts: list[str], dirty_mb: int, reps: int) -> di
         for a in agents.values():
             a.stop()
         meter.close()
-    return {way: Run(*(stats([x[i] for x in xs]).p50 for i in range(3)))
+    return {way: Run(*(statistics.fmean(x[i] for x in xs) for i in range(3)))
             for way, xs in samples.items()}
 
 

@@ -83,8 +83,8 @@ class LinuxFreezer:
 
     def mounts(self, reuse: bool = False) -> list[Mount]:
         """The mount table; with `reuse`, the last one parsed while /proc/self/mountinfo
-        reads the same (for CHECK, whose work the parse, a stat or two per line, is most
-        of, and for the check after an open; FREEZE's selection parses afresh)."""
+        reads the same text (the parse, a stat or two per line, is most of a CHECK's work
+        and of a FREEZE's before its first open: the host sends CHECK just before)."""
         text = read(MOUNTINFO)
         if not reuse or text != self._parsed[0]:
             self._parsed = (text, parse_mountinfo(text))

@@ -177,3 +177,19 @@ def test_strict_check_vetoes_and_the_log_says_which_and_why(child_log):
         "may be mounted read-write, as in the stock daemon)"]
     res = check_on(TYPICAL, check={"zfs": "veto"})
     assert (res.status, res.mount) == (wire.Status.REFUSED, "/zroot")
+
+
+def test_a_line_that_repeats_the_last_check_s_is_debug_and_news_is_info(child_log):
+    """The parent writes every line the child sends, between one host request and the
+    next: a CHECK that says what the last one said says it at debug level."""
+    model = UfsModel(list(TYPICAL), threads=lambda: 1)
+    one = child.Child(Sent(), FreeBSDFreezer(model), parse_child_sections({}),  # type: ignore[arg-type]
+                      StateDir("/nonexistent", enabled=False), Bucket(60, 0, 60, 0))
+    one.handle_check(Op.CHECK, 1)
+    one.handle_check(Op.CHECK, 2)
+    model.mounts = [m for m in model.mounts if m.mountpoint != "/zroot/var/log"]
+    one.handle_check(Op.CHECK, 3)
+    zfs = [level for level, text in child_log if text.startswith("ZFS")]
+    verdicts = [level for level, text in child_log if text.startswith("CHECK: ")]
+    assert zfs == [logging.INFO, logging.DEBUG, logging.INFO]  # one dataset fewer: news
+    assert verdicts == [logging.INFO, logging.DEBUG, logging.DEBUG]

@@ -18,6 +18,7 @@ from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
 from privileged.freeze_linux import FIFREEZE, FITHAW
 from tests.helpers import (
+    Agent,
     Probe,
     assert_blocked,
     assert_writable,
@@ -241,6 +242,25 @@ def test_each_check_sees_the_mount_table_as_it_is_now(workdir, make_fs):
                                                      ("b mounted again", True))
                         for _ in range(2)], agent.log()[-2000:]
         assert wait_for(lambda: "CHECK: 2 filesystem(s) can be frozen" in agent.log())
+
+
+def test_a_check_s_verdict_is_logged_when_it_changes_not_at_every_check(workdir, make_fs):
+    """Every veto is logged; a yes only when it differs from the last CHECK's (the parent
+    writes each line the child sends, between one host request and the next)."""
+    a, b = make_fs("ext4"), make_fs("ext4")
+    agent = Agent(workdir, [a.mountpoint, b.mountpoint])
+    agent.debug = False  # as shipped: info and above
+    try:
+        agent.start()
+        for change in (None, None, None, ["umount", b.mountpoint], None,
+                       ["mount", b.device, b.mountpoint], None):
+            if change:
+                subprocess.run(change, check=True)
+            agent.sim.request("check")
+        assert wait_for(lambda: agent.log().count("CHECK vetoed by") == 2), agent.log()[-2000:]
+        assert agent.log().count("CHECK: 2 filesystem(s) can be frozen") == 2, agent.log()[-2000:]
+    finally:
+        agent.stop()
 
 
 def test_a_filesystem_someone_else_froze_is_counted_and_left_frozen_to_them(workdir, make_fs):
