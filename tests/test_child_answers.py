@@ -34,6 +34,8 @@ VERSION = 1
 CHECK, FREEZE, THAW, QUIT, REOPEN = 1, 2, 3, 5, 6
 RESULT_KIND, HELLO_KIND, LOG_KIND = 0x81, 0x83, 0x84
 OK, FAILED, REFUSED = 0, 1, 2
+EVENT = struct.Struct("<BBBBHH")  # version, kind 0x82, code 1 (auto-thaw), why, count, 0
+EVENT_KIND, AUTO_THAW, WATCHDOG = 0x82, 1, 1
 
 
 class RawChild:
@@ -118,6 +120,16 @@ def test_answers_carry_the_documented_numbers(workdir, make_fs, raw_child):
     # no device on its command line: REOPEN tried and failed
     assert child.ask(REOPEN)[:3] == (FAILED, errno.ENODEV, 0)
     assert child.close() == 0
+
+
+def test_the_watchdog_s_thaw_is_told_in_the_documented_numbers(workdir, make_fs, raw_child):
+    fs = make_fs("ext4")
+    child = start(raw_child, write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint],
+                                          workdir, max_frozen=0.5))
+    assert child.ask(FREEZE) == (OK, 0, 1, fs.mountpoint)
+    assert child.record(10) == EVENT.pack(VERSION, EVENT_KIND, AUTO_THAW, WATCHDOG, 1, 0)
+    assert_writable(fs.mountpoint, 5)
+    assert child.ask(THAW) == (OK, 0, 0, "")  # the parent catching up: answered, not punished
 
 
 def test_a_vetoed_freeze_is_refused_at_once_and_freezes_nothing(workdir, make_fs, raw_child):

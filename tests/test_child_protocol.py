@@ -21,7 +21,7 @@ import pytest
 
 from agent.engine.child_link import ChildGone, ChildLink
 from privileged import wire
-from privileged.child import EXIT_OK, EXIT_VIOLATION, REOPEN_BURST
+from privileged.child import EXIT_ERROR, EXIT_OK, EXIT_VIOLATION, REOPEN_BURST
 from privileged.wire import Op
 from tests.helpers import assert_blocked, assert_writable, write_config
 
@@ -240,3 +240,17 @@ def test_a_parent_that_stops_reading_never_blocks_the_child(workdir, make_fs, mo
             link.proc.kill()
             link.exit_status(5)
     assert_writable(fs.mountpoint, 2)
+
+
+def test_a_child_running_as_root_refuses_the_in_memory_freezer(workdir, make_fs):
+    """The demo's stand-in freezes nothing and answers as if it had: a root child asked for
+    it does not start, rather than pretend to the host that a backup is consistent."""
+    fs = make_fs("ext4")
+    cfg = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)
+    link = ChildLink.spawn(cfg, None, extra=("--memory",))
+    try:
+        msg, _ = link.receive()
+        assert isinstance(msg, wire.Log) and "in-memory freezer is refused to root" in msg.text
+        assert link.exit_status(10) == EXIT_ERROR
+    finally:
+        link.close()

@@ -304,3 +304,33 @@ def test_a_refusal_without_words_of_ours_is_named_by_the_system_s_own():
     with pytest.raises(FreezeFailed) as e:
         freeze(freezer, ufs_targets(freezer), presync=False)
     assert e.value.why == f"UFSSUSPEND: {os.strerror(errno.EIO)}"
+
+
+def test_a_failed_open_for_a_later_target_closes_the_ones_opened_before():
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    opened = m.open_suspend
+    calls: list[int] = []
+
+    def second_fails() -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return opened()
+
+    m.open_suspend = second_fails  # type: ignore[method-assign]
+    with pytest.raises(FreezeFailed) as e:
+        freeze(freezer, ufs_targets(freezer), presync=False)
+    assert e.value.errno == errno.EMFILE and len(calls) == 2
+    assert m.fds == {} and m.suspended() == set()
+
+
+def test_a_zero_fsid_is_refused_on_ufs_only():
+    """The kernel zeroes fsids for callers without PRIV_VFS_GENERATION, and a ufs fsid is
+    what UFSSUSPEND needs; a filesystem the child never suspends may have any."""
+    mounts = table()
+    next(mm for mm in mounts if mm.mountpoint == "/tmp").fsid = bytes(8)
+    assert "/tmp" in {m.mountpoint for m in FreeBSDFreezer(model(mounts)).mounts()}
+    next(mm for mm in mounts if mm.mountpoint == "/var").fsid = bytes(8)
+    with pytest.raises(StatfsError, match="/var: fsid is zero"):
+        FreeBSDFreezer(model(mounts))

@@ -188,6 +188,7 @@ def test_a_crash_record_value_that_is_not_0_or_1_is_not_written_to_the_kernel():
         _set_rcu("0")
         said = rcu.recover("7")
         assert "left as it is" in said and _rcu() == "0"
+        assert rcu.recover("1").startswith("restored") and _rcu() == "1"  # 0 and 1 are
     finally:
         _set_rcu(before)
 

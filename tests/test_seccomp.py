@@ -370,3 +370,12 @@ def test_a_failed_libc_call_is_an_oserror_with_its_errno():
     with pytest.raises(OSError) as e:
         libc.function("close")(-1)
     assert e.value.errno == errno.EBADF
+
+
+def test_an_x32_call_takes_the_wrong_arch_action_whatever_the_default():
+    """x32 shares x86_64's AUDIT_ARCH, its numbers with bit 30 set: a filter whose default
+    allowed would otherwise let every x32 call through."""
+    nr, arch = SYSCALLS["x86_64"]["read"], AUDIT_ARCH["x86_64"]
+    prog = seccomp.compile_policy(Policy("allowing", (), ALLOW), "x86_64")
+    assert bpf.run(prog, nr, arch) == ALLOW
+    assert bpf.run(prog, nr | 0x40000000, arch) == KILL_PROCESS

@@ -136,6 +136,7 @@ SAMPLE = """\
 60 27 0:50 / /srv/share rw - nfs4 server:/export rw
 61 27 0:51 / /srv/smb rw - cifs //server/share rw
 62 27 0:52 / /srv/nfs42 rw - nfs4.2 server:/other rw
+63 27 7:0 / /mnt/by-uuid rw - ext4 UUID=0c2d7a3e rw
 this line is garbage
 """
 
@@ -143,13 +144,17 @@ this line is garbage
 def test_parse_mountinfo_fields():
     mounts = {m.mountpoint: m for m in parse_mountinfo(SAMPLE)}
     assert set(mounts) == {"/proc", "/", "/tmp/kt/m", "/tmp/kt/s", "/mnt/with space",
-                           "/mnt/ro", "/mnt/sbro", "/srv/share", "/srv/smb", "/srv/nfs42"}
+                           "/mnt/ro", "/mnt/sbro", "/srv/share", "/srv/smb", "/srv/nfs42",
+                           "/mnt/by-uuid"}
     assert mounts["/tmp/kt/m"].fs_key == mounts["/tmp/kt/s"].fs_key == "0:39"
     assert mounts["/mnt/with space"].fstype == "ext4"  # optional field "shared:5" skipped
     # read-only is the superblock's word: a read-only view (a bind mount, or systemd's
     # ProtectSystem=strict namespace) of a writable filesystem must still be frozen
     assert not mounts["/mnt/ro"].readonly and mounts["/mnt/sbro"].readonly
     assert mounts["/proc"].pseudo
+    # a block filesystem is told by its device number where it has one (7:0, whatever the
+    # source says), by its source where the number is anonymous (btrfs: 0:39 on a loop device)
+    assert not mounts["/mnt/by-uuid"].pseudo and not mounts["/tmp/kt/m"].pseudo
     # network filesystems: those listed, and any nfs variant a newer kernel names
     assert not mounts["/srv/share"].local and not mounts["/srv/smb"].local
     assert not mounts["/srv/nfs42"].local and mounts["/"].local

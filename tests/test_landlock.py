@@ -1,0 +1,45 @@
+"""The Landlock ruleset the root child asks for on each ABI, in the kernel's documented
+numbers (include/uapi/linux/landlock.h), not taken from privileged/landlock.py: a kernel
+refuses (EINVAL) a right or a field it does not know, and does not enforce one the child
+forgets to ask for.  This kernel runs only its own ABI; the others are checked here."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from privileged import landlock
+
+# ABI -> (handled_access_fs, handled_access_net, scoped, size of struct landlock_ruleset_attr)
+DOCUMENTED = {
+    1: ((1 << 13) - 1, 0, 0, 8),  # execute ... make_sym
+    2: ((1 << 14) - 1, 0, 0, 8),  # + refer
+    3: ((1 << 15) - 1, 0, 0, 8),  # + truncate
+    4: ((1 << 15) - 1, 0b11, 0, 16),  # + TCP bind, connect (a second field)
+    5: ((1 << 16) - 1, 0b11, 0, 16),  # + ioctl_dev
+    6: ((1 << 16) - 1, 0b11, 0b11, 24),  # + abstract Unix sockets, signals (a third field)
+    7: ((1 << 16) - 1, 0b11, 0b11, 24),  # (audit flags only)
+}
+
+
+@pytest.mark.parametrize("version", sorted(DOCUMENTED))
+def test_the_ruleset_asked_for_is_the_one_each_abi_documents(version, monkeypatch):
+    asked: list[tuple[bytes, int]] = []
+
+    def syscall(number: int, *args: object) -> int:
+        if number == 444 and args[0] is None:  # the version query
+            return version
+        assert number == 444  # landlock_create_ruleset: nothing is restricted here
+        attr, size = args[0], args[1]
+        assert isinstance(attr, bytes) and isinstance(size, int)
+        asked.append((attr, size))
+        raise OSError(errno.EPERM, "stopped by the test")
+
+    monkeypatch.setattr(landlock, "_syscall", syscall)
+    with pytest.raises(OSError):
+        landlock.restrict(None)
+    ((attr, size),) = asked
+    fs, net, scoped, documented_size = DOCUMENTED[version]
+    assert (struct.unpack("QQQ", attr), size) == ((fs, net, scoped), documented_size)

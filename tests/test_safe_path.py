@@ -1,0 +1,73 @@
+"""How root reaches the paths it uses: the directories above them judged as OpenSSH's
+StrictModes judges them (privileged/safe_path.py, trust.py), a mountpoint opened without
+following a link (freeze_linux.open_nofollow), the device REOPEN opens (device.py)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+
+import pytest
+
+from privileged.device import identify, open_device
+from privileged.freeze_linux import open_nofollow
+from privileged.safe_path import directories_reason
+from privileged.trust import untrusted_reason
+
+
+def test_a_symlink_on_the_way_is_judged_by_its_owner(workdir):
+    """For `[freeze] only` (links=True): a symlink root owns is as safe as a directory root
+    owns; one a user owns lets that user point the path elsewhere."""
+    real = os.path.join(workdir, "real")
+    os.mkdir(real, 0o755)
+    roots, users = os.path.join(workdir, "roots"), os.path.join(workdir, "users")
+    os.symlink(real, roots)
+    os.symlink(real, users)
+    os.lchown(users, 65534, 65534)
+    assert directories_reason(os.path.join(roots, "mnt"), links=True) is None
+    assert directories_reason(os.path.join(users, "mnt"), links=True) == (
+        f"{users} is a symlink owned by uid 65534, not root")
+    assert directories_reason(os.path.join(users, "mnt")) == f"{users} is not a directory"
+
+
+def test_a_file_named_through_a_symlink_is_trusted_only_if_root_owns_the_link(workdir):
+    """untrusted_reason (the config, the device, the sockets' directories) judges the path
+    as given as well as where it leads: whoever owns a symlink on the way can repoint it."""
+    real = os.path.join(workdir, "real")
+    os.mkdir(real, 0o755)
+    with open(os.path.join(real, "agent.toml"), "w", encoding="utf-8"):
+        pass
+    roots, users = os.path.join(workdir, "roots"), os.path.join(workdir, "users")
+    os.symlink(real, roots)
+    os.symlink(real, users)
+    os.lchown(users, 65534, 65534)
+    assert untrusted_reason(os.path.join(roots, "agent.toml")) is None
+    assert untrusted_reason(os.path.join(users, "agent.toml")) == (
+        f"{users} is a symlink owned by uid 65534, not root")
+
+
+@pytest.mark.parametrize("path", ["/", "/usr"])
+def test_the_descriptor_a_target_is_opened_with_can_be_frozen(path):
+    """open_nofollow walks with O_PATH descriptors, which FIFREEZE refuses (EBADF); the
+    last one, the root's own included when the target is /, is a real read-only open."""
+    fd = open_nofollow(path)
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert not flags & os.O_PATH and flags & os.O_ACCMODE == os.O_RDONLY
+        assert os.path.samestat(os.fstat(fd), os.stat(path))
+    finally:
+        os.close(fd)
+
+
+def test_a_simulator_socket_nobody_listens_on_is_an_error_not_a_descriptor(workdir):
+    """REOPEN's open of the device (privileged/device.py): with the simulator gone, the
+    connect's error reaches the parent, and no descriptor, open or closed, is handed over."""
+    path = os.path.join(workdir, "simulator.sock")
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gone.bind(path)  # bound, never listening: connect is refused
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            open_device(path, identify(path))
+    finally:
+        gone.close()
