@@ -13,7 +13,7 @@ import pytest
 from privileged.device import identify, open_device
 from privileged.freeze_linux import open_nofollow
 from privileged.safe_path import directories_reason
-from privileged.trust import untrusted_reason
+from privileged.trust import untrusted_reason, untrusted_tree_reason
 
 
 def test_a_symlink_on_the_way_is_judged_by_its_owner(workdir):
@@ -71,3 +71,17 @@ def test_a_simulator_socket_nobody_listens_on_is_an_error_not_a_descriptor(workd
             open_device(path, identify(path))
     finally:
         gone.close()
+
+
+def test_a_tree_check_leaves_out_the_directories_it_is_told_to_skip(workdir):
+    """The install check skips what Python writes on its own (the standard library's
+    bytecode caches, say); everything else below the top is judged."""
+    top = os.path.join(workdir, "tree")
+    os.makedirs(os.path.join(top, "skipped"), 0o755)
+    loose = os.path.join(top, "skipped", "loose.py")
+    with open(loose, "w", encoding="utf-8"):
+        pass
+    os.chmod(loose, 0o666)
+    assert untrusted_tree_reason(top, frozenset({"skipped"})) is None
+    assert untrusted_tree_reason(top) == (
+        f"{loose} is writable by group or others (mode 0666)")
