@@ -16,15 +16,21 @@ from privileged.safe_path import directories_reason
 from privileged.trust import untrusted_reason, untrusted_tree_reason
 
 
+def links_to(real: str) -> tuple[str, str]:
+    """Two symlinks beside `real`, leading to it: one root's, one a user's (uid 65534)."""
+    roots, users = real + "-roots", real + "-users"
+    os.symlink(real, roots)
+    os.symlink(real, users)
+    os.lchown(users, 65534, 65534)
+    return roots, users
+
+
 def test_a_symlink_on_the_way_is_judged_by_its_owner(workdir):
     """For `[freeze] only` (links=True): a symlink root owns is as safe as a directory root
     owns; one a user owns lets that user point the path elsewhere."""
     real = os.path.join(workdir, "real")
     os.mkdir(real, 0o755)
-    roots, users = os.path.join(workdir, "roots"), os.path.join(workdir, "users")
-    os.symlink(real, roots)
-    os.symlink(real, users)
-    os.lchown(users, 65534, 65534)
+    roots, users = links_to(real)
     assert directories_reason(os.path.join(roots, "mnt"), links=True) is None
     assert directories_reason(os.path.join(users, "mnt"), links=True) == (
         f"{users} is a symlink owned by uid 65534, not root")
@@ -38,10 +44,7 @@ def test_a_file_named_through_a_symlink_is_trusted_only_if_root_owns_the_link(wo
     os.mkdir(real, 0o755)
     with open(os.path.join(real, "agent.toml"), "w", encoding="utf-8"):
         pass
-    roots, users = os.path.join(workdir, "roots"), os.path.join(workdir, "users")
-    os.symlink(real, roots)
-    os.symlink(real, users)
-    os.lchown(users, 65534, 65534)
+    roots, users = links_to(real)
     assert untrusted_reason(os.path.join(roots, "agent.toml")) is None
     assert untrusted_reason(os.path.join(users, "agent.toml")) == (
         f"{users} is a symlink owned by uid 65534, not root")

@@ -43,7 +43,8 @@ from tools.mutation.testmap import IGNORED_FILES, CoverageMap
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FITHAW = 0xC0045878
-# The third-party packages the daemon imports (pyproject.toml's dependencies).
+# pyproject.toml's dependencies, which our processes started with -S import: the daemon
+# multiprocessing_logging, the clients and the demo psutil.
 DAEMON_IMPORTS = ("multiprocessing_logging", "psutil")
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 _REFUSED = re.compile(r"mutation guard refused FI(?:FREEZE|THAW): [^)\n]*")
@@ -99,7 +100,7 @@ def make_venv(dest: str, tree: str) -> None:
     for name in DAEMON_IMPORTS:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
-            raise RunError(f"{name}, which the daemon imports, is not installed")
+            raise RunError(f"{name}, which our processes import, is not installed")
         if spec.submodule_search_locations:
             source = os.path.dirname(spec.origin)
             shutil.copytree(source, os.path.join(purelib, os.path.basename(source)),
