@@ -193,3 +193,24 @@ def test_a_line_that_repeats_the_last_check_s_is_debug_and_news_is_info(child_lo
     verdicts = [level for level, text in child_log if text.startswith("CHECK: ")]
     assert zfs == [logging.INFO, logging.DEBUG, logging.INFO]  # one dataset fewer: news
     assert verdicts == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
+QUIET = ("import json, os, sys; from privileged import hardening; hardening.LINUX = False; "
+         "fds = lambda: sorted(map(int, os.listdir('/proc/self/fd'))); before = fds(); "
+         "hardening.quiet_stdio(); after = fds(); "
+         "links = [os.readlink(f'/proc/self/fd/{n}') for n in (0, 1, 2)]; "
+         "open(sys.argv[1], 'w').write(json.dumps([before, after, links]))")
+
+
+def test_the_freebsd_child_s_stdio_becomes_dev_null_and_nothing_more_stays_open(workdir):
+    """FreeBSD's branch of quiet_stdio: 0-2 are pointed at /dev/null rather than closed (a
+    /dev/ufssuspend opened later must not become descriptor 2, where a stray write would
+    reach the disk), and the descriptor /dev/null was opened on is closed again."""
+    out, log = os.path.join(workdir, "fds.json"), os.path.join(workdir, "stderr.log")
+    with open(log, "wb") as err:
+        subprocess.run([sys.executable, "-c", QUIET, out], cwd=REPO, check=True,
+                       stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30)
+    with open(out, encoding="utf-8") as f:
+        before, after, links = json.load(f)
+    assert links == ["/dev/null"] * 3
+    assert after == before

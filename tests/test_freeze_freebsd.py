@@ -334,3 +334,19 @@ def test_a_zero_fsid_is_refused_on_ufs_only():
     next(mm for mm in mounts if mm.mountpoint == "/var").fsid = bytes(8)
     with pytest.raises(StatfsError, match="/var: fsid is zero"):
         FreeBSDFreezer(model(mounts))
+
+
+def test_the_thaw_guard_s_release_resumes_with_ufsresume_and_the_close_follows():
+    """The guard's path (Guard's release): UFSRESUME on each descriptor resumes its
+    filesystem at once; the child's later close of the same descriptor resumes nothing more."""
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    held = freeze(freezer, ufs_targets(freezer), presync=False)
+    assert m.suspended() == {"/", "/usr/home", "/var"}
+    for h in held:
+        assert h.fd is not None
+        freezer.release(h.fd)
+    assert m.suspended() == set()
+    assert all(h.fd in m.fds for h in held)  # still open: only the close lets go of them
+    assert thaw(freezer, held) == []
+    assert m.fds == {}

@@ -326,6 +326,13 @@ def test_the_child_s_toml_reader_reads_the_shipped_example_as_tomllib_does():
         {"freeze": {"only": ["/srv", "/var/lib/db"]}}
 
 
+@pytest.mark.parametrize("number", ["0", "-0", "+1", "12", "-7", "1.5", "-0.25", "+2.5",
+                                    "1e5", "1E+05", "-2.5e-3"])
+def test_the_child_s_toml_reader_reads_signed_numbers_as_tomllib_does(number):
+    text = f"[watchdog]\nmax_frozen_seconds = {number}\n"
+    assert parse_toml(text, "n") == tomllib.loads(text)
+
+
 @pytest.mark.parametrize(("text", "says", "toml"), [
     ('[freeze]\nonly = ["/a\\tb"]\n', "line 2: a backslash", True),
     ('[freeze]\n\nonly = """/a"""\n', "line 3: a multi-line string", True),

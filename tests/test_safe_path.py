@@ -4,12 +4,14 @@ following a link (freeze_linux.open_nofollow), the device REOPEN opens (device.p
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 
 import pytest
 
+from privileged import device
 from privileged.device import identify, open_device
 from privileged.freeze_linux import open_nofollow
 from privileged.safe_path import directories_reason
@@ -88,3 +90,26 @@ def test_a_tree_check_leaves_out_the_directories_it_is_told_to_skip(workdir):
     assert untrusted_tree_reason(top, frozenset({"skipped"})) is None
     assert untrusted_tree_reason(top) == (
         f"{loose} is writable by group or others (mode 0666)")
+
+
+def test_where_o_path_is_missing_the_device_is_opened_by_name_and_left_blocking(
+        monkeypatch, workdir):
+    """The branch for systems without O_PATH (FreeBSD): the node is opened with O_NOFOLLOW and
+    O_NONBLOCK (a symlink is refused, no open waits), checked against what was expected, and
+    made blocking again, since the child's reads of the device wait for the host."""
+    monkeypatch.setattr(device, "_LINUX", False)
+    fd = open_device("/dev/null", identify("/dev/null"))
+    try:
+        assert os.get_blocking(fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert os.path.samestat(os.fstat(fd), os.stat("/dev/null"))
+    finally:
+        os.close(fd)
+    link = os.path.join(workdir, "hv_fsvss_dev")
+    os.symlink("/dev/null", link)
+    with pytest.raises(OSError) as refused:
+        open_device(link, identify("/dev/null"))
+    assert refused.value.errno == errno.ENODEV  # the link itself is no device
+    with pytest.raises(OSError) as refused:
+        open_device("/dev/zero", identify("/dev/null"))
+    assert refused.value.errno == errno.ESTALE
