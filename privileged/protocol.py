@@ -79,8 +79,8 @@ def clip_utf8(text: str, limit: int) -> bytes:
     return text.encode("utf-8", "replace")[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
-def result(op: int, status: int, seq: int, *, err: int = 0, count: int = 0,
-           elapsed_us: int = 0, mount: str = "") -> bytes:
+def result(op: int, status: int, seq: int, *, err: int, count: int, elapsed_us: int,
+           mount: str) -> bytes:
     return RESULT_LAYOUT.pack(VERSION, RESULT, op, status, seq, min(err, 0xFFFF),
                               min(count, 0xFFFF), min(elapsed_us, 0xFFFFFFFF),
                               clip_utf8(mount, MOUNT_FIELD))

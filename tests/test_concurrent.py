@@ -45,6 +45,14 @@ def test_a_thaw_calls_threads_in_when_items_are_slow():
     assert left == 0
 
 
+def test_a_slow_thaw_calls_a_thread_in_after_its_first_four_items():
+    """Four slow thaws in the main thread are enough to judge by: with a fifth still to do,
+    a worker is started for it (which of the two takes it is a race)."""
+    done, _, threads, left = _run(5, 0.005, eager=False)
+    assert sorted(done) == list(range(5))
+    assert (threads, left) == (1, 0)
+
+
 def test_stop_ends_the_work_and_the_deadline_action_runs_once_while_a_worker_blocks():
     release = threading.Event()
     fired: list[float] = []

@@ -45,6 +45,8 @@ def test_defaults():
      "[watchdog] budget_seconds: 30 is outside 60..86400"),
     ({"watchdog": {"cooldown_seconds": 5}}, "[watchdog] cooldown_seconds: no longer a setting"),
     ({"agent": {"user": ""}}, "[agent] user: expected a non-empty string"),
+    ({"agent": {"history": 0}}, "[agent] history: 0 is outside 1..10000"),
+    ({"log": {"buffer": 1_000_001}}, "[log] buffer: 1000001 is outside 10..1000000"),
     ({"agent": "hvvss"}, "[agent] must be a table"),
     ({"log": {"target": "file"}}, "[log] target: expected one of syslog, stderr"),
     ({"notify": {"policy": "maybe"}}, "[notify] policy: expected one of fail, skip"),

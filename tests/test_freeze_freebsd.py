@@ -281,6 +281,11 @@ def test_a_key_that_is_not_an_fsid_is_refused_before_any_suspension():
     bad = Mount("/x", "ufs", "/dev/x", readonly=False, local=True, pseudo=False, fs_key="0a0b")
     with pytest.raises(ValueError, match="is not an fsid"):
         fsid_of(bad)
+    m = model()
+    freezer = FreeBSDFreezer(m)
+    with pytest.raises(ValueError, match="is not an fsid"):
+        freezer.open([ufs_targets(freezer)[0], bad])
+    assert m.fds == {} and m.suspended() == set()
 
 
 def test_the_suspension_device_is_opened_read_write_and_close_on_exec(monkeypatch, tmp_path):
@@ -350,3 +355,32 @@ def test_the_thaw_guard_s_release_resumes_with_ufsresume_and_the_close_follows()
     assert all(h.fd in m.fds for h in held)  # still open: only the close lets go of them
     assert thaw(freezer, held) == []
     assert m.fds == {}
+
+
+def test_the_real_seam_suspends_and_resumes_with_freebsd_s_two_ioctls(monkeypatch):
+    """LibcUfsKernel, the one seam to FreeBSD's kernel that the model stands in for:
+    UFSSUSPEND with the fsid, UFSRESUME with no argument, on the descriptor it is given."""
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(ufs_kernel.fcntl, "ioctl", lambda *args: calls.append(args))
+    kernel = object.__new__(ufs_kernel.LibcUfsKernel)
+    kernel.suspend(7, fsid(3))
+    kernel.resume(7)
+    assert calls == [(7, 0x80085501, fsid(3)), (7, 0x20005502)]
+
+
+def test_the_real_seam_reads_the_mount_table_through_the_getfsstat_it_resolved(monkeypatch):
+    """getfsstat is looked up once, when the seam is made (before any FREEZE), and is what
+    the mount table is read through."""
+    asked: list[str] = []
+
+    def getfsstat(buf: object, size: int, mode: int) -> int:
+        return 0  # an empty table: nothing to copy, and read_fsstat returns at once
+
+    def function(name: str) -> object:
+        asked.append(name)
+        return getfsstat
+
+    monkeypatch.setattr(ufs_kernel.libc, "function", function)
+    kernel = ufs_kernel.LibcUfsKernel()
+    assert asked == ["getfsstat"]
+    assert kernel.getfsstat() == b"" and asked == ["getfsstat"]

@@ -172,6 +172,36 @@ def test_a_killed_child_s_successor_restores_rcu_expedited_and_thaws(workdir, ma
         _set_rcu(rcu_before)
 
 
+def test_rcu_expedited_put_back_after_a_freeze_is_not_put_back_again_after_a_crash(
+        workdir, make_fs):
+    """rcu_expedited is put back as soon as the FREEZE is done, and the crash record says
+    so: a child killed later, while still frozen, has its successor thaw what it froze but
+    leave alone the value the operator has set since."""
+    a = make_fs("ext4", name="first")
+    rcu_before = _rcu()
+    _set_rcu("0")
+    try:
+        config = {"frontend": False, "presync": False, "rcu_expedited": True}
+        agent = Agent(workdir, [a.mountpoint], **config)  # type: ignore[arg-type]
+        try:
+            agent.start()
+            assert agent.sim.request("freeze").status == 0
+            assert _rcu() == "0"
+            _set_rcu("1")  # the operator's own choice, made while we are frozen
+            child = agent.child
+            child.send_signal(signal.SIGKILL)
+            psutil.wait_procs([child], timeout=30)
+            agent.wait_exit(30)
+        finally:
+            agent.stop()
+        with running_agent(workdir, [a.mountpoint], **config) as successor:
+            assert_writable(a.mountpoint)  # the crash record's target: thawed
+            assert "restored /sys/kernel/rcu_expedited" not in successor.log()
+            assert _rcu() == "1"
+    finally:
+        _set_rcu(rcu_before)
+
+
 def _rcu() -> str:
     with open(RCU_PATH, encoding="ascii") as f:
         return f.read().strip()

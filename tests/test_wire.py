@@ -64,6 +64,16 @@ def test_event_and_hello_round_trip():
     assert wire.decode_child(wire.encode_hello(hello)) == hello
 
 
+def test_counts_beyond_sixteen_bits_are_sent_as_the_largest_there_is():
+    """The HELLO's and EVENT's counts are 16-bit fields: more is sent as 65535, never an
+    encoding error in the child."""
+    hello = wire.decode_child(wire.encode_hello(wire.Hello(1, 70000, 65536)))
+    assert isinstance(hello, wire.Hello) and (hello.targets, hello.recovered) == (65535, 65535)
+    event = wire.decode_child(wire.encode_event(
+        wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 65536)))
+    assert isinstance(event, wire.Event) and event.count == 65535
+
+
 def test_log_frames_are_bounded_and_exact():
     frame = wire.encode_log(30, "x" * 5000)
     assert len(frame) == wire.LOG_HEADER.size + wire.MAX_LOG_TEXT
