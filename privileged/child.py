@@ -256,7 +256,8 @@ class Child:
                 log(p.WARNING, f"[freeze] rcu_expedited: cannot set it: {e.strerror or e}")
         try:
             self.held = freeze_all(self.freezer, self.guard, sel.targets,
-                                   presync=self.cfg.freeze.presync, deadline=self.deadline,
+                                   presync=self.cfg.freeze.presync
+                                   and self.freezer.worth_flushing(), deadline=self.deadline,
                                    clock=self.clock, levels=sel.levels,
                                    at_deadline=self.unexpedite)
         except FreezeFailed as e:

@@ -35,6 +35,9 @@ class MemoryFreezer:
         # Real descriptors (of nothing in particular), for the thaw guard to be handed.
         return [os.open("/", os.O_PATH | os.O_CLOEXEC) for _ in targets]
 
+    def worth_flushing(self) -> bool:
+        return False
+
     def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None:
         pass
 

@@ -82,6 +82,9 @@ if TYPE_CHECKING:
             """One descriptor per target; FreezeFailed (with nothing left open) if any is
             not the filesystem selection chose."""
 
+        def worth_flushing(self) -> bool:
+            """Would a presync shorten the freeze's own flush by anything that matters?"""
+
         def presync(self, targets: Sequence[Mount], fds: Sequence[int]) -> None: ...
 
         def freeze_one(self, target: Mount, fd: int) -> bool:
