@@ -195,7 +195,8 @@ def _one_freeze(work: str, reps: int) -> str:
         "request's `recvmsg` to the first `openat` (the thread check), selection (the mount " \
         "table and every loop device's backing file, to the budget's `pwrite64`), opening " \
         "and checking the target (the mount table again, to the first record to the thaw " \
-        "guard), arming the guard (its descriptors and deadline, to `syncfs`), the FIFREEZE " \
+        "guard), arming the guard (its descriptors and deadline, to the `syncfs`, or to the " \
+        "FIFREEZE when there is nothing to flush, as here), the FIFREEZE " \
         "`ioctl`, and from its return to the reply's `sendmsg` (the guard told and " \
         "disarmed). The last row is the baseline's " \
         "FIFREEZE, timed around the ioctl, in turns with the agent's.\n\n" + \

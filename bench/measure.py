@@ -292,7 +292,7 @@ def startup(workdir: str, mount: str, reps: int,
 
 TRACED = "recvmsg,sendmsg,syncfs,ioctl,pwrite64,openat"
 STEPS = ("request to work", "selection", "open and check", "arming the thaw guard",
-         "syncfs to FIFREEZE", "FIFREEZE", "to the reply")
+         "the flush, if any, to FIFREEZE", "FIFREEZE", "to the reply")
 
 
 def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float], float] | None:
@@ -341,8 +341,8 @@ def _freeze_steps(path: str) -> list[tuple[float, ...]]:
         for line in f:
             m = re.match(r"\s*([\d.]+) \(\s*([\d.]+) ms\): (\w+)\((.*)", line)
             if m:
-                fd = re.search(r"fd: (\d+)", m[4])
-                calls.append((float(m[1]), float(m[2]), m[3], m[4], int(fd[1]) if fd else 0))
+                found = re.search(r"fd: (\d+)", m[4])
+                calls.append((float(m[1]), float(m[2]), m[3], m[4], int(found[1]) if found else 0))
     guard = next((fd for _, _, n, args, fd in calls if n == "sendmsg" and "DONTWAIT" not in args),
                  None)
     out: list[tuple[float, ...]] = []
@@ -365,8 +365,9 @@ def _freeze_steps(path: str) -> list[tuple[float, ...]]:
                 ev["fz"], ev["fz_end"] = t, t + d
             elif n == "sendmsg" and "fz" in ev:  # the answer (its LOG record comes after)
                 ev.setdefault("reply", t)
-        if {"work", "selected", "arm", "syncfs", "fz", "reply"} <= ev.keys():
+        if {"work", "selected", "arm", "fz", "reply"} <= ev.keys():
+            flush = ev.get("syncfs", ev["fz"])  # none with next to nothing dirty
             out.append((ev["work"] - t0, ev["selected"] - ev["work"], ev["arm"] - ev["selected"],
-                        ev["syncfs"] - ev["arm"], ev["fz"] - ev["syncfs"],
+                        flush - ev["arm"], ev["fz"] - flush,
                         ev["fz_end"] - ev["fz"], ev["reply"] - ev["fz_end"]))
     return out

@@ -15,10 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import psutil
 
 from agent.simulator.server import Simulator
+
+if TYPE_CHECKING:
+    import pytest
 
 PY = sys.executable
 # For processes under other uids: the venv's interpreter may live where only root can
@@ -334,7 +338,7 @@ def cli(*args: str, user: str | None = None, group: str | None = None,
 
 
 def child_conversation_modules(workdir: str, mountpoint: str,
-                               monkeypatch) -> tuple[object, set[str]]:
+                               monkeypatch: pytest.MonkeyPatch) -> tuple[object, set[str]]:
     """The real child, started by ChildLink for `mountpoint`, through a whole conversation
     (CHECK, FREEZE, THAW, REOPEN, PING, QUIT): its HELLO, and every module it had loaded
     at its exit."""
