@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from privileged import wire
+from privileged import protocol, wire
 from privileged.wire import Kind, Op, Status, WireError
 
 
@@ -62,6 +62,16 @@ def test_event_and_hello_round_trip():
     assert wire.decode_child(wire.encode_event(ev)) == ev
     hello = wire.Hello(4242, 2, 1)
     assert wire.decode_child(wire.encode_hello(hello)) == hello
+
+
+def test_a_hello_names_at_most_255_devices_and_counts_every_target():
+    """The largest record either side sends (MAX_RECORD, what receivers size their buffer
+    for) is a HELLO naming 255 devices: a child with more targets names the first 255 and
+    still counts them all."""
+    hello = wire.decode_child(wire.encode_hello(wire.Hello(1, 300, 0, tuple(range(300)))))
+    assert isinstance(hello, wire.Hello)
+    assert (hello.targets, hello.devices) == (300, tuple(range(255)))
+    assert wire.HELLO.size + 8 * 255 == protocol.MAX_RECORD
 
 
 def test_counts_beyond_sixteen_bits_are_sent_as_the_largest_there_is():
