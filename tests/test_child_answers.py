@@ -26,6 +26,8 @@ import pytest
 
 from agent.dev import scratch
 from agent.engine.child_link import ChildGone, ChildLink
+from privileged import freeze_linux
+from privileged.freeze_linux import LinuxFreezer
 from tests.helpers import assert_blocked, assert_writable, cli, wait_for, write_config
 
 REQUEST = struct.Struct("<BBHI")
@@ -317,3 +319,20 @@ def test_presync_flushes_before_freezing_unless_off_or_nothing_is_dirty(
     else:
         assert "syncfs(" not in calls, calls
 
+
+
+def test_not_knowing_how_much_is_dirty_the_child_flushes(monkeypatch, workdir):
+    """A /proc/meminfo that cannot be opened or read leaves presync as it is configured."""
+    monkeypatch.setattr(freeze_linux, "MEMINFO", os.path.join(workdir, "absent"))
+    assert LinuxFreezer().worth_flushing()
+    garbled = os.path.join(workdir, "meminfo")
+    with open(garbled, "w", encoding="ascii") as f:
+        f.write("MemTotal: 1024 kB\nDirty: some kB\nWriteback: 0 kB\n")
+    monkeypatch.setattr(freeze_linux, "MEMINFO", garbled)
+    assert LinuxFreezer().worth_flushing()
+    with open(garbled, "w", encoding="ascii") as f:
+        f.write("MemTotal: 1024 kB\nDirty: 1000 kB\nWriteback: 23 kB\n")
+    assert not LinuxFreezer().worth_flushing()  # 1023 kB: just under the line
+    with open(garbled, "w", encoding="ascii") as f:
+        f.write("MemTotal: 1024 kB\nDirty: 1000 kB\nWriteback: 24 kB\n")
+    assert LinuxFreezer().worth_flushing()  # 1024 kB: on the line
