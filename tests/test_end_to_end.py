@@ -266,14 +266,18 @@ def test_a_check_s_verdict_is_logged_when_it_changes_not_at_every_check(workdir,
 def test_a_filesystem_someone_else_froze_is_counted_and_left_frozen_to_them(workdir, make_fs):
     """FIFREEZE answers EBUSY on a filesystem already frozen (here by hand, as an
     administrator or another tool would): FREEZE counts it and succeeds, and THAW leaves
-    it frozen, since that freeze is not the agent's to end."""
+    it frozen, since that freeze is not the agent's to end; the child lets go of the
+    descriptor it opened for it at once."""
     a, b = make_fs("ext4"), make_fs("ext4")
     fd = os.open(b.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.ioctl(fd, FIFREEZE, 0)
         with running_agent(workdir, [a.mountpoint, b.mountpoint]) as agent:
+            before = os.listdir(f"/proc/{agent.child.pid}/fd")
             assert agent.sim.request("freeze").status == lw.HV_S_OK
+            assert len(os.listdir(f"/proc/{agent.child.pid}/fd")) == len(before) + 1  # a's
             assert agent.sim.request("thaw").status == lw.HV_S_OK
+            assert sorted(os.listdir(f"/proc/{agent.child.pid}/fd")) == sorted(before)
             assert_writable(a.mountpoint)
             assert_blocked(b.mountpoint)  # still the administrator's freeze
             # logged while frozen, so held until the thaw
