@@ -28,7 +28,14 @@ from agent.dev import scratch
 from agent.engine.child_link import ChildGone, ChildLink
 from privileged import freeze_linux
 from privileged.freeze_linux import LinuxFreezer
-from tests.helpers import assert_blocked, assert_writable, cli, wait_for, write_config
+from tests.helpers import (
+    assert_blocked,
+    assert_writable,
+    cli,
+    shutdown_ext4,
+    wait_for,
+    write_config,
+)
 
 REQUEST = struct.Struct("<BBHI")
 RESULT = struct.Struct("<BBBBIHHI200s")
@@ -336,3 +343,17 @@ def test_not_knowing_how_much_is_dirty_the_child_flushes(monkeypatch, workdir):
     with open(garbled, "w", encoding="ascii") as f:
         f.write("MemTotal: 1024 kB\nDirty: 1000 kB\nWriteback: 24 kB\n")
     assert LinuxFreezer().worth_flushing()  # 1024 kB: on the line
+
+
+def test_a_fifreeze_that_fails_is_answered_with_its_errno_and_its_mountpoint(
+        workdir, make_fs, raw_child):
+    """FIFREEZE itself refused (EIO from an ext4 that was shut down): FREEZE fails naming
+    the filesystem and the kernel's errno, and the child stays ready for the next request."""
+    fs = make_fs("ext4")
+    child = start(raw_child, write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint],
+                                          workdir, presync=False))
+    shutdown_ext4(fs.mountpoint)
+    status, err, _, mount = child.ask(FREEZE)
+    assert (status, err, mount) == (FAILED, errno.EIO, fs.mountpoint)
+    assert any(f"FIFREEZE: {os.strerror(errno.EIO)}" in line for line in child.logs)
+    assert child.ask(CHECK)[0] == OK

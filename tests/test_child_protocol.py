@@ -16,12 +16,13 @@ import signal
 import socket
 import stat
 import struct
+import time
 
 import pytest
 
 from agent.engine.child_link import ChildGone, ChildLink
 from privileged import wire
-from privileged.child import EXIT_ERROR, EXIT_OK, EXIT_VIOLATION, REOPEN_BURST
+from privileged.child import EXIT_ERROR, EXIT_OK, EXIT_VIOLATION, REOPEN_BURST, REOPEN_EVERY
 from privileged.wire import Op
 from tests.helpers import assert_blocked, assert_writable, write_config
 
@@ -168,14 +169,22 @@ def test_reopen_is_rate_limited(workdir, make_fs):
     server.listen(16)
     link = ChildLink.spawn(cfg, os.path.join(workdir, "vss.sock"))
     link.wait_hello()
-    answers = []
-    for _ in range(REOPEN_BURST + 3):
+
+    def reopen() -> tuple[wire.Status, int, int]:
         res, fds = link.request(Op.REOPEN)
-        answers.append((res.status, res.errno, len(fds)))
         for fd in fds:
             os.close(fd)
+        return res.status, res.errno, len(fds)
+
+    start = time.monotonic()  # before the burst: tokens come back from here on at most
+    answers = [reopen() for _ in range(REOPEN_BURST + 3)]
     assert answers == [(wire.Status.OK, 0, 1)] * REOPEN_BURST + \
         [(wire.Status.REFUSED, errno.EAGAIN, 0)] * 3
+    # One more every REOPEN_EVERY seconds: not yet at 0.6 of it, again after it.
+    time.sleep(max(0.0, start + 0.6 * REOPEN_EVERY - time.monotonic()))
+    assert reopen() == (wire.Status.REFUSED, errno.EAGAIN, 0)
+    time.sleep(max(0.0, start + 1.3 * REOPEN_EVERY - time.monotonic()))
+    assert reopen() == (wire.Status.OK, 0, 1)
     link.request(Op.QUIT)
     server.close()
 
