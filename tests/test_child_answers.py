@@ -50,8 +50,8 @@ EVENT_KIND, AUTO_THAW, WATCHDOG = 0x82, 1, 1
 class RawChild:
     """The real child, started as the parent starts it, spoken to in bytes."""
 
-    def __init__(self, config: str) -> None:
-        self.link = ChildLink.spawn(config, None)
+    def __init__(self, config: str, debug: bool = False) -> None:
+        self.link = ChildLink.spawn(config, None, debug)
         self.sock = self.link.sock
         self.seq = 0
         self.logs: list[str] = []
@@ -110,8 +110,8 @@ def raw_child() -> Iterator[list[RawChild]]:
             child.close()
 
 
-def start(started: list[RawChild], config: str) -> RawChild:
-    child = RawChild(config)
+def start(started: list[RawChild], config: str, debug: bool = False) -> RawChild:
+    child = RawChild(config, debug)
     started.append(child)
     child.hello()
     return child
@@ -357,3 +357,15 @@ def test_a_fifreeze_that_fails_is_answered_with_its_errno_and_its_mountpoint(
     assert (status, err, mount) == (FAILED, errno.EIO, fs.mountpoint)
     assert any(f"FIFREEZE: {os.strerror(errno.EIO)}" in line for line in child.logs)
     assert child.ask(CHECK)[0] == OK
+
+
+def test_a_check_names_each_filesystem_it_would_freeze_for_the_debug_log(
+        workdir, make_fs, raw_child):
+    """What selection decided for each mount is in the log at DEBUG (the parent shows it
+    with `--debug`), one line each."""
+    a, b = make_fs("ext4"), make_fs("xfs")
+    config = write_config(os.path.join(workdir, "c.toml"), [a.mountpoint, b.mountpoint],
+                          workdir)
+    child = start(raw_child, config, debug=True)
+    assert child.ask(CHECK)[0] == OK
+    assert {f"{a.mountpoint}: freeze", f"{b.mountpoint}: freeze"} <= set(child.logs)
