@@ -30,6 +30,13 @@ def test_defaults():
         "/dev/hv_fsvss_dev"
 
 
+def test_integer_ranges_include_both_ends():
+    low = config.parse({"agent": {"history": 1}, "log": {"buffer": 10}}, None)
+    high = config.parse({"agent": {"history": 10000}, "log": {"buffer": 1_000_000}}, None)
+    assert (low.history, low.log_buffer, high.history, high.log_buffer) == \
+        (1, 10, 10000, 1_000_000)
+
+
 @pytest.mark.parametrize(("doc", "message"), [
     ({"bogus": {}}, "unknown section [bogus]"),
     ({"freeze": {"onyl": []}}, "[freeze]: unknown key 'onyl'"),
