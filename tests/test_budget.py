@@ -195,3 +195,4 @@ def test_the_wait_a_refusal_names_is_what_the_bucket_lacks_at_its_refill_rate():
     assert bucket.seconds_until(6.0, 0.0) == 4.0  # 2 s short, 0.5 s refilled each second
     assert bucket.seconds_until(6.0, 2.0) == 2.0  # 1 s of it came in meanwhile
     assert Bucket(10.0, 0.0, 4.0, 0.0).seconds_until(6.0, 0.0) == float("inf")
+    assert Bucket(10.0, 0.0, 4.0, 0.0).seconds_until(4.0, 0.0) == 0.0  # exactly there

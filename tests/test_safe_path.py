@@ -52,6 +52,16 @@ def test_a_file_named_through_a_symlink_is_trusted_only_if_root_owns_the_link(wo
         f"{users} is a symlink owned by uid 65534, not root")
 
 
+def test_a_directory_another_system_account_owns_is_not_trusted(workdir):
+    """Only root (and whoever runs the check) may own the directories above a path root
+    uses: not bin, daemon or any other system account."""
+    above = os.path.join(workdir, "daemon-s")
+    os.mkdir(above, 0o755)
+    os.chown(above, 1, 1)
+    assert directories_reason(os.path.join(above, "state")) == \
+        f"directory {above} is owned by uid 1, not root"
+
+
 @pytest.mark.parametrize("path", ["/", "/usr"])
 def test_the_descriptor_a_target_is_opened_with_can_be_frozen(path):
     """open_nofollow walks with O_PATH descriptors, which FIFREEZE refuses (EBADF); the
