@@ -327,9 +327,9 @@ def test_presync_flushes_before_freezing_unless_off_or_nothing_is_dirty(
         assert "syncfs(" not in calls, calls
 
 
-
 def test_not_knowing_how_much_is_dirty_the_child_flushes(monkeypatch, workdir):
-    """A /proc/meminfo that cannot be opened or read leaves presync as it is configured."""
+    """A /proc/meminfo that cannot be opened or read leaves presync as it is configured;
+    the line between flushing and not is 1 MiB, which itself is worth a flush."""
     monkeypatch.setattr(freeze_linux, "MEMINFO", os.path.join(workdir, "absent"))
     assert LinuxFreezer().worth_flushing()
     garbled = os.path.join(workdir, "meminfo")
