@@ -275,6 +275,15 @@ def test_read_fsstat_gives_up_on_a_table_that_keeps_growing():
     with pytest.raises(OSError) as e:
         read_fsstat(getfsstat, attempts=3)
     assert e.value.errno == errno.EAGAIN
+    asked: list[object] = []
+
+    def counted(buf, size, mode):
+        asked.append(buf)
+        return getfsstat(buf, size, mode)
+
+    with pytest.raises(OSError):
+        read_fsstat(counted)  # eight tries by default, each a sizing call and a read
+    assert len(asked) == 16 and asked[::2] == [None] * 8
 
 
 def test_a_key_that_is_not_an_fsid_is_refused_before_any_suspension():
