@@ -141,6 +141,13 @@ this line is garbage
 """
 
 
+def test_a_source_under_dev_that_is_gone_is_read_as_no_block_device():
+    """A mount whose source names a /dev node that is not there (a device unplugged, a
+    loop device detached) is still read, as a filesystem without a block device."""
+    (m,) = parse_mountinfo("70 27 0:60 / /mnt/gone rw - btrfs /dev/hvvss-gone-device rw\n")
+    assert (m.mountpoint, m.fs_key, m.pseudo) == ("/mnt/gone", "0:60", True)
+
+
 def test_parse_mountinfo_fields():
     mounts = {m.mountpoint: m for m in parse_mountinfo(SAMPLE)}
     assert set(mounts) == {"/proc", "/", "/tmp/kt/m", "/tmp/kt/s", "/mnt/with space",

@@ -22,6 +22,7 @@ import pytest
 
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
+from agent.kernel import transport
 from agent.kernel.channel import KernelChannel, KernelLost
 from agent.kernel.transport import DeviceEndpoint, IoctlEndpoint, SocketEndpoint, attach
 from agent.simulator import host, wire
@@ -515,3 +516,16 @@ def test_start_refuses_to_replace_anything_but_a_socket(tmp_path):
         Simulator(str(path)).start()
     assert path.read_text() == "keep me"
     assert not os.path.exists(str(path) + ".host")
+
+
+def test_a_short_write_to_the_device_is_an_error(monkeypatch):
+    """The kernel takes a reply whole or not at all: anything less is EIO, not success."""
+    r, w = os.pipe()
+    try:
+        monkeypatch.setattr(transport.os, "write", lambda fd, data: len(data) - 1)
+        with pytest.raises(OSError) as e:
+            DeviceEndpoint(w).write(bytes(24))
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(r)
+        os.close(w)

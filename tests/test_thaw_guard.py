@@ -100,3 +100,16 @@ def test_the_demo_s_in_memory_freezer_hands_the_guard_real_descriptors():
         assert set(os.listdir("/proc/self/fd")) == fds_before  # every descriptor given back
     finally:
         guard.close()
+
+
+def test_a_guard_that_died_during_a_freeze_makes_the_freeze_fail():
+    """disarm() after the guard is gone answers "fired or gone", so the FREEZE fails and is
+    rolled back: what the guard was told may or may not be frozen now."""
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                  lambda fd: None, lambda: None)
+    try:
+        os.kill(guard.pid, signal.SIGKILL)
+        os.waitpid(guard.pid, 0)
+        assert guard.disarm() is True
+    finally:
+        guard.sock.close()
