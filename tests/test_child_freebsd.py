@@ -202,14 +202,17 @@ QUIET = ("import json, os, sys; from privileged import hardening; hardening.LINU
          "open(sys.argv[1], 'w').write(json.dumps([before, after, links]))")
 
 
+QUIET_SOURCE = os.path.join(REPO, "privileged", "hardening.py")
+
+
 def test_the_freebsd_child_s_stdio_becomes_dev_null_and_nothing_more_stays_open(workdir):
     """FreeBSD's branch of quiet_stdio: 0-2 are pointed at /dev/null rather than closed (a
     /dev/ufssuspend opened later must not become descriptor 2, where a stray write would
     reach the disk), and the descriptor /dev/null was opened on is closed again."""
     out, log = os.path.join(workdir, "fds.json"), os.path.join(workdir, "stderr.log")
-    with open(log, "wb") as err:
+    with open(log, "wb") as err, open(QUIET_SOURCE, "rb") as given:  # 0-2: no /dev/null yet
         subprocess.run([sys.executable, "-c", QUIET, out], cwd=REPO, check=True,
-                       stdin=subprocess.DEVNULL, stdout=err, stderr=err, timeout=30)
+                       stdin=given, stdout=err, stderr=err, timeout=30)
     with open(out, encoding="utf-8") as f:
         before, after, links = json.load(f)
     assert links == ["/dev/null"] * 3
