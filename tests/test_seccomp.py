@@ -379,3 +379,4 @@ def test_an_x32_call_takes_the_wrong_arch_action_whatever_the_default():
     prog = seccomp.compile_policy(Policy("allowing", (), ALLOW), "x86_64")
     assert bpf.run(prog, nr, arch) == ALLOW
     assert bpf.run(prog, nr | 0x40000000, arch) == KILL_PROCESS
+    assert bpf.run(prog, nr, 0x40000003) == KILL_PROCESS  # i386 (int 0x80): not this arch
