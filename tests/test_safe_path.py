@@ -123,3 +123,16 @@ def test_where_o_path_is_missing_the_device_is_opened_by_name_and_left_blocking(
     with pytest.raises(OSError) as refused:
         open_device("/dev/zero", identify("/dev/null"))
     assert refused.value.errno == errno.ESTALE
+
+
+def test_a_symlink_in_the_tree_is_judged_by_where_it_leads(workdir):
+    """A root-owned link in the installed tree to a file a user owns: the user's file is
+    what would be imported as root, so the tree is refused."""
+    top = os.path.join(workdir, "tree")
+    os.makedirs(top, 0o755)
+    theirs = os.path.join(workdir, "theirs.py")
+    with open(theirs, "w", encoding="utf-8"):
+        pass
+    os.chown(theirs, 65534, 65534)
+    os.symlink(theirs, os.path.join(top, "module.py"))
+    assert untrusted_tree_reason(top) == f"{theirs} is owned by uid 65534, not root"
