@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from agent.dev import scratch
 from agent.simulator.server import Simulator
 from bench.common import StallMeter, Stats, stats
 from tests.helpers import Agent
@@ -88,15 +89,8 @@ def null_daemon(workdir: str, n: int) -> Stats:
 
 def dirty(mounts: list[str], total_mb: int) -> None:
     """Leave total_mb of dirty page cache spread over the filesystems (no fsync)."""
-    per = max(1, total_mb // len(mounts))
-    chunk = b"d" * (1 << 20)
     for m in mounts:
-        fd = os.open(os.path.join(m, "dirty.dat"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            for i in range(per):
-                os.pwrite(fd, chunk, i << 20)
-        finally:
-            os.close(fd)
+        scratch.leave_dirty(m, max(1, total_mb // len(mounts)))
 
 
 def sequential_freeze(mounts: list[str]) -> tuple[float, list[int]]:

@@ -295,12 +295,6 @@ def syscalls_of_a_freeze(child: RawChild, workdir: str,
         return f.read()
 
 
-def leave_dirty(mountpoint: str, mib: int) -> None:
-    """`mib` MiB written to a file there and not flushed."""
-    with open(os.path.join(mountpoint, "dirty.dat"), "wb") as f:
-        f.write(b"d" * (mib << 20))
-
-
 @pytest.mark.parametrize("case", [
     ("", 4, True), ("presync = false", 4, False), ("presync = true", 4, True),
     ("presync = true", 0, False)], ids=["default", "off", "on", "on-but-nothing-dirty"])
@@ -318,8 +312,8 @@ def test_presync_flushes_before_freezing_unless_off_or_nothing_is_dirty(
     with open(config, "w", encoding="utf-8") as f:
         f.write(text.replace("presync = true\n", presync + "\n"))
     child = start(raw_child, config)
-    calls = syscalls_of_a_freeze(
-        child, workdir, lambda: leave_dirty(fs.mountpoint, dirty_mib) if dirty_mib else os.sync())
+    calls = syscalls_of_a_freeze(child, workdir, lambda: scratch.leave_dirty(
+        fs.mountpoint, dirty_mib) if dirty_mib else os.sync())
     freeze = calls.index("ioctl(")  # FIFREEZE: the first ioctl
     if flushed:
         assert 0 <= calls.index("syncfs(") < freeze, calls

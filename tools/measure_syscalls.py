@@ -237,12 +237,6 @@ def _stop_and_continue(parent: int) -> None:
         p.resume()
 
 
-def _leave_dirty(mountpoint: str) -> None:
-    """Enough unflushed data that the next FREEZE flushes first (freeze_linux.PRESYNC_MIN_KB)."""
-    with open(os.path.join(mountpoint, "dirty.dat"), "wb") as f:
-        f.write(b"d" * (4 << 20))
-
-
 def _cycle(sim: Simulator) -> None:
     for op in ("check", "freeze", "thaw"):
         sim.request(op, timeout=20)
@@ -254,7 +248,7 @@ def measure(work: str) -> Trace:
     with scratch.filesystems(work, ["ext4", "ext4"]) as fss:
         with _scene(work, "foreground", fss, trace) as scene:
             sim = scene.sim
-            _leave_dirty(fss[0].mountpoint)
+            scratch.leave_dirty(fss[0].mountpoint, 4)  # so that FREEZE flushes (PRESYNC_MIN_KB)
             _cycle(sim)
             time.sleep(0.2)
             sim.request("freeze", timeout=20)

@@ -96,6 +96,17 @@ def _attach(image: str, attempts: int = 5) -> str:
     raise AssertionError("unreachable")
 
 
+def leave_dirty(mountpoint: str, mib: int) -> None:
+    """`mib` MiB written to a file there and left in the page cache, not flushed."""
+    chunk = b"d" * (1 << 20)
+    fd = os.open(os.path.join(mountpoint, "dirty.dat"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for i in range(mib):
+            os.pwrite(fd, chunk, i << 20)
+    finally:
+        os.close(fd)
+
+
 def thaw(mountpoint: str) -> bool:
     """FITHAW; True if it was frozen.  Safe on anything (EINVAL = not frozen)."""
     try:
