@@ -82,26 +82,29 @@ def each(items: Sequence[int], work: Callable[[int], None], *, eager: bool,
                 return
             workers.append(running)
 
-    if eager and len(items) > 1:
-        spawn(min(len(items), MAX_THREADS))
-        deadline, action = at or (None, None)  # the workers take every item: wait for them
+    try:
+        if eager and len(items) > 1:
+            spawn(min(len(items), MAX_THREADS))
+            deadline, action = at or (None, None)  # the workers take every item: wait
+            for running in workers:
+                if running.acquire(timeout=-1 if deadline is None
+                                   else max(0.0, deadline - clock())):
+                    running.release()
+            if action is not None and any(running.locked() for running in workers):
+                action()
+        done, began = 0, clock()
+        while (i := take()) is not None:
+            work(i)
+            done += 1
+            if not eager and not workers and done >= 4 and (clock() - began) / done > SLOW:
+                with lock:
+                    left = len(pending)
+                spawn(min(left, MAX_THREADS))
+    finally:  # even if `action` raised: a worker left running could freeze after the rollback
         for running in workers:
-            if running.acquire(timeout=-1 if deadline is None else max(0.0, deadline - clock())):
-                running.release()
-        if action is not None and any(running.locked() for running in workers):
-            action()
-    done, began = 0, clock()
-    while (i := take()) is not None:
-        work(i)
-        done += 1
-        if not eager and not workers and done >= 4 and (clock() - began) / done > SLOW:
-            with lock:
-                left = len(pending)
-            spawn(min(left, MAX_THREADS))
-    for running in workers:
-        running.acquire()
-    if workers:
-        wait_single_threaded()
+            running.acquire()
+        if workers:
+            wait_single_threaded()
     return len(workers)
 
 

@@ -9,9 +9,11 @@ successor restores it.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -21,9 +23,11 @@ import pytest
 from agent.dev.demo import Writer
 from agent.kernel import linux_wire as lw
 from privileged import rcu
+from privileged.freeze_linux import LinuxFreezer
+from privileged.freezer import FreezeFailed, Guard, freeze_all
 from privileged.rcu import PATH as RCU_PATH
 from tests.helpers import Agent, Probe, assert_writable, running_agent, shutdown_ext4, wait_for
-from tests.test_attack_root import stalled_freeze, thaw_by_hand
+from tests.test_attack_root import freeze_by_hand, stalled_freeze, thaw_by_hand
 
 MANY = 8
 
@@ -228,3 +232,43 @@ def test_rcu_expedited_that_cannot_be_opened_is_one_line_naming_the_key(monkeypa
     with pytest.raises(OSError) as e:
         rcu.Expedite.open()
     assert str(e.value.strerror).startswith("[freeze] rcu_expedited: cannot open ")
+
+
+def test_an_error_of_the_freeze_loop_itself_ends_it_only_after_its_workers_and_rolls_back(
+        make_fs):
+    """The deadline's action (putting rcu_expedited back) fails while B's freeze blocks in
+    the kernel: freeze_all waits for B's worker, thaws everything, and raises the loop's own
+    error, not B's later "frozen after the deadline", so the child ends on it rather than
+    answering as if one target had failed.  Left without its worker, B froze after the
+    rollback and stayed frozen."""
+    c = make_fs("ext4", name="holder", size_mb=200)
+    b = make_fs("ext4", name="stalled", backing_dir=c.mountpoint)
+    a = make_fs("ext4", name="other")
+    freezer = LinuxFreezer()
+    by_path = {m.mountpoint: m for m in freezer.mounts()}
+    targets = [by_path[a.mountpoint], by_path[b.mountpoint]]
+    with open(os.path.join(b.mountpoint, "dirty"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET), freezer.release,
+                  lambda: None)
+    tasks = len(os.listdir("/proc/self/task"))
+    freeze_by_hand(c.mountpoint)  # B's freeze now blocks: its journal cannot reach C
+
+    def restoring_fails() -> None:  # C is let go a moment after the action gave up
+        threading.Timer(0.5, thaw_by_hand, (c.mountpoint,)).start()
+        raise OSError(errno.EROFS, "cannot put rcu_expedited back")
+
+    try:
+        with pytest.raises(OSError, match="rcu_expedited") as raised:
+            freeze_all(freezer, guard, targets, presync=False, clock=time.monotonic,
+                       deadline=time.monotonic() + 0.5, levels=[[0, 1]],
+                       at_deadline=restoring_fails)
+        assert not isinstance(raised.value, FreezeFailed)
+        assert_writable(a.mountpoint)
+        assert_writable(b.mountpoint)
+        assert wait_for(lambda: len(os.listdir("/proc/self/task")) == tasks)
+    finally:
+        guard.close()
+        time.sleep(0.6)
+        for fs in (b, a, c):
+            thaw_by_hand(fs.mountpoint)

@@ -424,6 +424,32 @@ def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
         assert refused.traceback
 
 
+def test_the_parent_gives_a_silent_simulator_and_a_silent_kernel_5_s(monkeypatch):
+    """The waits for open(2)'s result from the simulator and for the Linux driver's answer
+    to registration, seen at the wait itself (5 s, rather than spent here)."""
+    waits: list[float] = []
+
+    class Poll:  # select.poll() for register(): remembers the wait, and nothing comes
+        def register(self, fd: int, mask: int) -> None: ...
+
+        def poll(self, ms: int) -> list[tuple[int, int]]:
+            waits.append(ms / 1000)
+            return []
+
+    monkeypatch.setattr(transport.select, "select",
+                        lambda r, w, x, timeout: waits.append(timeout) or ([], [], []))
+    monkeypatch.setattr(select, "poll", Poll)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs, pytest.raises(OSError, match="did not answer the open"):
+        attach(ours.detach(), "linux")
+    device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ch = KernelChannel(DeviceEndpoint(device.detach()), "linux")
+    with kernel, pytest.raises(KernelLost, match="no answer to registration"):
+        ch.register()
+    ch.close()
+    assert waits == [5.0, 5.0]
+
+
 def test_the_device_endpoint_speaks_one_record_per_read_and_write():
     """The Linux device's side of the transport (never run here against /dev/vmbus/hv_vss):
     read(2) and write(2) of whole records on one descriptor, as a SEQPACKET socket keeps
