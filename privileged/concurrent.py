@@ -85,10 +85,9 @@ def each(items: Sequence[int], work: Callable[[int], None], *, eager: bool,
     try:
         if eager and len(items) > 1:
             spawn(min(len(items), MAX_THREADS))
-            deadline, action = at or (None, None)  # the workers take every item: wait
+            deadline, action = at or (0.0, None)  # the workers take every item: wait
             for running in workers:
-                if running.acquire(timeout=-1 if deadline is None
-                                   else max(0.0, deadline - clock())):
+                if running.acquire(timeout=-1 if action is None else max(0.0, deadline - clock())):
                     running.release()
             if action is not None and any(running.locked() for running in workers):
                 action()
@@ -97,9 +96,7 @@ def each(items: Sequence[int], work: Callable[[int], None], *, eager: bool,
             work(i)
             done += 1
             if not eager and not workers and done >= 4 and (clock() - began) / done > SLOW:
-                with lock:
-                    left = len(pending)
-                spawn(min(left, MAX_THREADS))
+                spawn(min(len(pending), MAX_THREADS))  # no worker yet to share it with
     finally:  # even if `action` raised: a worker left running could freeze after the rollback
         for running in workers:
             running.acquire()
