@@ -7,13 +7,32 @@ there yet), injected from outside through the processes and the simulator.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import struct
+import threading
 import time
 
+from agent.dev import scratch
+from agent.engine import machine as E
+from agent.engine.child_link import ChildLink
+from agent.engine.logs import FreezeGate
+from agent.engine.service import EXIT_ENGINE_LOST_TRACK, Service
 from agent.kernel import linux_wire as lw
-from tests.helpers import Agent, assert_blocked, assert_writable, running_agent, wait_for
+from agent.kernel.channel import KernelChannel
+from agent.kernel.transport import attach
+from agent.simulator.server import Simulator
+from privileged import wire
+from tests.helpers import (
+    Agent,
+    assert_blocked,
+    assert_writable,
+    running_agent,
+    wait_for,
+    write_config,
+)
 
 FAIL_REPLY = struct.pack("<I", lw.HV_E_FAIL) + bytes(8)
 # What the agent logs when the kernel refuses its reply (service.py, _reply).
@@ -63,8 +82,6 @@ def test_child_death_fails_the_pending_request(workdir, ext4_xfs):
     finally:
         agent.stop()
         for m in mounts:  # the killed child could not thaw; the next start would
-            from agent.dev import scratch
-
             scratch.thaw(m)
 
 
@@ -156,3 +173,51 @@ def test_freeze_twice_then_thaw(workdir, ext4_xfs):
         assert agent.sim.request("thaw").status == 0
         assert probe.done_within(5)
         assert agent.child.is_running()  # the child never saw the second FREEZE
+
+
+def test_an_engine_that_loses_track_ends_the_pair_with_nothing_frozen(workdir, make_fs,
+                                                                       monkeypatch, caplog):
+    """EngineError (an input that does not fit the engine's state) is a bug the service
+    loop's own checks keep out, so the engine is broken here on purpose: it fails on the
+    child's answer to FREEZE, with the filesystem frozen.  The host is answered failure,
+    the child thaws and exits 0, and the parent exits 5 for a restart."""
+    fs = make_fs("ext4")
+    config = write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint], workdir)
+    engine = E.Engine("linux")
+    real = engine.on_child_result
+
+    def broken(res: wire.Result, now: float) -> list[E.Action]:
+        if res.op is wire.Op.FREEZE:  # the child has frozen; the engine does not know it
+            raise E.EngineError("a test broke it")
+        return real(res, now)
+
+    monkeypatch.setattr(engine, "on_child_result", broken)
+    with Simulator(os.path.join(workdir, "vss.sock")) as sim:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.connect(sim.path)
+        kernel = KernelChannel(attach(s.detach(), "linux"), "linux")
+        kernel.register()
+        child = ChildLink.spawn(config, None)
+        child.wait_hello()
+        service = Service(engine, child, FreezeGate(logging.NullHandler()), protocol="linux",
+                          kernel=kernel)
+        ran = threading.Thread(target=service.run)
+        ran.start()
+        try:
+            sim.wait_registered(5)
+            answer = sim.request("freeze", timeout=20)
+            ran.join(20)
+            assert not ran.is_alive()
+            assert (answer.status, answer.daemon_reply) == (lw.HV_E_FAIL, FAIL_REPLY)
+            assert service.exit_code == EXIT_ENGINE_LOST_TRACK
+            assert child.exit_status(5) == 0  # it thawed, then exited
+            assert not service.left_frozen
+            assert_writable(fs.mountpoint)
+            assert wait_for(lambda: "the engine lost track of the conversation (a test broke "
+                            "it): the child thawed; exiting" in caplog.text)
+        finally:
+            child.close()
+            if child.exit_status(5) is None:
+                child.proc.kill()
+            kernel.close()
+            scratch.thaw(fs.mountpoint)

@@ -37,6 +37,7 @@ log = logging.getLogger("hv-vss-agent")
 EXIT_OK = 0
 EXIT_CHILD_DIED = 3
 EXIT_FRONTEND_DIED = 4
+EXIT_ENGINE_LOST_TRACK = 5
 
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
@@ -125,6 +126,9 @@ class Service:
                 self._child_died(str(e))
             except FrontendGone as e:
                 self._frontend_died(str(e))
+            except E.EngineError as e:  # a bug here: _on_child and _can_read_kernel forbid it
+                self._end_with_the_child(f"the engine lost track of the conversation ({e})",
+                                         EXIT_ENGINE_LOST_TRACK, trust_engine=False)
         return self.exit_code if self.exit_code is not None else EXIT_OK
 
     def _watch_kernel(self) -> None:
@@ -272,16 +276,21 @@ class Service:
         self.exit_code = EXIT_CHILD_DIED
 
     def _frontend_died(self, why: str) -> None:
+        self._end_with_the_child(f"the frontend is gone ({why})", EXIT_FRONTEND_DIED)
+
+    def _end_with_the_child(self, why: str, exit_code: int, trust_engine: bool = True) -> None:
+        """Fail what the kernel waits for, let the child thaw and exit, and exit too.
+        Without `trust_engine`, anything may be frozen, whatever the engine believes."""
         self._fail_pending()
-        frozen = self.engine.frozen
+        frozen = self.engine.frozen or not trust_engine
         # Closing the link is the child's cue to thaw (if frozen) and exit.
         self.child.close()
-        self._left_frozen_after(self.child.exit_status(10.0),
-                                frozen or self.pending_child is not None)
+        status = self.child.exit_status(10.0)
+        self._left_frozen_after(status, frozen or self.pending_child is not None)
         self.gate.resume()
-        log.error("the frontend is gone (%s): %sexiting so that the service manager restarts us",
-                  why, "the child thawed; " if frozen else "")
-        self.exit_code = EXIT_FRONTEND_DIED
+        log.error("%s: %sexiting so that the service manager restarts us", why,
+                  "the child thawed; " if frozen and status == 0 else "")
+        self.exit_code = exit_code
 
     def _left_frozen_after(self, child_status: int | None, risky: bool) -> None:
         """The child exits 0 only once it has thawed what it held; anything else
