@@ -42,7 +42,7 @@ def test_check_asks_the_child_and_replies_its_verdict(eng):
     assert replies(eng.on_child_result(result(Op.CHECK), 0.1)) == [True]
     eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
     assert replies(eng.on_child_result(result(Op.CHECK, Status.REFUSED), 1.1)) == [False]
-    assert [t.result for t in eng.history] == ["ok", "failed"]
+    assert [t.result for t in eng.ledger.history] == ["ok", "failed"]
 
 
 def test_freeze_holds_logs_until_thaw(eng):
@@ -55,9 +55,9 @@ def test_freeze_holds_logs_until_thaw(eng):
     acts = eng.on_child_result(result(Op.THAW), 5.1)
     assert any(isinstance(a, E.ReleaseLogs) for a in acts) and replies(acts) == [True]
     assert not eng.frozen
-    frozen = eng.histograms["frozen"]
+    frozen = eng.ledger.histograms["frozen"]
     assert (frozen.count, frozen.total) == (1, pytest.approx(4.9))
-    assert eng.history[-1].timings["thaw"] == pytest.approx(0.1)
+    assert eng.ledger.history[-1].timings["thaw"] == pytest.approx(0.1)
 
 
 def test_failed_freeze_releases_logs_and_fails(eng):
@@ -66,7 +66,7 @@ def test_failed_freeze_releases_logs_and_fails(eng):
     assert any(isinstance(a, E.ReleaseLogs) for a in acts)
     assert replies(acts) == [False] and not eng.frozen
     assert not any(isinstance(a, E.Notify) for a in acts)  # no subscribers configured
-    assert "FREEZE failed on /bad" in eng.history[-1].detail
+    assert "FREEZE failed on /bad" in eng.ledger.history[-1].detail
 
 
 def test_freeze_twice_is_answered_here_and_never_reaches_the_child(eng):
@@ -92,21 +92,21 @@ def test_thaw_without_freeze_succeeds(protocol):
     assert thaw is not None
     acts = eng.on_kernel(thaw, 0.0)
     assert asks(acts) == [] and replies(acts) == [True]
-    assert eng.history[-1].detail == "nothing was frozen"
+    assert eng.ledger.history[-1].detail == "nothing was frozen"
 
 
 def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
     eng.on_child_result(result(Op.FREEZE), 0.1)
     acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
-    frozen = eng.histograms["frozen"]
+    frozen = eng.ledger.histograms["frozen"]
     assert (frozen.count, frozen.total) == (1, pytest.approx(59.9))
     assert any(isinstance(a, E.ReleaseLogs) for a in acts)
     assert asks(acts) == [Op.THAW]  # resync: the child is AUTO_THAWED until it hears THAW
     assert replies(eng.on_child_result(result(Op.THAW, count=0), 60.1)) == []
     acts = eng.on_kernel(kreq(lw.VSS_OP_THAW), 61.0)
     assert asks(acts) == [] and replies(acts) == [False]
-    assert eng.history[-1].detail == E.WATCHDOG_THAWED
+    assert eng.ledger.history[-1].detail == E.WATCHDOG_THAWED
     assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 62.0)) == [True]  # said only once
 
 
@@ -185,10 +185,10 @@ def test_a_freeze_finished_after_the_kernel_gave_up_is_thawed_at_once():
     acts = eng.on_child_result(result(Op.FREEZE), 16.0)
     assert replies(acts) == [False]  # the kernel drops it; the host already has HV_E_FAIL
     assert asks(acts) == [Op.THAW]
-    assert eng.history[-1].detail == "frozen too late: the kernel had given up"
+    assert eng.ledger.history[-1].detail == "frozen too late: the kernel had given up"
     eng.on_child_result(result(Op.THAW), 16.1)
     assert not eng.frozen
-    assert eng.history[-1].kind is E.Kind.ABANDON
+    assert eng.ledger.history[-1].kind is E.Kind.ABANDON
 
 
 def test_in_time_freebsd_freeze_stays_frozen():
@@ -219,13 +219,13 @@ def test_a_session_s_counters_events_and_history_add_up():
     assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 66.0)) == [False]
     assert replies(eng.on_kernel(kreq(lw.VSS_OP_BU_COMPLETE), 67.0)) == [True]
     assert eng.on_kernel_lost(68.0) == [E.Reopen()]
-    assert dict(eng.counters) == {
+    assert dict(eng.ledger.counters) == {
         "requests_check": 2, "requests_freeze": 3, "requests_thaw": 2, "requests_other": 1,
         "replies_ok": 5, "replies_failed": 3,
         "freezes": 2, "freeze_failures": 1, "auto_thaws": 1, "resyncs": 1,
         "kernel_reconnects": 1, "events_watchdog": 1, "events_kernel": 1}
-    assert [e["kind"] for e in eng.events] == ["watchdog", "kernel"]
-    assert [(t.kind.value, t.result) for t in eng.history] == [
+    assert [e["kind"] for e in eng.ledger.events] == ["watchdog", "kernel"]
+    assert [(t.kind.value, t.result) for t in eng.ledger.history] == [
         ("check", "ok"), ("check", "failed"), ("freeze", "ok"), ("thaw", "ok"),
         ("freeze", "failed"), ("freeze", "ok"), ("resync", "ok"), ("thaw", "failed"),
         ("other", "ok")]
@@ -237,9 +237,9 @@ def test_an_auto_thaw_is_an_event_named_for_its_reason(eng, reason, kind):
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
     eng.on_child_result(result(Op.FREEZE), 0.1)
     eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, reason, 2), 1.0)
-    assert [(e["kind"], e["detail"]) for e in eng.events] == [
+    assert [(e["kind"], e["detail"]) for e in eng.ledger.events] == [
         (kind, "the child thawed 2 filesystem(s) by itself")]
-    assert eng.counters[f"events_{kind}"] == 1
+    assert eng.ledger.counters[f"events_{kind}"] == 1
 
 
 def test_a_freeze_the_budget_refuses_is_an_event_and_a_failure(eng):
@@ -247,19 +247,19 @@ def test_a_freeze_the_budget_refuses_is_an_event_and_a_failure(eng):
     refused = wire.Result(Op.FREEZE, Status.REFUSED, 1, errno.EAGAIN)
     acts = eng.on_child_result(refused, 0.1)
     assert replies(acts) == [False] and any(isinstance(a, E.ReleaseLogs) for a in acts)
-    assert [e["kind"] for e in eng.events] == ["budget"]
-    assert eng.counters["freeze_failures"] == 1
+    assert [e["kind"] for e in eng.ledger.events] == ["budget"]
+    assert eng.ledger.counters["freeze_failures"] == 1
     # refused for another reason (a veto): a failure, not the budget's event
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 1.0)
     eng.on_child_result(wire.Result(Op.FREEZE, Status.REFUSED, 2, errno.EPERM, 0, 0, "/x"), 1.1)
-    assert [e["kind"] for e in eng.events] == ["budget"]
-    assert eng.history[-1].detail == f"FREEZE refused on /x: {os.strerror(errno.EPERM)}"
+    assert [e["kind"] for e in eng.ledger.events] == ["budget"]
+    assert eng.ledger.history[-1].detail == f"FREEZE refused on /x: {os.strerror(errno.EPERM)}"
 
 
 def test_a_transaction_reports_its_timings_to_the_microsecond(eng):
     eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
     eng.on_child_result(result(Op.CHECK), 1.1234567)
-    seconds = eng.history[-1].as_dict()["seconds"]
+    seconds = eng.ledger.history[-1].as_dict()["seconds"]
     assert seconds == {"check": 0.123457, "total": 0.123457}
 
 

@@ -34,7 +34,7 @@ def test_a_veto_fails_check_whatever_the_policy(policy, caplog):
     actions = e.on_notify_done("check", 1, [result(Outcome.OK, "a"),
                                             result(Outcome.VETO, "b", "window closed")], 0.1)
     assert replies(actions) == [False]
-    assert e.history[-1].detail == "vetoed by subscriber b: window closed"
+    assert e.ledger.history[-1].detail == "vetoed by subscriber b: window closed"
     assert "CHECK vetoed by subscriber b (uid 101, pid 4242): window closed" in caplog.text
 
 
@@ -48,13 +48,15 @@ def test_other_failures_follow_the_policy(outcome, caplog):
     assert E.Notify("thaw", 1, 12.1) in actions  # those that quiesced resume
     assert not any(isinstance(a, E.AskChild) for a in actions)
     assert f"db (uid 101, pid 4242): {outcome.label} on FREEZE (why): failing it" in caplog.text
-    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (1, 0)
+    counted = e.ledger.counters
+    assert (counted["subscriber_failures"], counted["subscribers_skipped"]) == (1, 0)
 
     e = engine("skip")
     e.on_kernel(FREEZE, 0.0)
     actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
     assert actions[:2] == [E.HoldLogs(), E.AskChild(wire.Op.FREEZE)]
-    assert (e.counters["subscriber_failures"], e.counters["subscribers_skipped"]) == (0, 1)
+    counted = e.ledger.counters
+    assert (counted["subscriber_failures"], counted["subscribers_skipped"]) == (0, 1)
     assert "going on without it ([notify] policy = skip)" in caplog.text
 
 
@@ -68,7 +70,7 @@ def test_the_engines_own_deadline(policy, froze, caplog):
     assert any(isinstance(a, E.AskChild) for a in actions) is froze
     assert replies(actions) == ([] if froze else [False])
     assert "the agent's own deadline ([notify] budget = 2.0 s" in caplog.text
-    assert [ev["kind"] for ev in e.events] == ["budget"]
+    assert [ev["kind"] for ev in e.ledger.events] == ["budget"]
     # the frontend's report, when it finally comes, only joins the history
     assert e.on_notify_done("freeze", 1, [result(Outcome.OK)], 13.0) == []
 
@@ -78,7 +80,7 @@ def test_answers_after_the_budget_fail_under_policy_fail():
     e.on_kernel(FREEZE, 0.0)
     actions = e.on_notify_done("freeze", 1, [result(Outcome.OK)], 1.5)
     assert replies(actions) == [False]
-    assert e.history[-1].detail == "the budget for this FREEZE ran out"
+    assert e.ledger.history[-1].detail == "the budget for this FREEZE ran out"
 
 
 def test_thaw_reports_join_the_transaction_after_the_reply():
@@ -92,9 +94,10 @@ def test_thaw_reports_join_the_transaction_after_the_reply():
     actions = e.on_child_result(wire.Result(wire.Op.THAW, wire.Status.OK, 2, count=1), 5.1)
     assert replies(actions) == [True] and actions[-1] == E.Notify("thaw", 2, 17.1)
     assert e.on_notify_done("thaw", 2, [result(Outcome.FAILED, reason="hook")], 5.5) == []
-    assert [(s["event"], s["result"]) for s in e.history[-1].subscribers] == [("thaw", "failed")]
-    assert e.histograms["frozen"].count == 1
-    assert e.histograms["freeze"].count == 1
+    subscribers = e.ledger.history[-1].subscribers
+    assert [(s["event"], s["result"]) for s in subscribers] == [("thaw", "failed")]
+    assert e.ledger.histograms["frozen"].count == 1
+    assert e.ledger.histograms["freeze"].count == 1
 
 
 def test_reply_timing_is_recorded_on_the_transaction():
@@ -103,8 +106,8 @@ def test_reply_timing_is_recorded_on_the_transaction():
     e.on_notify_done("check", 1, [], 0.1)
     actions = e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
     [reply] = [a for a in actions if isinstance(a, E.ReplyKernel)]
-    e.record_timing(reply.txid, "reply", 0.001)
-    assert set(e.history[-1].timings) == {"subscribers", "check", "reply", "total"}
+    e.ledger.timing(reply.txid, "reply", 0.001)
+    assert set(e.ledger.history[-1].timings) == {"subscribers", "check", "reply", "total"}
 
 
 def test_an_auto_thaw_tells_the_subscribers_to_resume():
@@ -122,7 +125,7 @@ def test_the_child_s_time_is_counted_apart_from_the_subscribers():
     e.on_kernel(FREEZE, 10.0)
     e.on_notify_done("freeze", 1, [result(Outcome.OK)], 10.5)
     e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 10.75)
-    timings = e.history[-1].timings
+    timings = e.ledger.history[-1].timings
     assert (timings["subscribers"], timings["freeze"], timings["total"]) == (0.5, 0.25, 0.75)
 
 

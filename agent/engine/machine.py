@@ -33,15 +33,13 @@ Rules that keep the child's strict state machine and the host honest:
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
-from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from agent.engine.histogram import FREEZE_BUCKETS, FROZEN_BUCKETS, Histogram
+from agent.engine.ledger import Kind, Ledger, Transaction
 from agent.kernel.messages import KernelRequest
 from agent.protocols.frontend import Outcome, SubscriberResult
 from privileged import wire
@@ -90,44 +88,6 @@ class Reopen:
 Action = AskChild | ReplyKernel | Notify | HoldLogs | ReleaseLogs | Reopen
 
 
-class Kind(enum.Enum):
-    CHECK = "check"
-    FREEZE = "freeze"
-    THAW = "thaw"
-    OTHER = "other"
-    RESYNC = "resync"  # internal: THAW to the child after its automatic thaw
-    RECOVER = "recover"  # internal: thaw before reopening a lost kernel channel
-    ABANDON = "abandon"  # internal: thaw a freeze the kernel gave up waiting for
-
-
-@dataclass
-class Transaction:
-    id: int
-    kind: Kind
-    request: KernelRequest | None
-    started: float
-    kernel_deadline: float | None = None  # when the kernel stops waiting (FreeBSD: msgid)
-    timings: dict[str, float] = field(default_factory=dict)
-    result: str = ""
-    detail: str = ""
-    subscribers: list[dict[str, object]] = field(default_factory=list)
-    ended: float | None = None
-    replied: bool = False
-    abandoned: bool = False  # the kernel channel was lost: no reply can be sent
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "op": self.kind.value,
-            "code": self.request.code if self.request else None,
-            "result": self.result,
-            "detail": self.detail,
-            "started": self.started,
-            "seconds": {k: round(v, 6) for k, v in self.timings.items()},
-            "subscribers": list(self.subscribers),  # a copy: the list grows afterwards
-        }
-
-
 class EngineError(Exception):
     """The child said something that does not fit the conversation."""
 
@@ -155,11 +115,7 @@ class Engine:
         self.stage_started = 0.0
         self.frozen_since: float | None = None
         self.frozen_mounts = ""  # as the child reported them
-        self.histograms = {"frozen": Histogram(FROZEN_BUCKETS),
-                           "freeze": Histogram(FREEZE_BUCKETS)}
-        self.history: deque[Transaction] = deque(maxlen=history)
-        self.events: deque[dict[str, object]] = deque(maxlen=50)  # watchdog, budget, ...
-        self.counters: Counter[str] = Counter()
+        self.ledger = Ledger(history)  # what happened, for status; never read to decide
         self._next_id = 1
 
     # --- inputs ---------------------------------------------------------------------
@@ -177,7 +133,7 @@ class Engine:
         kind = Kind(req.op.value)
         tx = self._begin(kind, req, now)
         tx.kernel_deadline = kernel_deadline
-        self.counters[f"requests_{kind.value}"] += 1
+        self.ledger.counters[f"requests_{kind.value}"] += 1
         if kernel_deadline is not None and now >= kernel_deadline and kind is not Kind.THAW:
             # Our answer would be discarded: the host has already been told HV_E_FAIL.
             return self._finish(tx, now, False, "the kernel had already given up on this "
@@ -218,8 +174,8 @@ class Engine:
             if ok:
                 self.frozen, self.consistency_lost, self.frozen_since = True, False, now
                 self.frozen_mounts = res.mount
-                self.counters["freezes"] += 1
-                self.histograms["freeze"].observe(tx.timings["freeze"])
+                self.ledger.counters["freezes"] += 1
+                self.ledger.histograms["freeze"].observe(tx.timings["freeze"])
                 if tx.kernel_deadline is not None and now > tx.kernel_deadline:
                     # FreeBSD drops a late ack without a word (hv_vss_notified finds no
                     # msgid) and has failed the FREEZE already: nobody will snapshot.
@@ -229,15 +185,15 @@ class Engine:
                         late += self._start_internal(Kind.ABANDON, now)
                     return late
                 return self._finish(tx, now, not tx.abandoned, why)
-            self.counters["freeze_failures"] += 1
+            self.ledger.counters["freeze_failures"] += 1
             if res.status is wire.Status.REFUSED and res.errno == errno.EAGAIN:
-                self._event("budget", now, "FREEZE refused: the frozen-time budget is spent "
+                self.ledger.event("budget", now, "FREEZE refused: the frozen-time budget is spent "
                             "([watchdog] budget_seconds, budget_seconds_per_hour)")
             return [ReleaseLogs(), *self._resume_subscribers(tx, now),
                     *self._finish(tx, now, False, why)]
         if res.op is wire.Op.THAW:
             if self.frozen and self.frozen_since is not None:
-                self.histograms["frozen"].observe(now - self.frozen_since)
+                self.ledger.histograms["frozen"].observe(now - self.frozen_since)
             self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
             actions: list[Action] = [ReleaseLogs()]
             if tx.kind is Kind.THAW:
@@ -256,13 +212,13 @@ class Engine:
         if not self.frozen:
             return []
         if self.frozen_since is not None:
-            self.histograms["frozen"].observe(now - self.frozen_since)
+            self.ledger.histograms["frozen"].observe(now - self.frozen_since)
         self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
         self.consistency_lost = True
-        self.counters["auto_thaws"] += 1
+        self.ledger.counters["auto_thaws"] += 1
         reason = "watchdog" if ev.reason is wire.Reason.WATCHDOG else "signal"
         log.warning("the child thawed %d filesystem(s) by itself (%s)", ev.count, reason)
-        self._event(reason, now, f"the child thawed {ev.count} filesystem(s) by itself")
+        self.ledger.event(reason, now, f"the child thawed {ev.count} filesystem(s) by itself")
         actions: list[Action] = [ReleaseLogs()]
         if self.notify.enabled:
             actions.append(Notify("thaw", 0, now + self.notify.budget))
@@ -285,9 +241,7 @@ class Engine:
                     log.warning("subscriber %s (uid %d, pid %d): %s on %s%s", r.name, r.uid,
                                 r.pid, r.outcome.label, event.upper(),
                                 f": {r.reason}" if r.reason else "")
-            for old in self.history:
-                if old.id == txid:
-                    old.subscribers.extend(subs)
+            self.ledger.late_subscribers(txid, subs)
             return []
         tx.subscribers.extend(subs)
         ok, why = self._judge(event, results)
@@ -303,19 +257,13 @@ class Engine:
                     "request) passed before the subscribers answered %s: %s", self.notify.budget,
                     event, "going on without them ([notify] policy = skip)" if ok
                     else "failing it ([notify] policy = fail)")
-        self._event("budget", now, f"subscribers did not answer {event} within the budget")
+        self.ledger.event("budget", now, f"subscribers did not answer {event} within the budget")
         return self._after_notify(tx, ok, now, "subscribers missed the agent's deadline")
-
-    def record_timing(self, txid: int, stage: str, seconds: float) -> None:
-        for tx in reversed(self.history):
-            if tx.id == txid:
-                tx.timings[stage] = seconds
-                return
 
     def on_kernel_lost(self, now: float) -> list[Action]:
         self.kernel_lost = True
-        self.counters["kernel_reconnects"] += 1
-        self._event("kernel", now, "the kernel channel was lost: reopening it")
+        self.ledger.counters["kernel_reconnects"] += 1
+        self.ledger.event("kernel", now, "the kernel channel was lost: reopening it")
         if self.tx is not None:
             self.tx.abandoned = True
             return []  # the transaction ends first; _finish then recovers
@@ -356,7 +304,7 @@ class Engine:
             tx.timings["subscribers"] = now - self.stage_started
         self.waiting_notify, self.notify_deadline = None, None
         if not ok:
-            self.counters["subscriber_failures"] += 1
+            self.ledger.counters["subscriber_failures"] += 1
             detail = why or "a subscriber failed"
             if tx.kind is Kind.FREEZE:
                 return [*self._resume_subscribers(tx, now), *self._finish(tx, now, False, detail)]
@@ -382,11 +330,11 @@ class Engine:
         tx.ended = now
         tx.timings["total"] = now - tx.started
         self.tx = None
-        self.history.append(tx)
+        self.ledger.finished(tx)
         if tx.kind in (Kind.RESYNC, Kind.RECOVER, Kind.ABANDON):
-            self.counters[f"{tx.kind.value}s"] += 1
+            self.ledger.counters[f"{tx.kind.value}s"] += 1
         else:
-            self.counters[f"replies_{tx.result}"] += 1
+            self.ledger.counters[f"replies_{tx.result}"] += 1
         actions: list[Action] = []
         if tx.request is not None and not tx.abandoned:
             tx.replied = True
@@ -421,12 +369,8 @@ class Engine:
             return False, (f"subscriber {r.name}: {r.outcome.label} on {event.upper()}"
                            + (f" ({r.reason})" if r.reason else ""))
         if failed:
-            self.counters["subscribers_skipped"] += len(failed)
+            self.ledger.counters["subscribers_skipped"] += len(failed)
         return True, ""
-
-    def _event(self, kind: str, now: float, detail: str) -> None:
-        self.events.append({"kind": kind, "time": now, "detail": detail})
-        self.counters[f"events_{kind}"] += 1
 
     def _recover(self, now: float) -> list[Action]:
         self.kernel_lost = False

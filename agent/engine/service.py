@@ -203,7 +203,7 @@ class Service:
         try:
             started = self.clock()
             self.kernel.reply(act.request, act.ok)
-            self.engine.record_timing(act.txid, "reply", self.clock() - started)
+            self.engine.ledger.timing(act.txid, "reply", self.clock() - started)
         except KernelLost as e:
             log.warning("kernel channel: %s (late reply?)", e)
             self._run(self.engine.on_kernel_lost(self.clock()))

@@ -21,7 +21,7 @@ from agent import __version__
 from agent.engine.child_link import ChildLink
 
 if TYPE_CHECKING:
-    from agent.engine.machine import Transaction
+    from agent.engine.ledger import Transaction
     from agent.engine.service import Service
 
 VERSION = 1
@@ -64,7 +64,7 @@ def snapshot(service: Service, frontend_pid: int | None = None,
 
     frozen_for = now_m - e.frozen_since if e.frozen and e.frozen_since is not None else None
 
-    transactions = (rendered or Rendered()).transactions(e.history, wall)
+    transactions = (rendered or Rendered()).transactions(e.ledger.history, wall)
     return {
         "version": VERSION,
         "time": round(now_w, 3),
@@ -88,9 +88,9 @@ def snapshot(service: Service, frontend_pid: int | None = None,
         "notify": {"enabled": e.notify.enabled, "policy": e.notify.policy,
                    "budget": e.notify.budget},
         "transactions": transactions,
-        "events": [{**ev, "time": wall(ev["time"])} for ev in e.events],
-        "counters": dict(sorted(e.counters.items())),
-        "histograms": {k: h.as_dict() for k, h in e.histograms.items()},
+        "events": [{**ev, "time": wall(ev["time"])} for ev in e.ledger.events],
+        "counters": dict(sorted(e.ledger.counters.items())),
+        "histograms": {k: h.as_dict() for k, h in e.ledger.histograms.items()},
     }
 
 
