@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from agent import __version__, config
+from agent import __version__, config, platforms
 from agent.engine.privdrop import DropError
 from agent.errors import StartupError
 from privileged.config import ConfigError
@@ -39,7 +39,7 @@ def daemon_parser() -> Parser:
                    help="stay in the foreground and log to stderr")
     p.add_argument("-d", dest="debug", action="store_true", help="debug output")
     p.add_argument("--config", metavar="PATH",
-                   help=f"configuration file (default {config.default_config_path()}, "
+                   help=f"configuration file (default {platforms.CONFIG_PATH}, "
                         "if it exists)")
     p.add_argument("--device", metavar="PATH",
                    help="kernel device, or a simulator's Unix socket")

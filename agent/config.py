@@ -9,11 +9,11 @@ section and the key.  An example with every key: etc/hv-vss-agent.toml.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.platforms import CONFIG_PATH, NATIVE_PROTOCOL, SYSLOG_SOCKET
 from privileged.config import (
     CHILD_SECTIONS,
     ChildConfig,
@@ -25,20 +25,6 @@ from privileged.config import (
 
 LINUX_DEVICE = "/dev/vmbus/hv_vss"
 FREEBSD_DEVICE = "/dev/hv_fsvss_dev"
-
-
-def native_protocol() -> str:
-    return "freebsd" if sys.platform.startswith("freebsd") else "linux"
-
-
-def default_syslog_socket() -> str:
-    return "/var/run/log" if sys.platform.startswith("freebsd") else "/dev/log"
-
-
-def default_config_path() -> str:
-    if sys.platform.startswith("freebsd"):
-        return "/usr/local/etc/hv-vss-agent.toml"
-    return "/etc/hv-vss-agent.toml"
 
 
 @dataclass(frozen=True)
@@ -69,10 +55,10 @@ class AgentConfig:
     user: str = "hvvss"
     chroot: str = "/var/empty"
     device: str | None = None
-    protocol: str = field(default_factory=native_protocol)
+    protocol: str = NATIVE_PROTOCOL
     kernel_timeout: float = 15.0  # FreeBSD TIMEOUT_LIMIT: the kernel's wait for the chain
     log_target: str = "syslog"
-    syslog_socket: str = field(default_factory=default_syslog_socket)
+    syslog_socket: str = SYSLOG_SOCKET
     log_buffer: int = 10000
     history: int = 50
     child: ChildConfig = field(default_factory=ChildConfig)
@@ -104,14 +90,14 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
 
     d = Section("device", doc.get("device"))
     device = d.optional_path("path")
-    protocol = d.choice("protocol", native_protocol(), ("linux", "freebsd"))
+    protocol = d.choice("protocol", NATIVE_PROTOCOL, ("linux", "freebsd"))
     kernel_timeout = d.number("kernel_timeout", 15.0, 1.0, 3600.0)
     d.done()
 
     lg = Section("log", doc.get("log"))
     log_target = lg.choice("target", "syslog", ("syslog", "stderr"))
     log_buffer = lg.integer("buffer", 10000, 10, 1_000_000)
-    syslog_socket = lg.path("syslog_socket", default_syslog_socket())
+    syslog_socket = lg.path("syslog_socket", SYSLOG_SOCKET)
     lg.done()
 
     n = Section("notify", doc.get("notify"))
@@ -145,10 +131,9 @@ def parse(doc: Mapping[str, Any], path: str | None) -> AgentConfig:
 def load(path: str | None) -> AgentConfig:
     """Load `path`; None means the default path if it exists, else built-in defaults."""
     if path is None:
-        candidate = default_config_path()
-        if not os.path.exists(candidate):
+        if not os.path.exists(CONFIG_PATH):
             return AgentConfig()
-        path = candidate
+        path = CONFIG_PATH
     path = os.path.abspath(path)  # the child, started in /, must read this very file
     doc = read_toml(path)
     try:

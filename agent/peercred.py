@@ -15,10 +15,10 @@ import grp
 import pwd
 import socket
 import struct
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent import platforms
 from agent.errors import StartupError
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux <asm-generic/socket.h>
@@ -62,7 +62,7 @@ def _freebsd(sock: socket.socket) -> PeerCred:
 
 def peer_credentials(sock: socket.socket) -> PeerCred:
     """The connecting process's credentials.  Raises OSError if the kernel will not say."""
-    if sys.platform.startswith("freebsd"):
+    if platforms.freebsd():
         return _freebsd(sock)
     return _linux(sock)
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import resource
-import sys
 
-from agent import sandbox_freebsd, sandbox_linux
+from agent import platforms, sandbox_freebsd, sandbox_linux
 from privileged import seccomp
 from privileged.seccomp import SandboxError
 
@@ -27,7 +26,7 @@ __all__ = ["SandboxError", "confine_frontend", "confine_parent", "limit_device",
 def no_core_dumps() -> None:
     """No core file, and (Linux) no ptrace or /proc/<pid>/mem by our own uid either."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if sys.platform.startswith("linux"):
+    if platforms.linux():
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_DUMPABLE, ctypes.c_ulong(0), 0, 0, 0) != 0:
             raise SandboxError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
@@ -40,9 +39,9 @@ def parent_roles(*, frontend: bool, metrics: bool) -> tuple[str, ...]:
 
 def confine_parent(device_fd: int, roles: tuple[str, ...] = ("service",)) -> None:
     no_core_dumps()
-    if sys.platform.startswith("linux"):
+    if platforms.linux():
         seccomp.confine(sandbox_linux.parent_policy(roles), all_threads=True)
-    elif sys.platform.startswith("freebsd"):
+    elif platforms.freebsd():
         _capsicum.append(sandbox_freebsd.LibcCapsicum())  # libc resolved before cap_enter
         sandbox_freebsd.enter_capability_mode(device_fd, _capsicum[0])
 
@@ -51,7 +50,7 @@ def confine_frontend() -> None:
     """The frontend process, once it holds only its sockets (Linux; FreeBSD: see SECURITY.md).
     It was forked before the parent confined itself: it does both steps itself."""
     no_core_dumps()
-    if sys.platform.startswith("linux"):
+    if platforms.linux():
         seccomp.confine(sandbox_linux.FRONTEND, all_threads=True)
 
 

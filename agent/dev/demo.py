@@ -25,10 +25,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.config import native_protocol
 from agent.dev import scratch
 from agent.engine.privdrop import DropError, lookup_account
 from agent.errors import StartupError
+from agent.platforms import NATIVE_PROTOCOL
 from agent.simulator.host import HostRequest
 from agent.simulator.server import Simulator
 
@@ -162,7 +162,7 @@ def _show_processes(tl: Timeline, agent_pid: int) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.cycles < 1 or args.hold <= 0:
         raise StartupError("--cycles must be at least 1 and --hold positive")
-    protocol = args.protocol or native_protocol()
+    protocol = args.protocol or NATIVE_PROTOCOL
     root = os.geteuid() == 0
     print(f"hv-vss-agent demo: a simulated Hyper-V host ({protocol} driver model) drives the "
           f"agent through {args.cycles} backup cycle(s).")

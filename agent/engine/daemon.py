@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from agent import mp_logging
+from agent import mp_logging, platforms
 from agent.config import AgentConfig
 from agent.engine import logs, privdrop
 from agent.engine.child_link import ChildLink
@@ -51,7 +51,7 @@ def run(prep: Prepared) -> int:
     if prep.engine_end is not None:
         mp_logging.install()
     if account is not None and prep.chroot_fd is not None:
-        if sys.platform.startswith("linux"):
+        if platforms.linux():
             privdrop.enter_chroot(prep.chroot_fd, cfg.chroot)
         else:
             os.close(prep.chroot_fd)

@@ -42,10 +42,10 @@ import os
 import socket
 import stat
 import struct
-import sys
 import tempfile
 from dataclasses import dataclass
 
+from agent import platforms
 from agent.errors import StartupError
 from agent.peercred import Allowlist
 from privileged.trust import untrusted_reason
@@ -103,7 +103,7 @@ class Access:
 
 
 def listen_unix(path: str, access: Access, what: str = "socket") -> socket.socket:
-    if access.needs_acl and not sys.platform.startswith("linux"):
+    if access.needs_acl and not platforms.linux():
         raise StartupError(f"{what} {path}: letting several users or groups in needs POSIX "
                            "ACLs, which the agent sets on Linux only: allow one group and no "
                            "users")

@@ -23,8 +23,9 @@ import grp
 import os
 import pwd
 import stat
-import sys
 from dataclasses import dataclass
+
+from agent import platforms
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
@@ -52,7 +53,7 @@ def lookup_account(name: str) -> Account:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        if sys.platform.startswith("freebsd"):
+        if platforms.freebsd():
             how = f"pw useradd {name} -d /nonexistent -s /usr/sbin/nologin -c 'hv-vss-agent'"
         else:
             how = (f"useradd --system --no-create-home --home-dir /nonexistent "
@@ -91,10 +92,10 @@ def check_chroot(path: str) -> None:
 
 def no_new_privs() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if sys.platform.startswith("linux"):
+    if platforms.linux():
         rc = libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0),
                         ctypes.c_ulong(0), ctypes.c_ulong(0))
-    elif sys.platform.startswith("freebsd"):
+    elif platforms.freebsd():
         arg = ctypes.c_int(1)  # PROC_NO_NEW_PRIVS_ENABLE
         rc = libc.procctl(P_PID, 0, PROC_NO_NEW_PRIVS_CTL, ctypes.byref(arg))
     else:

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from agent import platforms
 from agent.config import AgentConfig
 from agent.engine import logs, privdrop
 from agent.engine.child_link import ChildGone, ChildLink
@@ -98,7 +99,7 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
         prep.metrics_fd = open_metrics_dir(cfg.metrics.dir)
     for name in STDLIB_AFTER_DROP:
         importlib.import_module(name)
-    if account is not None and sys.platform.startswith("linux"):
+    if account is not None and platforms.linux():
         privdrop.become(account)
     # Unprivileged from here on Linux (FreeBSD drops in daemon.py, before Capsicum).
     sys.path.extend(site_packages())

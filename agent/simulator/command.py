@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from agent.config import native_protocol
+from agent.platforms import NATIVE_PROTOCOL
 from agent.simulator.host import OPS, HostRequest
 from agent.simulator.server import Simulator
 
@@ -55,7 +55,7 @@ def parser() -> Parser:
                            parser_class=Parser)
     serve = sub.add_parser("serve", help="serve the driver model on PATH until interrupted")
     serve.add_argument("path", metavar="PATH", help="the socket to create: the agent's --device")
-    serve.add_argument("--protocol", choices=("linux", "freebsd"), default=native_protocol(),
+    serve.add_argument("--protocol", choices=("linux", "freebsd"), default=NATIVE_PROTOCOL,
                        help="which kernel's driver to model (default: this system's)")
     for op in OPS:
         one = sub.add_parser(op, help=f"send the host's {op.upper()} and print the answer")
