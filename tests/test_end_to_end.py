@@ -154,7 +154,7 @@ def test_logs_are_held_while_frozen_even_when_the_log_is_on_a_frozen_disk(workdi
         assert wait_for(lambda: agent.log().count("THAWED 2 filesystem(s)") == 3)
         text = agent.log()
         assert text.index("FROZEN:") < text.index("THAWED 2")
-        assert text.index("kernel request freeze") < text.index("kernel request thaw")
+        assert text.index("kernel request FREEZE") < text.index("kernel request THAW")
 
 
 def test_probe_itself_detects_a_frozen_filesystem(make_fs):

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from agent.engine import machine as E
-from agent.kernel.messages import KernelRequest, Operation
+from agent.kernel.messages import KernelRequest
 from agent.protocols.frontend import Outcome, SubscriberResult
+from agent.protocols.verb import Verb
 from privileged import wire
 
-CHECK = KernelRequest(Operation.CHECK, 2, bytes(12))
-FREEZE = KernelRequest(Operation.FREEZE, 5, bytes(12))
-THAW = KernelRequest(Operation.THAW, 6, bytes(12))
+CHECK = KernelRequest(Verb.CHECK, 2, bytes(12))
+FREEZE = KernelRequest(Verb.FREEZE, 5, bytes(12))
+THAW = KernelRequest(Verb.THAW, 6, bytes(12))
 
 
 def engine(policy: str = "fail", budget: float = 12.0) -> E.Engine:
@@ -30,8 +31,8 @@ def replies(actions):
 def test_a_veto_fails_check_whatever_the_policy(policy, caplog):
     e = engine(policy)
     [notify] = e.on_kernel(CHECK, 0.0)
-    assert notify == E.Notify("check", 1, 12.0)
-    actions = e.on_notify_done("check", 1, [result(Outcome.OK, "a"),
+    assert notify == E.Notify(Verb.CHECK, 1, 12.0)
+    actions = e.on_notify_done(Verb.CHECK, 1, [result(Outcome.OK, "a"),
                                             result(Outcome.VETO, "b", "window closed")], 0.1)
     assert replies(actions) == [False]
     assert e.ledger.history[-1].detail == "vetoed by subscriber b: window closed"
@@ -43,9 +44,9 @@ def test_a_veto_fails_check_whatever_the_policy(policy, caplog):
 def test_other_failures_follow_the_policy(outcome, caplog):
     e = engine("fail")
     e.on_kernel(FREEZE, 0.0)
-    actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
+    actions = e.on_notify_done(Verb.FREEZE, 1, [result(outcome, reason="why")], 0.1)
     assert replies(actions) == [False]
-    assert E.Notify("thaw", 1, 12.1) in actions  # those that quiesced resume
+    assert E.Notify(Verb.THAW, 1, 12.1) in actions  # those that quiesced resume
     assert not any(isinstance(a, E.AskChild) for a in actions)
     assert f"db (uid 101, pid 4242): {outcome.label} on FREEZE (why): failing it" in caplog.text
     counted = e.ledger.counters
@@ -53,7 +54,7 @@ def test_other_failures_follow_the_policy(outcome, caplog):
 
     e = engine("skip")
     e.on_kernel(FREEZE, 0.0)
-    actions = e.on_notify_done("freeze", 1, [result(outcome, reason="why")], 0.1)
+    actions = e.on_notify_done(Verb.FREEZE, 1, [result(outcome, reason="why")], 0.1)
     assert actions[:2] == [E.HoldLogs(), E.AskChild(wire.Op.FREEZE)]
     counted = e.ledger.counters
     assert (counted["subscriber_failures"], counted["subscribers_skipped"]) == (0, 1)
@@ -72,13 +73,13 @@ def test_the_engines_own_deadline(policy, froze, caplog):
     assert "the agent's own deadline ([notify] budget = 2.0 s" in caplog.text
     assert [ev["kind"] for ev in e.ledger.events] == ["budget"]
     # the frontend's report, when it finally comes, only joins the history
-    assert e.on_notify_done("freeze", 1, [result(Outcome.OK)], 13.0) == []
+    assert e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 13.0) == []
 
 
 def test_answers_after_the_budget_fail_under_policy_fail():
     e = engine("fail", budget=1.0)
     e.on_kernel(FREEZE, 0.0)
-    actions = e.on_notify_done("freeze", 1, [result(Outcome.OK)], 1.5)
+    actions = e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 1.5)
     assert replies(actions) == [False]
     assert e.ledger.history[-1].detail == "the budget for this FREEZE ran out"
 
@@ -86,14 +87,14 @@ def test_answers_after_the_budget_fail_under_policy_fail():
 def test_thaw_reports_join_the_transaction_after_the_reply():
     e = engine()
     e.on_kernel(FREEZE, 0.0)
-    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.1)
+    e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 0.1)
     e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1,
                                   mount="/srv/db"), 0.2)
     assert e.frozen_mounts == "/srv/db"
     e.on_kernel(THAW, 5.0)
     actions = e.on_child_result(wire.Result(wire.Op.THAW, wire.Status.OK, 2, count=1), 5.1)
-    assert replies(actions) == [True] and actions[-1] == E.Notify("thaw", 2, 17.1)
-    assert e.on_notify_done("thaw", 2, [result(Outcome.FAILED, reason="hook")], 5.5) == []
+    assert replies(actions) == [True] and actions[-1] == E.Notify(Verb.THAW, 2, 17.1)
+    assert e.on_notify_done(Verb.THAW, 2, [result(Outcome.FAILED, reason="hook")], 5.5) == []
     subscribers = e.ledger.history[-1].subscribers
     assert [(s["event"], s["result"]) for s in subscribers] == [("thaw", "failed")]
     assert e.ledger.histograms["frozen"].count == 1
@@ -103,7 +104,7 @@ def test_thaw_reports_join_the_transaction_after_the_reply():
 def test_reply_timing_is_recorded_on_the_transaction():
     e = engine()
     e.on_kernel(CHECK, 0.0)
-    e.on_notify_done("check", 1, [], 0.1)
+    e.on_notify_done(Verb.CHECK, 1, [], 0.1)
     actions = e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
     [reply] = [a for a in actions if isinstance(a, E.ReplyKernel)]
     e.ledger.timing(reply.txid, "reply", 0.001)
@@ -113,17 +114,17 @@ def test_reply_timing_is_recorded_on_the_transaction():
 def test_an_auto_thaw_tells_the_subscribers_to_resume():
     e = engine(budget=12.0)
     e.on_kernel(FREEZE, 0.0)
-    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 0.1)
+    e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 0.1)
     e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 0.2)
     actions = e.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 1),
                              60.0)
-    assert E.Notify("thaw", 0, 72.0) in actions
+    assert E.Notify(Verb.THAW, 0, 72.0) in actions
 
 
 def test_the_child_s_time_is_counted_apart_from_the_subscribers():
     e = engine()
     e.on_kernel(FREEZE, 10.0)
-    e.on_notify_done("freeze", 1, [result(Outcome.OK)], 10.5)
+    e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 10.5)
     e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1), 10.75)
     timings = e.ledger.history[-1].timings
     assert (timings["subscribers"], timings["freeze"], timings["total"]) == (0.5, 0.25, 0.75)
@@ -132,10 +133,10 @@ def test_the_child_s_time_is_counted_apart_from_the_subscribers():
 def test_a_late_report_logs_only_the_subscribers_that_failed(caplog):
     e = engine()
     e.on_kernel(CHECK, 0.0)
-    e.on_notify_done("check", 1, [], 0.1)
+    e.on_notify_done(Verb.CHECK, 1, [], 0.1)
     e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
     caplog.clear()
-    assert e.on_notify_done("check", 1, [result(Outcome.OK, "fine"),
+    assert e.on_notify_done(Verb.CHECK, 1, [result(Outcome.OK, "fine"),
                                          result(Outcome.FAILED, "broke", "disk full")], 5.0) == []
     assert "broke (uid 101, pid 4242): failed on CHECK: disk full" in caplog.text
     assert "fine" not in caplog.text

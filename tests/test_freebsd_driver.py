@@ -18,7 +18,8 @@ from agent.engine import machine as E
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import transport
 from agent.kernel.channel import KernelChannel
-from agent.kernel.messages import KernelProtocolError, KernelRequest, Operation
+from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.protocols.verb import Verb
 from agent.simulator import host
 from agent.simulator.freebsd_driver import NEGOTIATE, NOTHING_PENDING, FreeBSDDriver
 from privileged import wire
@@ -59,7 +60,7 @@ def daemon_write(d: FreeBSDDriver, data: bytes, now: float) -> None:
 
 
 def test_golden_reply_bytes_echo_opt_and_msgid():
-    req = KernelRequest(Operation.FREEZE, 2, bytes(64), 0x0123456789ABCDEF)
+    req = KernelRequest(Verb.FREEZE, 2, bytes(64), 0x0123456789ABCDEF)
     assert fw.encode_reply(req, True) == bytes.fromhex(
         "02000000" "00000000" "efcdab8967452301") + bytes(48)
     assert fw.encode_reply(req, False) == bytes.fromhex(
@@ -70,7 +71,7 @@ def test_golden_request_decoding():
     frame = bytes.fromhex("03000000" "00000000" "bf2f727ac261eb18") + bytes(48)
     req = fw.decode_request(frame)
     assert req is not None
-    assert (req.op, req.code, req.msgid) == (Operation.THAW, 3, 0x18EB61C27A722FBF)
+    assert (req.op, req.code, req.msgid) == (Verb.THAW, 3, 0x18EB61C27A722FBF)
     assert fw.decode_request(NOTHING_PENDING) is None
     assert NOTHING_PENDING == bytes.fromhex("00000000" "01000000") + bytes(56)
     for size in (0, 63, 65, 128):

@@ -112,7 +112,7 @@ def test_a_freeze_that_timed_out_while_the_agent_was_stopped_is_never_done(workd
         driver = agent.sim.driver
         assert "hv_vss_notified: notify queue is empty!" in driver.log
         assert driver.dropped_acks == []
-        assert "FROZEN" not in agent.log() and "kernel request freeze" not in agent.log()
+        assert "FROZEN" not in agent.log() and "kernel request FREEZE" not in agent.log()
         for m in mounts:
             assert_writable(m, 2)
         assert agent.sim.request("check").status == host.HV_S_OK

@@ -13,7 +13,8 @@ import pytest
 
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
-from agent.kernel.messages import KernelProtocolError, Operation
+from agent.kernel.messages import KernelProtocolError
+from agent.protocols.verb import Verb
 
 # --- Linux: struct hv_vss_msg, packed, 12 bytes ---------------------------------------
 
@@ -67,8 +68,8 @@ def test_linux_register_answer_is_exactly_four_bytes():
 
 
 @pytest.mark.parametrize(("code", "op"), [
-    (2, Operation.CHECK), (5, Operation.FREEZE), (6, Operation.THAW),
-    (0, Operation.OTHER), (3, Operation.OTHER), (7, Operation.OTHER), (200, Operation.OTHER),
+    (2, Verb.CHECK), (5, Verb.FREEZE), (6, Verb.THAW),
+    (0, None), (3, None), (7, None), (200, None),
 ])
 def test_linux_request_decoding(code, op):
     frame = bytes([code]) + bytes(11)
@@ -107,7 +108,7 @@ def test_freebsd_request_and_reply_golden_bytes():
     frame = struct.pack("<IIQ", 2, 0, msgid) + bytes(48)
     req = fw.decode_request(frame)
     assert req is not None
-    assert (req.op, req.code, req.msgid) == (Operation.FREEZE, 2, msgid)
+    assert (req.op, req.code, req.msgid) == (Verb.FREEZE, 2, msgid)
     assert fw.encode_reply(req, True) == struct.pack("<IIQ", 2, 0, msgid) + bytes(48)
     assert fw.encode_reply(req, False) == struct.pack("<IIQ", 2, 1, msgid) + bytes(48)
 
@@ -125,7 +126,7 @@ def test_freebsd_read_with_nothing_pending_is_none():
 
 def test_freebsd_unknown_opt_is_other():
     req = fw.decode_request(struct.pack("<IIQ", 9, 0, 1) + bytes(48))
-    assert req is not None and req.op is Operation.OTHER
+    assert req is not None and req.op is None
 
 
 @pytest.mark.parametrize("length", [0, 12, 63, 65])

@@ -13,15 +13,16 @@ from hypothesis import strategies as st
 from agent.engine.frontend_link import FrontendLink
 from agent.protocols import frontend as fw
 from agent.protocols import notify as nw
+from agent.protocols.verb import Verb
 
 GOOD_SUBSCRIBER_LINES = [
     (b"HELLO 1 pgsql\n", nw.Hello(1, "pgsql")),
     (b"HELLO 1 my.app-2 5000\n", nw.Hello(1, "my.app-2", 5000)),
-    (b"OK FREEZE 7\n", nw.Answer(nw.Verdict.OK, nw.Event.FREEZE, 7)),
-    (b"OK THAW 0\n", nw.Answer(nw.Verdict.OK, nw.Event.THAW, 0)),
+    (b"OK FREEZE 7\n", nw.Answer(nw.Verdict.OK, Verb.FREEZE, 7)),
+    (b"OK THAW 0\n", nw.Answer(nw.Verdict.OK, Verb.THAW, 0)),
     (b"VETO CHECK 3 backup window closed\n",
-     nw.Answer(nw.Verdict.VETO, nw.Event.CHECK, 3, "backup window closed")),
-    (b"FAIL FREEZE 9 disk full\r\n", nw.Answer(nw.Verdict.FAIL, nw.Event.FREEZE, 9, "disk full")),
+     nw.Answer(nw.Verdict.VETO, Verb.CHECK, 3, "backup window closed")),
+    (b"FAIL FREEZE 9 disk full\r\n", nw.Answer(nw.Verdict.FAIL, Verb.FREEZE, 9, "disk full")),
 ]
 
 BAD_SUBSCRIBER_LINES = [
@@ -51,12 +52,12 @@ def test_encoders_and_decoders_agree_both_ways():
         assert nw.decode_subscriber_line(data) == msg
     for msg, data in [(nw.Greeting(1), nw.encode_greeting()), (nw.Welcome(4), nw.encode_welcome(4)),
                       (nw.Refused("not allowed"), nw.encode_refused("not allowed")),
-                      (nw.Notice(nw.Event.FREEZE, 12, 9800),
-                       nw.encode_notice(nw.Notice(nw.Event.FREEZE, 12, 9800))),
+                      (nw.Notice(Verb.FREEZE, 12, 9800),
+                       nw.encode_notice(nw.Notice(Verb.FREEZE, 12, 9800))),
                       (nw.Error("bad"), nw.encode_error("bad"))]:
         assert nw.decode_agent_line(data) == msg
     with pytest.raises(nw.NotifyProtocolError):
-        nw.encode_answer(nw.Answer(nw.Verdict.VETO, nw.Event.FREEZE, 1, "no"))
+        nw.encode_answer(nw.Answer(nw.Verdict.VETO, Verb.FREEZE, 1, "no"))
     with pytest.raises(nw.NotifyProtocolError):
         nw.encode_hello(nw.Hello(1, "bad name"))
 
@@ -92,7 +93,7 @@ def test_line_buffer_never_holds_more_than_a_line():
 
 # --- engine <-> frontend ---------------------------------------------------------------
 
-DONE = fw.Done(fw.WireEvent.FREEZE, 42, (
+DONE = fw.Done(Verb.FREEZE, 42, (
     fw.SubscriberResult("pgsql", 101, 2000, fw.Outcome.OK, "", 12),
     fw.SubscriberResult("hook-x", 0, 2001, fw.Outcome.FAILED, "exit status 3: disk full", 900),
     fw.SubscriberResult("slow", 65534, 2002, fw.Outcome.TIMEOUT, "", 10000),
@@ -101,7 +102,7 @@ DONE = fw.Done(fw.WireEvent.FREEZE, 42, (
 
 def test_done_round_trips():
     assert fw.decode_frontend(fw.encode_done(DONE)) == DONE
-    empty = fw.Done(fw.WireEvent.THAW, 0, ())
+    empty = fw.Done(Verb.THAW, 0, ())
     assert fw.decode_frontend(fw.encode_done(empty)) == empty
 
 
@@ -168,8 +169,8 @@ def test_decoding_arbitrary_bytes_either_succeeds_or_is_a_wire_error(data):
 
 
 def test_engine_records():
-    assert fw.decode_engine(fw.encode_notify(fw.Notify(fw.WireEvent.CHECK, 5, 1500))) == \
-        fw.Notify(fw.WireEvent.CHECK, 5, 1500)
+    assert fw.decode_engine(fw.encode_notify(fw.Notify(Verb.CHECK, 5, 1500))) == \
+        fw.Notify(Verb.CHECK, 5, 1500)
     assert fw.decode_engine(fw.encode_status(b'{"state":"thawed"}')) == \
         fw.StatusUpdate(True, b'{"state":"thawed"}')
     assert fw.decode_engine(fw.encode_status(b'{"set":{}}', whole=False)) == \

@@ -57,7 +57,8 @@ from dataclasses import dataclass
 
 from agent.clients.hook_process import Supervisor
 from agent.clients.notify import AgentGone, SubscribeError, Subscription
-from agent.protocols.notify import Event, Notice
+from agent.protocols.notify import Notice
+from agent.protocols.verb import Verb
 
 log = logging.getLogger("hv-vss-agent.hook")
 
@@ -213,7 +214,7 @@ class HookClient:
             else:
                 now = time.monotonic()
                 for notice in events:
-                    if notice.event is Event.CHECK:
+                    if notice.event is Verb.CHECK:
                         self._answer(notice, [])  # nothing to run: not behind thaw hooks
                     else:
                         self.pending.append((notice, now))
@@ -221,7 +222,7 @@ class HookClient:
             raise Stopped
 
     def _handle(self, notice: Notice, arrived: float) -> None:
-        if notice.event is Event.FREEZE:
+        if notice.event is Verb.FREEZE:
             self._answer(notice, self._freeze(arrived + self._time(notice)))
         else:
             self._answer(notice, self._thaw(self._time(notice)))

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 from agent.protocols import notify as nw
-from agent.protocols.notify import Event, Notice, NotifyProtocolError
+from agent.protocols.notify import Notice, NotifyProtocolError
+from agent.protocols.verb import Verb
 
 Handler = Callable[[Notice], None]
 
@@ -163,7 +164,7 @@ class Subscription:
     def serve(self, on_check: Handler | None = None, on_freeze: Handler | None = None,
               on_thaw: Handler | None = None) -> None:
         """Answer events until the agent goes away (AgentGone)."""
-        handlers = {Event.CHECK: on_check, Event.FREEZE: on_freeze, Event.THAW: on_thaw}
+        handlers = {Verb.CHECK: on_check, Verb.FREEZE: on_freeze, Verb.THAW: on_thaw}
         while True:
             notice = self.next_event()
             if notice is None:
@@ -173,7 +174,7 @@ class Subscription:
                 if handler is not None:
                     handler(notice)
             except Veto as e:
-                if notice.event is Event.CHECK:
+                if notice.event is Verb.CHECK:
                     self.veto(notice, str(e) or "vetoed")
                 else:
                     self.fail(notice, str(e) or "vetoed")

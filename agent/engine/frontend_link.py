@@ -20,12 +20,10 @@ from collections.abc import Callable
 
 from agent.engine.service import FrontendGone
 from agent.protocols import frontend as fw
+from agent.protocols.verb import Verb
 from privileged import records
 
 log = logging.getLogger("hv-vss-agent")
-
-EVENTS = {"check": fw.WireEvent.CHECK, "freeze": fw.WireEvent.FREEZE, "thaw": fw.WireEvent.THAW}
-
 
 class FrontendLink:
     def __init__(self, sock: socket.socket, proc: multiprocessing.process.BaseProcess,
@@ -46,13 +44,13 @@ class FrontendLink:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def notify(self, event: str, txid: int, deadline: float) -> bool:
+    def notify(self, event: Verb, txid: int, deadline: float) -> bool:
         """False, with nothing sent, when the frontend last said that no subscriber would
         hear it: the round trip would only add to the host's wait."""
         if self.hearing == 0:
             return False
         ms = int((deadline - self.clock()) * 1000)
-        self._send(fw.encode_notify(fw.Notify(EVENTS[event], txid, ms)), must=True)
+        self._send(fw.encode_notify(fw.Notify(event, txid, ms)), must=True)
         return True
 
     def publish(self, status: dict[str, object]) -> None:

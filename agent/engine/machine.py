@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from agent.engine.ledger import Kind, Ledger, Transaction
 from agent.kernel.messages import KernelRequest
 from agent.protocols.frontend import Outcome, SubscriberResult
+from agent.protocols.verb import Verb
 from privileged import wire
 
 log = logging.getLogger("hv-vss-agent")
@@ -65,7 +66,7 @@ class ReplyKernel:
 
 @dataclass(frozen=True)
 class Notify:
-    event: str  # "check" | "freeze" | "thaw"
+    event: Verb
     txid: int
     deadline: float  # monotonic; subscribers get no more time than this
 
@@ -110,7 +111,7 @@ class Engine:
         self.kernel_lost = False
         self.tx: Transaction | None = None
         self.waiting_child: wire.Op | None = None
-        self.waiting_notify: str | None = None
+        self.waiting_notify: Verb | None = None
         self.notify_deadline: float | None = None
         self.stage_started = 0.0
         self.frozen_since: float | None = None
@@ -130,7 +131,7 @@ class Engine:
         moment the kernel stops waiting for our answer and fails the host."""
         if self.tx is not None:
             raise EngineError("a kernel request arrived during a transaction")
-        kind = Kind(req.op.value)
+        kind = Kind.OTHER if req.op is None else Kind[req.op.name]
         tx = self._begin(kind, req, now)
         tx.kernel_deadline = kernel_deadline
         self.ledger.counters[f"requests_{kind.value}"] += 1
@@ -142,12 +143,12 @@ class Engine:
             if self.frozen:
                 return self._finish(tx, now, False, "refused: filesystems are still frozen "
                                     "from a previous FREEZE")
-            return self._notify_or_go(tx, "check", now)
+            return self._notify_or_go(tx, Verb.CHECK, now)
         if kind is Kind.FREEZE:
             if self.frozen:
                 log.warning("FREEZE while already frozen: still frozen, answering success")
                 return self._finish(tx, now, True, "already frozen")
-            return self._notify_or_go(tx, "freeze", now)
+            return self._notify_or_go(tx, Verb.FREEZE, now)
         if kind is Kind.THAW:
             if self.frozen:
                 return self._ask_child(tx, wire.Op.THAW, now)
@@ -221,7 +222,7 @@ class Engine:
         self.ledger.event(reason, now, f"the child thawed {ev.count} filesystem(s) by itself")
         actions: list[Action] = [ReleaseLogs()]
         if self.notify.enabled:
-            actions.append(Notify("thaw", 0, now + self.notify.budget))
+            actions.append(Notify(Verb.THAW, 0, now + self.notify.budget))
         if self.waiting_child is wire.Op.THAW:
             return actions  # the THAW in flight resynchronises the child
         if self.tx is None:
@@ -229,17 +230,17 @@ class Engine:
         self.resync_needed = True
         return actions
 
-    def on_notify_done(self, event: str, txid: int, results: Sequence[SubscriberResult],
+    def on_notify_done(self, event: Verb, txid: int, results: Sequence[SubscriberResult],
                        now: float) -> list[Action]:
         """The frontend's report on one event: who answered what."""
-        subs = [{"event": event, **r.as_dict()} for r in results]
+        subs = [{"event": event.value.lower(), **r.as_dict()} for r in results]
         tx = self.tx
-        if tx is None or tx.id != txid or self.waiting_notify != event:
+        if tx is None or tx.id != txid or self.waiting_notify is not event:
             # THAW is reported after the reply; anything else here came too late.
             for r in results:
                 if r.outcome is not Outcome.OK:
                     log.warning("subscriber %s (uid %d, pid %d): %s on %s%s", r.name, r.uid,
-                                r.pid, r.outcome.label, event.upper(),
+                                r.pid, r.outcome.label, event.value,
                                 f": {r.reason}" if r.reason else "")
             self.ledger.late_subscribers(txid, subs)
             return []
@@ -252,7 +253,7 @@ class Engine:
         if tx is None or self.notify_deadline is None or now < self.notify_deadline:
             return []
         ok = self.notify.policy == "skip"
-        event = (self.waiting_notify or "").upper()
+        event = self.waiting_notify.value if self.waiting_notify else ""
         log.warning("the agent's own deadline ([notify] budget = %.1f s from the kernel's "
                     "request) passed before the subscribers answered %s: %s", self.notify.budget,
                     event, "going on without them ([notify] policy = skip)" if ok
@@ -289,7 +290,7 @@ class Engine:
         self.stage_started = now
         return [AskChild(op)]
 
-    def _notify_or_go(self, tx: Transaction, event: str, now: float) -> list[Action]:
+    def _notify_or_go(self, tx: Transaction, event: Verb, now: float) -> list[Action]:
         if not self.notify.enabled:
             return self._after_notify(tx, True, now, "")
         self.waiting_notify = event
@@ -322,7 +323,7 @@ class Engine:
     def _resume_subscribers(self, tx: Transaction, now: float) -> list[Action]:
         if not self.notify.enabled:
             return []
-        return [Notify("thaw", tx.id, now + self.notify.budget)]
+        return [Notify(Verb.THAW, tx.id, now + self.notify.budget)]
 
     def _finish(self, tx: Transaction, now: float, ok: bool, detail: str) -> list[Action]:
         tx.result = "ok" if ok else "failed"
@@ -350,10 +351,10 @@ class Engine:
             return actions + self._start_internal(Kind.RESYNC, now)
         return actions
 
-    def _judge(self, event: str, results: Sequence[SubscriberResult]) -> tuple[bool, str]:
+    def _judge(self, event: Verb, results: Sequence[SubscriberResult]) -> tuple[bool, str]:
         """A veto fails CHECK whatever the policy; any other failure is the policy's."""
         for r in results:
-            if r.outcome is Outcome.VETO and event == "check":
+            if r.outcome is Outcome.VETO and event is Verb.CHECK:
                 log.warning("CHECK vetoed by subscriber %s (uid %d, pid %d): %s", r.name, r.uid,
                             r.pid, r.reason or "no reason given")
                 return False, f"vetoed by subscriber {r.name}: {r.reason or 'no reason given'}"
@@ -361,12 +362,12 @@ class Engine:
         fail = self.notify.policy == "fail"
         for r in failed:
             log.warning("subscriber %s (uid %d, pid %d): %s on %s%s: %s", r.name, r.uid, r.pid,
-                        r.outcome.label, event.upper(), f" ({r.reason})" if r.reason else "",
+                        r.outcome.label, event.value, f" ({r.reason})" if r.reason else "",
                         "failing it ([notify] policy = fail)" if fail
                         else "going on without it ([notify] policy = skip)")
         if failed and fail:
             r = failed[0]
-            return False, (f"subscriber {r.name}: {r.outcome.label} on {event.upper()}"
+            return False, (f"subscriber {r.name}: {r.outcome.label} on {event.value}"
                            + (f" ({r.reason})" if r.reason else ""))
         if failed:
             self.ledger.counters["subscribers_skipped"] += len(failed)

@@ -29,6 +29,7 @@ from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
 from agent.kernel.messages import KernelRequest
 from agent.kernel.transport import attach
 from agent.protocols.frontend import Done
+from agent.protocols.verb import Verb
 from agent.sandbox import limit_device
 from privileged import wire
 
@@ -55,7 +56,7 @@ class Notifier(Protocol):
     Its methods raise FrontendGone when the frontend can no longer be trusted."""
 
     def fileno(self) -> int: ...
-    def notify(self, event: str, txid: int, deadline: float) -> bool: ...
+    def notify(self, event: Verb, txid: int, deadline: float) -> bool: ...
     def receive(self) -> list[Done]: ...
     def publish(self, status: dict[str, object]) -> None: ...
 
@@ -149,7 +150,7 @@ class Service:
         if self.notifier is not None and self.notifier.fileno() in ready:
             reports = self.notifier.receive()
             for done in reports:
-                self._run(self.engine.on_notify_done(done.event.name.lower(), done.txid,
+                self._run(self.engine.on_notify_done(done.event, done.txid,
                                                      done.results, self.clock()))
             if reports:
                 self._changed()  # a THAW report changes the history, not the state
@@ -185,7 +186,7 @@ class Service:
         if req is None:
             log.debug("woken with nothing pending (the request timed out before we read it)")
             return
-        log.debug("kernel request %s (%d)", req.op.value, req.code)
+        log.debug("kernel request %s (%d)", req.op.value if req.op else "unknown", req.code)
         now = self.clock()
         self._run(self.engine.on_kernel(req, now, self._kernel_deadline(req, now)))
 

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent import mp_logging
-from agent.frontend.subscribers import FROM_WIRE, Garbage, Heard, Registry, Subscriber
+from agent.frontend.subscribers import Garbage, Heard, Registry, Subscriber
 from agent.peercred import Allowlist, PeerCred, describe, peer_credentials
 from agent.protocols import control
 from agent.protocols import frontend as fw
@@ -234,8 +234,7 @@ class Frontend:
                 assert self.engine_status is not None, "CHANGES before any STATUS"
                 self.engine_status = fw.apply_changes(self.engine_status, update)
             return True
-        event = FROM_WIRE[msg.event]
-        for sub, notice in self.registry.start(event, msg.txid, msg.ms, self.clock()):
+        for sub, notice in self.registry.start(msg.event, msg.txid, msg.ms, self.clock()):
             self._send(sub, nw.encode_notice(notice))
         return True
 

@@ -29,13 +29,11 @@ from dataclasses import dataclass, field
 
 from agent.peercred import PeerCred
 from agent.protocols import notify as nw
-from agent.protocols.frontend import Done, Outcome, SubscriberResult, WireEvent
+from agent.protocols.frontend import Done, Outcome, SubscriberResult
+from agent.protocols.verb import Verb
 
 MARGIN_MAX = 0.2  # seconds kept back from the engine's deadline
 
-TO_WIRE = {nw.Event.CHECK: WireEvent.CHECK, nw.Event.FREEZE: WireEvent.FREEZE,
-           nw.Event.THAW: WireEvent.THAW}
-FROM_WIRE = {v: k for k, v in TO_WIRE.items()}
 
 
 class Heard(enum.Enum):
@@ -58,8 +56,8 @@ class Subscriber:
     connected_wall: float
     name: str = ""
     timeout: float | None = None  # asked for in HELLO
-    outstanding: list[tuple[nw.Event, int]] = field(default_factory=list)
-    sent: deque[tuple[nw.Event, int]] = field(default_factory=lambda: deque(maxlen=8))
+    outstanding: list[tuple[Verb, int]] = field(default_factory=list)
+    sent: deque[tuple[Verb, int]] = field(default_factory=lambda: deque(maxlen=8))
     frozen: bool = False  # sent FREEZE, not yet THAW
     answered: int = 0
 
@@ -77,14 +75,14 @@ class Subscriber:
 
 @dataclass
 class Round:
-    event: nw.Event
+    event: Verb
     txid: int
     started: float
     waiting: dict[int, float] = field(default_factory=dict)  # subscriber id -> deadline
     results: dict[int, SubscriberResult] = field(default_factory=dict)
 
     def done(self) -> Done:
-        return Done(TO_WIRE[self.event], self.txid,
+        return Done(self.event, self.txid,
                     tuple(self.results[k] for k in sorted(self.results)))
 
 
@@ -113,7 +111,7 @@ class Registry:
 
     # --- rounds -----------------------------------------------------------------------------
 
-    def start(self, event: nw.Event, txid: int, ms: int,
+    def start(self, event: Verb, txid: int, ms: int,
               now: float) -> list[tuple[Subscriber, nw.Notice]]:
         """Open a round; returns the notices to send (after which it may already be done)."""
         budget = ms / 1000
@@ -121,16 +119,16 @@ class Registry:
         rnd = Round(event, txid, now)
         notices = []
         for sub in self.subs.values():
-            if not sub.name or (event is nw.Event.THAW and not sub.frozen):
+            if not sub.name or (event is Verb.THAW and not sub.frozen):
                 continue
             own = min(self.timeout, sub.timeout) if sub.timeout else self.timeout
             deadline = min(now + own, engine_deadline)
             rnd.waiting[sub.id] = deadline
             sub.outstanding.append((event, txid))
             sub.sent.append((event, txid))
-            if event is nw.Event.FREEZE:
+            if event is Verb.FREEZE:
                 sub.frozen = True
-            elif event is nw.Event.THAW:
+            elif event is Verb.THAW:
                 sub.frozen = False
             notices.append((sub, nw.Notice(event, txid, max(0, int((deadline - now) * 1000)))))
         self.rounds.append(rnd)
@@ -159,7 +157,7 @@ class Registry:
             return Heard.LATE
         raise Garbage(f"an answer to {msg.event.value} {msg.txid}, which it was never sent")
 
-    def expire(self, now: float) -> list[tuple[Subscriber, nw.Event]]:
+    def expire(self, now: float) -> list[tuple[Subscriber, Verb]]:
         """Settle every subscriber whose deadline has passed; returns who timed out."""
         late = []
         for rnd in self.rounds:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import struct
 
-from agent.kernel.messages import KernelProtocolError, KernelRequest, Operation
+from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.protocols.verb import Verb
 
 MSG = struct.Struct("<IIQ48s")
 MSG_SIZE = MSG.size  # 64
@@ -28,8 +29,7 @@ VSS_FAIL = 1
 IOCHVVSSREAD = 0x40407602
 IOCHVVSSWRITE = 0x80407603
 
-_OPS = {HV_VSS_CHECK: Operation.CHECK, HV_VSS_FREEZE: Operation.FREEZE,
-        HV_VSS_THAW: Operation.THAW}
+_OPS = {HV_VSS_CHECK: Verb.CHECK, HV_VSS_FREEZE: Verb.FREEZE, HV_VSS_THAW: Verb.THAW}
 
 
 def decode_request(frame: bytes) -> KernelRequest | None:
@@ -39,7 +39,7 @@ def decode_request(frame: bytes) -> KernelRequest | None:
     opt, status, msgid, _ = MSG.unpack(frame)
     if status != VSS_SUCCESS:
         return None
-    return KernelRequest(_OPS.get(opt, Operation.OTHER), opt, bytes(frame), msgid)
+    return KernelRequest(_OPS.get(opt), opt, bytes(frame), msgid)
 
 
 def encode_reply(req: KernelRequest, ok: bool) -> bytes:

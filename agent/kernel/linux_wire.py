@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import struct
 
-from agent.kernel.messages import KernelProtocolError, KernelRequest, Operation
+from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.protocols.verb import Verb
 
 MSG_SIZE = 12
 REGISTER_ANSWER_SIZE = 4
@@ -34,8 +35,7 @@ VSS_OP_REGISTER1 = 129
 HV_S_OK = 0x00000000
 HV_E_FAIL = 0x80004005
 
-_OPS = {VSS_OP_HOT_BACKUP: Operation.CHECK, VSS_OP_FREEZE: Operation.FREEZE,
-        VSS_OP_THAW: Operation.THAW}
+_OPS = {VSS_OP_HOT_BACKUP: Verb.CHECK, VSS_OP_FREEZE: Verb.FREEZE, VSS_OP_THAW: Verb.THAW}
 
 
 def encode_register() -> bytes:
@@ -54,7 +54,7 @@ def decode_request(frame: bytes) -> KernelRequest:
     if len(frame) != MSG_SIZE:
         raise KernelProtocolError(f"message of {len(frame)} bytes, expected {MSG_SIZE}")
     op = frame[0]
-    return KernelRequest(_OPS.get(op, Operation.OTHER), op, bytes(frame))
+    return KernelRequest(_OPS.get(op), op, bytes(frame))
 
 
 def encode_reply(req: KernelRequest, ok: bool) -> bytes:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-
-class Operation(enum.Enum):
-    CHECK = "check"
-    FREEZE = "freeze"
-    THAW = "thaw"
-    OTHER = "other"  # anything else the kernel sends: answered, and logged
+from agent.protocols.verb import Verb
 
 
 @dataclass(frozen=True, slots=True)
 class KernelRequest:
-    op: Operation
+    op: Verb | None  # None: an operation the agent does not know (answered, and logged)
     code: int  # the operation number exactly as the kernel sent it
     raw: bytes  # the whole request, for replies that must echo it
     msgid: int = 0  # FreeBSD transaction id (Linux has none)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.protocols.notify import MAX_NAME, MAX_REASON, NAME, clean_reason
+from agent.protocols.verb import Verb
 
 VERSION = 1
 MAX_SUBSCRIBERS = 64
@@ -59,10 +60,9 @@ class Kind(enum.IntEnum):
     HEARING = 0x82
 
 
-class WireEvent(enum.IntEnum):
-    CHECK = 1
-    FREEZE = 2
-    THAW = 3
+# The event field's codes: the one place a Verb is a number on this wire.
+EVENT_CODES = {Verb.CHECK: 1, Verb.FREEZE: 2, Verb.THAW: 3}
+_VERBS = {code: verb for verb, code in EVENT_CODES.items()}
 
 
 class Outcome(enum.IntEnum):
@@ -82,7 +82,7 @@ class Outcome(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Notify:
-    event: WireEvent
+    event: Verb
     txid: int
     ms: int
 
@@ -112,7 +112,7 @@ class SubscriberResult:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    event: WireEvent
+    event: Verb
     txid: int
     results: tuple[SubscriberResult, ...]
 
@@ -127,7 +127,7 @@ class Hearing:
 # --- engine -> frontend -------------------------------------------------------------------
 
 def encode_notify(n: Notify) -> bytes:
-    return NOTIFY.pack(VERSION, Kind.NOTIFY, n.event, 0, n.txid & 0xFFFFFFFF,
+    return NOTIFY.pack(VERSION, Kind.NOTIFY, EVENT_CODES[n.event], 0, n.txid & 0xFFFFFFFF,
                        max(0, min(n.ms, 0xFFFFFFFF)))
 
 
@@ -145,7 +145,7 @@ def decode_engine(frame: bytes) -> Notify | StatusUpdate:
         _, _, event, reserved, txid, ms = NOTIFY.unpack(frame)
         if reserved:
             raise WireError("reserved field is not zero")
-        return Notify(_code(WireEvent, event), txid, ms)
+        return Notify(_verb(event), txid, ms)
     if kind in (Kind.STATUS, Kind.CHANGES):
         body = frame[STATUS_HEADER.size:]
         if not 1 <= len(body) <= MAX_STATUS or frame[2:4] != b"\0\0":
@@ -199,7 +199,7 @@ def apply_changes(old: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any
 def encode_done(d: Done) -> bytes:
     if len(d.results) > MAX_SUBSCRIBERS:
         raise WireError(f"{len(d.results)} subscribers")
-    parts = [DONE.pack(VERSION, Kind.DONE, d.event, 0, d.txid, len(d.results))]
+    parts = [DONE.pack(VERSION, Kind.DONE, EVENT_CODES[d.event], 0, d.txid, len(d.results))]
     for r in d.results:
         name = r.name.encode("ascii")
         reason = clean_reason(r.reason).encode("utf-8")[:MAX_REASON]
@@ -260,7 +260,7 @@ def _decode_done(frame: bytes) -> Done:
         results.append(SubscriberResult(name, uid, pid, _code(Outcome, outcome), reason, ms))
     if pos != len(frame):
         raise WireError(f"{len(frame) - pos} trailing bytes after DONE")
-    return Done(_code(WireEvent, event), txid, tuple(results))
+    return Done(_verb(event), txid, tuple(results))
 
 
 def _header(frame: bytes) -> Kind:
@@ -279,6 +279,12 @@ def _code(cls: type[E], value: int) -> E:
         return cls(value)
     except ValueError:
         raise WireError(f"unknown {cls.__name__} {value}") from None
+
+
+def _verb(code: int) -> Verb:
+    if code not in _VERBS:
+        raise WireError(f"unknown event {code}")
+    return _VERBS[code]
 
 
 def _text(data: bytes) -> str:

@@ -24,6 +24,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from agent.protocols.verb import Verb
+
 VERSION = 1
 MAX_LINE = 512
 MAX_NAME = 64
@@ -39,12 +41,6 @@ _UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]|[\u2028\u2029\u202a-\u202e
 
 class NotifyProtocolError(Exception):
     """The peer sent something that is not a version 1 line."""
-
-
-class Event(enum.Enum):
-    CHECK = "CHECK"
-    FREEZE = "FREEZE"
-    THAW = "THAW"
 
 
 class Verdict(enum.Enum):
@@ -65,7 +61,7 @@ class Hello:
 @dataclass(frozen=True, slots=True)
 class Answer:
     verdict: Verdict
-    event: Event
+    event: Verb
     txid: int
     reason: str = ""
 
@@ -89,7 +85,7 @@ class Refused:
 class Notice:
     """An event the agent asks the subscriber to act on, within `ms` milliseconds."""
 
-    event: Event
+    event: Verb
     txid: int
     ms: int
 
@@ -147,8 +143,8 @@ def decode_agent_line(line: bytes) -> AgentMessage:
         return Refused(" ".join(words[1:]))
     if verb == "ERROR":
         return Error(" ".join(words[1:]))
-    if verb in Event.__members__ and len(words) == 3:
-        return Notice(Event(verb), _number(words[1], 0, MAX_TXID), _number(words[2], 0, MAX_MS))
+    if verb in Verb.__members__ and len(words) == 3:
+        return Notice(Verb(verb), _number(words[1], 0, MAX_TXID), _number(words[2], 0, MAX_MS))
     raise NotifyProtocolError(f"unexpected line from the agent: {verb[:20]!r}")
 
 
@@ -165,7 +161,7 @@ def encode_hello(h: Hello) -> bytes:
 def encode_answer(a: Answer) -> bytes:
     if a.verdict is Verdict.OK:
         return _line(f"OK {a.event.value} {a.txid}")
-    if a.verdict is Verdict.VETO and a.event is not Event.CHECK:
+    if a.verdict is Verdict.VETO and a.event is not Verb.CHECK:
         raise NotifyProtocolError("only CHECK can be vetoed")
     return _line(f"{a.verdict.value} {a.event.value} {a.txid} {clean_reason(a.reason) or '-'}")
 
@@ -185,15 +181,15 @@ def decode_subscriber_line(line: bytes) -> Hello | Answer:
     if verb not in Verdict.__members__:
         raise NotifyProtocolError(f"unknown message {verb[:20]!r}")
     verdict = Verdict(verb)
-    if words[1] not in Event.__members__:
+    if words[1] not in Verb.__members__:
         raise NotifyProtocolError(f"unknown event {words[1][:20]!r}")
-    event = Event(words[1])
+    event = Verb(words[1])
     txid = _number(words[2], 0, MAX_TXID)
     if verdict is Verdict.OK:
         if len(words) != 3:
             raise NotifyProtocolError("OK takes an event and a transaction id only")
         return Answer(verdict, event, txid)
-    if verdict is Verdict.VETO and event is not Event.CHECK:
+    if verdict is Verdict.VETO and event is not Verb.CHECK:
         raise NotifyProtocolError("only CHECK can be vetoed")
     if len(words) < 4:
         raise NotifyProtocolError(f"{verb} needs a reason")
