@@ -4,8 +4,6 @@ the frontend's records and the subscribers' lines carry it.  Each wire spells it
 own way (the kernel's operation numbers, the frontend's codes, the subscribers' words)
 and translates it only where it encodes and decodes."""
 
-from __future__ import annotations
-
 import enum
 
 
