@@ -36,10 +36,11 @@ NULL_DAEMON = r"""
 import select, socket, sys
 sys.path.insert(0, sys.argv[2])
 from agent.kernel.channel import KernelChannel
+from agent.kernel.protocol import LINUX
 from agent.kernel.transport import attach
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect(sys.argv[1])
-channel = KernelChannel(attach(sock.detach(), "linux"), "linux")
+channel = KernelChannel(attach(sock.detach(), "linux"), LINUX)
 channel.register()
 poller = select.poll()
 poller.register(channel.fileno(), channel.poll_mask)

@@ -11,6 +11,7 @@ from agent.engine import machine as E
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.messages import KernelRequest
+from agent.kernel.protocol import FREEBSD, LINUX, PROTOCOLS
 from privileged import wire
 from privileged.wire import Op, Status
 
@@ -34,7 +35,7 @@ def asks(actions: list[E.Action]) -> list[Op]:
 
 @pytest.fixture
 def eng() -> E.Engine:
-    return E.Engine("linux")
+    return E.Engine(LINUX)
 
 
 def test_check_asks_the_child_and_replies_its_verdict(eng):
@@ -86,7 +87,7 @@ def test_check_while_frozen_fails_without_asking_the_child(eng):
 @pytest.mark.parametrize("protocol", ["linux", "freebsd"])
 def test_thaw_without_freeze_succeeds(protocol):
     """On both systems (an unknown operation would be a failure on FreeBSD)."""
-    eng = E.Engine(protocol)
+    eng = E.Engine(PROTOCOLS[protocol])
     thaw = kreq(lw.VSS_OP_THAW) if protocol == "linux" else \
         fw.decode_request(fw.MSG.pack(fw.HV_VSS_THAW, 0, 7, bytes(48)))
     assert thaw is not None
@@ -121,7 +122,7 @@ def test_auto_thaw_while_host_thaw_is_in_flight_needs_no_resync(eng):
 
 @pytest.mark.parametrize(("protocol", "ok"), [("linux", True), ("freebsd", False)])
 def test_unknown_operation_is_answered_as_the_stock_daemon_does(protocol, ok):
-    eng = E.Engine(protocol)
+    eng = E.Engine(PROTOCOLS[protocol])
     if protocol == "linux":
         req = kreq(lw.VSS_OP_BU_COMPLETE)
     else:
@@ -174,13 +175,13 @@ def freebsd_freeze() -> KernelRequest:
 
 
 def test_a_freeze_the_kernel_already_gave_up_on_is_not_started():
-    eng = E.Engine("freebsd")
+    eng = E.Engine(FREEBSD)
     acts = eng.on_kernel(freebsd_freeze(), 20.0, kernel_deadline=15.0)
     assert asks(acts) == [] and replies(acts) == [False]
 
 
 def test_a_freeze_finished_after_the_kernel_gave_up_is_thawed_at_once():
-    eng = E.Engine("freebsd")
+    eng = E.Engine(FREEBSD)
     assert asks(eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)) == [Op.FREEZE]
     acts = eng.on_child_result(result(Op.FREEZE), 16.0)
     assert replies(acts) == [False]  # the kernel drops it; the host already has HV_E_FAIL
@@ -192,7 +193,7 @@ def test_a_freeze_finished_after_the_kernel_gave_up_is_thawed_at_once():
 
 
 def test_in_time_freebsd_freeze_stays_frozen():
-    eng = E.Engine("freebsd")
+    eng = E.Engine(FREEBSD)
     eng.on_kernel(freebsd_freeze(), 0.0, kernel_deadline=15.0)
     acts = eng.on_child_result(result(Op.FREEZE), 1.0)
     assert replies(acts) == [True] and asks(acts) == [] and eng.frozen
@@ -201,7 +202,7 @@ def test_in_time_freebsd_freeze_stays_frozen():
 def test_a_session_s_counters_events_and_history_add_up():
     """What status and metrics report: every request counted once, each reply as ok or
     failed (the two add up to the requests), the engine's own transactions apart."""
-    eng = E.Engine("linux")
+    eng = E.Engine(LINUX)
     watchdog = wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2)
     steps = [
         (lw.VSS_OP_HOT_BACKUP, Op.CHECK, Status.OK),

@@ -6,6 +6,7 @@ import pytest
 
 from agent.engine import machine as E
 from agent.kernel.messages import KernelRequest
+from agent.kernel.protocol import LINUX
 from agent.protocols.frontend import Outcome, SubscriberResult
 from agent.protocols.verb import Verb
 from privileged import wire
@@ -16,7 +17,7 @@ THAW = KernelRequest(Verb.THAW, 6, bytes(12))
 
 
 def engine(policy: str = "fail", budget: float = 12.0) -> E.Engine:
-    return E.Engine("linux", E.NotifyPolicy(enabled=True, budget=budget, policy=policy))
+    return E.Engine(LINUX, E.NotifyPolicy(enabled=True, budget=budget, policy=policy))
 
 
 def result(outcome: Outcome, name: str = "db", reason: str = "") -> SubscriberResult:

@@ -22,6 +22,7 @@ from agent.engine.logs import FreezeGate
 from agent.engine.service import EXIT_ENGINE_LOST_TRACK, Service
 from agent.kernel import linux_wire as lw
 from agent.kernel.channel import KernelChannel
+from agent.kernel.protocol import LINUX
 from agent.kernel.transport import attach
 from agent.simulator.server import Simulator
 from privileged import wire
@@ -183,7 +184,7 @@ def test_an_engine_that_loses_track_ends_the_pair_with_nothing_frozen(workdir, m
     the child thaws and exits 0, and the parent exits 5 for a restart."""
     fs = make_fs("ext4")
     config = write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint], workdir)
-    engine = E.Engine("linux")
+    engine = E.Engine(LINUX)
     real = engine.on_child_result
 
     def broken(res: wire.Result, now: float) -> list[E.Action]:
@@ -195,11 +196,11 @@ def test_an_engine_that_loses_track_ends_the_pair_with_nothing_frozen(workdir, m
     with Simulator(os.path.join(workdir, "vss.sock")) as sim:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         s.connect(sim.path)
-        kernel = KernelChannel(attach(s.detach(), "linux"), "linux")
+        kernel = KernelChannel(attach(s.detach(), "linux"), LINUX)
         kernel.register()
         child = ChildLink.spawn(config, None)
         child.wait_hello()
-        service = Service(engine, child, FreezeGate(logging.NullHandler()), protocol="linux",
+        service = Service(engine, child, FreezeGate(logging.NullHandler()), protocol=LINUX,
                           kernel=kernel)
         ran = threading.Thread(target=service.run)
         ran.start()

@@ -19,6 +19,7 @@ from agent.kernel import freebsd_wire as fw
 from agent.kernel import transport
 from agent.kernel.channel import KernelChannel
 from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.kernel.protocol import FREEBSD
 from agent.protocols.verb import Verb
 from agent.simulator import host
 from agent.simulator.freebsd_driver import NEGOTIATE, NOTHING_PENDING, FreeBSDDriver
@@ -314,8 +315,8 @@ def loop(monkeypatch):
     d = opened(chain_timeout=15.0)
     fake = ModelIoctl(d)
     monkeypatch.setattr(transport, "fcntl", fake)
-    channel = KernelChannel(transport.IoctlEndpoint(-1), "freebsd")
-    return d, fake, channel, E.Engine("freebsd")
+    channel = KernelChannel(transport.IoctlEndpoint(-1), FREEBSD)
+    return d, fake, channel, E.Engine(FREEBSD)
 
 
 def serve(channel: KernelChannel, engine: E.Engine, fake: ModelIoctl,

@@ -28,6 +28,7 @@ from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel.channel import KernelChannel, KernelLost
 from agent.kernel.messages import KernelProtocolError
+from agent.kernel.protocol import PROTOCOLS
 from agent.kernel.transport import SocketEndpoint
 from agent.simulator import wire as sim_wire
 from privileged import wire
@@ -97,7 +98,7 @@ def test_freebsd_request_parser_takes_anything(frame):
        st.sampled_from(["linux", "freebsd"]))
 def test_kernel_channel_turns_any_record_into_a_request_or_its_own_error(records, protocol):
     ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    channel = KernelChannel(SocketEndpoint(ours.detach(), protocol), protocol)
+    channel = KernelChannel(SocketEndpoint(ours.detach(), protocol), PROTOCOLS[protocol])
     try:
         for record in records:  # what the next read (or IOCHVVSSREAD) returns
             kernel.send(sim_wire.encode(sim_wire.Result(

@@ -24,6 +24,7 @@ from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel import transport
 from agent.kernel.channel import KernelChannel, KernelLost
+from agent.kernel.protocol import LINUX, PROTOCOLS
 from agent.kernel.transport import DeviceEndpoint, IoctlEndpoint, SocketEndpoint, attach
 from agent.simulator import host, wire
 from agent.simulator.freebsd_driver import NOTHING_PENDING
@@ -346,7 +347,7 @@ def test_linux_teardown_fails_a_waiting_read_with_ebadf(sock_path):
 def channel(sim: Simulator, protocol: str) -> KernelChannel:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     s.connect(sim.path)
-    return KernelChannel(attach(s.detach(), protocol), protocol)
+    return KernelChannel(attach(s.detach(), protocol), PROTOCOLS[protocol])
 
 
 def readable(ch: KernelChannel, timeout: float) -> bool:
@@ -443,7 +444,7 @@ def test_the_parent_gives_a_silent_simulator_and_a_silent_kernel_5_s(monkeypatch
     with theirs, pytest.raises(OSError, match="did not answer the open"):
         attach(ours.detach(), "linux")
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ch = KernelChannel(DeviceEndpoint(device.detach()), "linux")
+    ch = KernelChannel(DeviceEndpoint(device.detach()), LINUX)
     with kernel, pytest.raises(KernelLost, match="no answer to registration"):
         ch.register()
     ch.close()
@@ -455,7 +456,7 @@ def test_the_device_endpoint_speaks_one_record_per_read_and_write():
     read(2) and write(2) of whole records on one descriptor, as a SEQPACKET socket keeps
     them; a descriptor that is not a socket is the device, for either protocol."""
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ch = KernelChannel(DeviceEndpoint(device.detach()), "linux")
+    ch = KernelChannel(DeviceEndpoint(device.detach()), LINUX)
     with kernel:
         kernel.send(struct.pack("<I", lw.VSS_OP_REGISTER1))
         assert ch.register() == lw.VSS_OP_REGISTER1
@@ -485,7 +486,7 @@ def test_the_device_endpoint_speaks_one_record_per_read_and_write():
 def test_a_short_write_to_the_simulated_device_is_an_error():
     """write(2) on the device returning less than the record: the channel is lost."""
     ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), LINUX)
     with sim:
         sim.send(wire.encode(wire.Result(lw.MSG_SIZE - 1)))  # queued: the call's answer
         with pytest.raises(KernelLost, match=r"^write failed: short write$"):
@@ -500,7 +501,7 @@ def test_a_simulator_that_hangs_up_mid_call_is_a_lost_channel():
     fails with EPIPE, a read finds the device closed."""
     for call in ("write", "read"):
         ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+        ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), LINUX)
         with sim:
             sim.shutdown(socket.SHUT_WR)  # it still takes the call, and answers nothing
             if call == "write":
@@ -517,7 +518,7 @@ def test_a_simulator_that_hangs_up_mid_call_is_a_lost_channel():
 def test_one_poll_stays_armed_across_calls_until_the_simulator_answers_it():
     """poll(2) is one standing POLL record: made once, made again only after its READY."""
     ours, sim = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), "linux")
+    ch = KernelChannel(SocketEndpoint(ours.detach(), "linux"), LINUX)
     with sim:
         sim.setblocking(False)
         req = lw.decode_request(bytes(12))

@@ -35,6 +35,7 @@ from agent.engine.status import Rendered, snapshot
 from agent.errors import StartupError
 from agent.frontend import main as frontend
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
+from agent.kernel.protocol import PROTOCOLS, KernelProtocol
 from agent.kernel.transport import Endpoint
 from agent.sandbox import SandboxError, confine_parent, parent_roles
 from privileged import wire
@@ -77,11 +78,11 @@ def run(prep: Prepared) -> int:
                                                            metrics=prep.metrics_fd is not None))
         except SandboxError as e:
             raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
-    return serve(cfg, register(endpoint, cfg.protocol), child, prep.gate, link=link,
+    return serve(cfg, register(endpoint, PROTOCOLS[cfg.protocol]), child, prep.gate, link=link,
                  metrics_fd=prep.metrics_fd)
 
 
-def register(endpoint: Endpoint, protocol: str) -> KernelChannel:
+def register(endpoint: Endpoint, protocol: KernelProtocol) -> KernelChannel:
     try:
         kernel = KernelChannel(endpoint, protocol)
         modver = kernel.register()
@@ -96,10 +97,10 @@ def register(endpoint: Endpoint, protocol: str) -> KernelChannel:
 
 def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.FreezeGate, *,
           link: FrontendLink | None, metrics_fd: int | None) -> int:
-    engine = Engine(cfg.protocol, NotifyPolicy(enabled=cfg.notify.socket is not None,
+    engine = Engine(kernel.protocol, NotifyPolicy(enabled=cfg.notify.socket is not None,
                                                budget=cfg.notify.budget,
                                                policy=cfg.notify.policy), cfg.history)
-    service = Service(engine, child, gate, protocol=cfg.protocol, kernel=kernel, notifier=link,
+    service = Service(engine, child, gate, protocol=kernel.protocol, kernel=kernel, notifier=link,
                       kernel_timeout=cfg.kernel_timeout)
     publisher = Publisher(service, link,
                           MetricsWriter(metrics_fd) if metrics_fd is not None else None,

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from agent.engine.ledger import Kind, Ledger, Transaction
 from agent.kernel.messages import KernelRequest
+from agent.kernel.protocol import KernelProtocol
 from agent.protocols.frontend import Outcome, SubscriberResult
 from agent.protocols.verb import Verb
 from privileged import wire
@@ -101,7 +102,7 @@ class NotifyPolicy:
 
 
 class Engine:
-    def __init__(self, protocol: str, notify: NotifyPolicy | None = None,
+    def __init__(self, protocol: KernelProtocol, notify: NotifyPolicy | None = None,
                  history: int = 50) -> None:
         self.protocol = protocol
         self.notify = notify or NotifyPolicy()
@@ -156,7 +157,7 @@ class Engine:
                 self.consistency_lost = False
                 return self._finish(tx, now, False, WATCHDOG_THAWED)
             return self._finish(tx, now, True, "nothing was frozen")
-        ok = self.protocol == "linux"  # Linux's daemon answers success; FreeBSD's, failure
+        ok = self.protocol.unknown_ok  # as the platform's stock daemon answers
         log.warning("kernel sent unknown operation %d: answering %s", req.code,
                     "success" if ok else "failure")
         return self._finish(tx, now, ok, f"unknown operation {req.code}")

@@ -26,7 +26,7 @@ from agent.engine import machine as E
 from agent.engine.child_link import ChildGone, ChildLink
 from agent.engine.logs import FreezeGate
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
-from agent.kernel.messages import KernelRequest
+from agent.kernel.protocol import KernelProtocol
 from agent.kernel.transport import attach
 from agent.protocols.frontend import Done
 from agent.protocols.verb import Verb
@@ -62,9 +62,9 @@ class Notifier(Protocol):
 
 
 class Service:
-    def __init__(self, engine: E.Engine, child: ChildLink, gate: FreezeGate, *, protocol: str,
-                 kernel: KernelChannel | None = None, notifier: Notifier | None = None,
-                 kernel_timeout: float = 15.0,
+    def __init__(self, engine: E.Engine, child: ChildLink, gate: FreezeGate, *,
+                 protocol: KernelProtocol, kernel: KernelChannel | None = None,
+                 notifier: Notifier | None = None, kernel_timeout: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.child = child
@@ -188,15 +188,8 @@ class Service:
             return
         log.debug("kernel request %s (%d)", req.op.value if req.op else "unknown", req.code)
         now = self.clock()
-        self._run(self.engine.on_kernel(req, now, self._kernel_deadline(req, now)))
-
-    def _kernel_deadline(self, req: KernelRequest, now: float) -> float | None:
-        """FreeBSD's msgid is nanotime() when the request was made (hv_vss_init_req),
-        and one callout of kernel_timeout covers the whole chain from then."""
-        if self.protocol != "freebsd" or not req.msgid:
-            return None
-        age = time.time() - req.msgid / 1e9
-        return now + self.kernel_timeout - age
+        self._run(self.engine.on_kernel(req, now, self.protocol.deadline(req, now,
+                                                                         self.kernel_timeout)))
 
     def _reply(self, act: E.ReplyKernel) -> None:
         if self.kernel is None:
@@ -229,7 +222,7 @@ class Service:
             return
         try:
             limit_device(fds[0])
-            kernel = KernelChannel(attach(fds[0], self.protocol), self.protocol)
+            kernel = KernelChannel(attach(fds[0], self.protocol.name), self.protocol)
             kernel.register()
         except (OSError, KernelLost, KernelProtocolError) as e:
             with contextlib.suppress(OSError):

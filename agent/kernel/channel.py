@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import select
 
-from agent.kernel import freebsd_wire, linux_wire
+from agent.kernel import linux_wire
 from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.kernel.protocol import KernelProtocol
 from agent.kernel.transport import POLL_EVENTS, Endpoint, KernelLost
 
 
 class KernelChannel:
     """One protocol over one endpoint: register, read a request, reply."""
 
-    def __init__(self, endpoint: Endpoint, protocol: str) -> None:
+    def __init__(self, endpoint: Endpoint, protocol: KernelProtocol) -> None:
         self.endpoint = endpoint
         self.protocol = protocol
         self.poll_mask = POLL_EVENTS
@@ -23,7 +24,7 @@ class KernelChannel:
 
     def register(self, timeout: float = 5.0) -> int | None:
         """Linux handshake (VSS_OP_REGISTER1 -> 4-byte answer); FreeBSD has none."""
-        if self.protocol != "linux":
+        if not self.protocol.handshake:
             return None
         self._write(linux_wire.encode_register())
         poller = select.poll()
@@ -33,16 +34,10 @@ class KernelChannel:
         return linux_wire.decode_register_answer(self._read())
 
     def read_request(self) -> KernelRequest | None:
-        frame = self._read()
-        if self.protocol == "freebsd":
-            return freebsd_wire.decode_request(frame)
-        return linux_wire.decode_request(frame)
+        return self.protocol.decode_request(self._read())
 
     def reply(self, req: KernelRequest, ok: bool) -> None:
-        if self.protocol == "freebsd":
-            self._write(freebsd_wire.encode_reply(req, ok))
-        else:
-            self._write(linux_wire.encode_reply(req, ok))
+        self._write(self.protocol.encode_reply(req, ok))
 
     def _read(self) -> bytes:
         try:
