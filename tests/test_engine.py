@@ -39,8 +39,11 @@ def eng() -> E.Engine:
 
 
 def test_check_asks_the_child_and_replies_its_verdict(eng):
+    assert not eng.busy
     assert asks(eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 0.0)) == [Op.CHECK]
+    assert eng.busy  # the service reads no other kernel request until the reply
     assert replies(eng.on_child_result(result(Op.CHECK), 0.1)) == [True]
+    assert not eng.busy
     eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 1.0)
     assert replies(eng.on_child_result(result(Op.CHECK, Status.REFUSED), 1.1)) == [False]
     assert [t.result for t in eng.ledger.history] == ["ok", "failed"]
@@ -118,6 +121,9 @@ def test_auto_thaw_while_host_thaw_is_in_flight_needs_no_resync(eng):
     acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
     assert asks(acts) == []
     assert replies(eng.on_child_result(result(Op.THAW, count=0), 60.1)) == [False]
+    # that failure told the host: a THAW after it finds nothing frozen, as without the race
+    assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 61.0)) == [True]
+    assert eng.ledger.history[-1].detail == "nothing was frozen"
 
 
 @pytest.mark.parametrize(("protocol", "ok"), [("linux", True), ("freebsd", False)])
