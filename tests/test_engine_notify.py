@@ -141,3 +141,15 @@ def test_a_late_report_logs_only_the_subscribers_that_failed(caplog):
                                          result(Outcome.FAILED, "broke", "disk full")], 5.0) == []
     assert "broke (uid 101, pid 4242): failed on CHECK: disk full" in caplog.text
     assert "fine" not in caplog.text
+
+
+def test_subscribers_get_no_more_time_than_the_kernel_waits():
+    """FreeBSD's kernel gives up on a request at its own deadline (from its msgid): when
+    that comes before [notify] budget, the subscribers' deadline is the kernel's, and
+    passing it fails the FREEZE under policy "fail"."""
+    e = engine(budget=12.0)
+    assert e.on_kernel(FREEZE, 0.0, kernel_deadline=4.0) == [E.Notify(Verb.FREEZE, 1, 4.0)]
+    assert e.on_timer(3.9) == []
+    assert replies(e.on_timer(4.0)) == [False]
+    later = engine(budget=12.0)  # a kernel deadline after the budget leaves the budget
+    assert later.on_kernel(FREEZE, 0.0, kernel_deadline=20.0) == [E.Notify(Verb.FREEZE, 1, 12.0)]

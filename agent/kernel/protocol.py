@@ -20,20 +20,19 @@ class KernelProtocol:
     decode_request: Callable[[bytes], KernelRequest | None]  # None: nothing to do
     encode_reply: Callable[[KernelRequest, bool], bytes]
     handshake: bool  # Linux: VSS_OP_REGISTER1, then a 4-byte answer; FreeBSD's open registers
-    stamped: bool  # FreeBSD: a request's msgid is nanotime() when it was made
     unknown_ok: bool  # the stock daemon's answer to an unknown operation: Linux's success
 
     def deadline(self, req: KernelRequest, now: float, kernel_timeout: float) -> float | None:
         """When the kernel stops waiting (monotonic), if the request says: FreeBSD's msgid
         is nanotime() when the request was made (hv_vss_init_req), and one callout of
-        kernel_timeout covers the whole chain from then."""
-        if not self.stamped or not req.msgid:
+        kernel_timeout covers the whole chain from then.  Linux's requests carry none."""
+        if not req.msgid:
             return None
         return now + kernel_timeout - (time.time() - req.msgid / 1e9)
 
 
 LINUX = KernelProtocol("linux", linux_wire.decode_request, linux_wire.encode_reply,
-                       handshake=True, stamped=False, unknown_ok=True)
+                       handshake=True, unknown_ok=True)
 FREEBSD = KernelProtocol("freebsd", freebsd_wire.decode_request, freebsd_wire.encode_reply,
-                         handshake=False, stamped=True, unknown_ok=False)
+                         handshake=False, unknown_ok=False)
 PROTOCOLS = {p.name: p for p in (LINUX, FREEBSD)}
