@@ -53,6 +53,8 @@ def test_integer_ranges_include_both_ends():
     ({"watchdog": {"cooldown_seconds": 5}}, "[watchdog] cooldown_seconds: no longer a setting"),
     ({"agent": {"user": ""}}, "[agent] user: expected a non-empty string"),
     ({"agent": {"history": 0}}, "[agent] history: 0 is outside 1..10000"),
+    ({"agent": {"history": 50.0}}, "[agent] history: expected an integer"),
+    ({"agent": {"history": "50"}}, "[agent] history: expected an integer"),
     ({"log": {"buffer": 1_000_001}}, "[log] buffer: 1000001 is outside 10..1000000"),
     ({"agent": "hvvss"}, "[agent] must be a table"),
     ({"log": {"target": "file"}}, "[log] target: expected one of syslog, stderr"),

@@ -176,6 +176,26 @@ def test_a_killed_child_s_successor_restores_rcu_expedited_and_thaws(workdir, ma
         _set_rcu(rcu_before)
 
 
+def test_rcu_expedited_already_on_is_left_as_it_is(workdir, make_fs):
+    """With the opt-in and the system already expedited, the child changes nothing: it
+    freezes and thaws, and leaves 1 there; nothing is recorded to restore."""
+    fs = make_fs("ext4")
+    rcu_before = _rcu()
+    _set_rcu("1")
+    try:
+        with running_agent(workdir, [fs.mountpoint], frontend=False,
+                           rcu_expedited=True) as agent:
+            assert agent.sim.request("freeze").status == 0, agent.log()
+            assert _rcu() == "1"
+            assert agent.sim.request("thaw").status == 0, agent.log()
+            assert _rcu() == "1"
+            assert agent.sim.request("freeze").status == 0, agent.log()  # the child lives on
+            assert agent.sim.request("thaw").status == 0
+            assert "restored /sys/kernel/rcu_expedited" not in agent.log()
+    finally:
+        _set_rcu(rcu_before)
+
+
 def test_rcu_expedited_put_back_after_a_freeze_is_not_put_back_again_after_a_crash(
         workdir, make_fs):
     """rcu_expedited is put back as soon as the FREEZE is done, and the crash record says

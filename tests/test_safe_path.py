@@ -75,6 +75,23 @@ def test_the_descriptor_a_target_is_opened_with_can_be_frozen(path):
         os.close(fd)
 
 
+def test_open_nofollow_follows_no_symlink_and_opens_only_a_directory(workdir):
+    """A symlink at the end of a target's path, or on the way, is refused, root's own
+    included: the mount table names the path, and only that path is frozen (ENOTDIR:
+    O_DIRECTORY with O_NOFOLLOW meets the link itself).  A file is refused too."""
+    real = os.path.join(workdir, "real")
+    os.mkdir(real, 0o755)
+    with open(os.path.join(real, "file"), "w", encoding="utf-8"):
+        pass
+    os.mkdir(os.path.join(real, "sub"), 0o755)
+    roots, _ = links_to(real)
+    for path in (roots, os.path.join(roots, "sub"), os.path.join(real, "file")):
+        with pytest.raises(OSError) as refused:
+            os.close(open_nofollow(path))
+        assert refused.value.errno == errno.ENOTDIR, path
+    os.close(open_nofollow(os.path.join(real, "sub")))
+
+
 def test_a_simulator_socket_nobody_listens_on_is_an_error_not_a_descriptor(workdir):
     """REOPEN's open of the device (privileged/device.py): with the simulator gone, the
     connect's error reaches the parent, and no descriptor, open or closed, is handed over."""
