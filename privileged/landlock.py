@@ -31,7 +31,7 @@ from privileged import libc
 
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION, _RULE_PATH_BENEATH = 1, 1
-EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+WRITE_FILE, READ_FILE, READ_DIR = 1 << 1, 1 << 2, 1 << 3  # the rights granted (1 << 0: execute)
 # Filesystem rights each ABI knows: 1, execute ... make_sym; 2, refer; 3, truncate;
 # 5, ioctl_dev.  Network (4): TCP bind and connect.  Scopes (6): abstract sockets, signals.
 _FS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
