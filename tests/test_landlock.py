@@ -43,3 +43,24 @@ def test_the_ruleset_asked_for_is_the_one_each_abi_documents(version, monkeypatc
     ((attr, size),) = asked
     fs, net, scoped, documented_size = DOCUMENTED[version]
     assert (struct.unpack("QQQ", attr), size) == ((fs, net, scoped), documented_size)
+
+
+@pytest.mark.parametrize(("err", "abi"), [
+    (errno.ENOSYS, 0),  # a kernel built without it
+    (errno.EOPNOTSUPP, 0),  # built in, disabled at boot
+    (errno.EPERM, 0),  # a container's or service manager's filter refuses it
+    (errno.EINVAL, None),  # anything else is an error, in one line
+])
+def test_a_kernel_without_landlock_is_abi_0_and_nothing_is_restricted(err, abi, monkeypatch):
+    def syscall(number: int, *args: object) -> int:
+        assert number == 444 and args[0] is None, "only the version query may be made"
+        raise OSError(err, "refused by the test")
+
+    monkeypatch.setattr(landlock, "_syscall", syscall)
+    if abi is None:
+        with pytest.raises(OSError, match="Landlock: Invalid argument") as refused:
+            landlock.restrict(None)
+        assert refused.value.errno == err
+    else:
+        assert landlock.abi() == abi
+        assert landlock.restrict(None) == 0

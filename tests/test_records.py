@@ -79,6 +79,16 @@ def test_credentials_are_ancillary_data_too(pair):
         records.receive(b, 100, max_fds=4)
 
 
+def test_credentials_beside_a_descriptor_are_refused_and_the_descriptor_closed(pair):
+    a, b = pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    r, w = os.pipe()
+    records.send(a, b"req", (w,))
+    with pytest.raises(records.RecordError, match="not descriptors"):
+        records.receive(b, 100, max_fds=4)
+    assert not held_elsewhere(r, w)
+
+
 def test_a_reset_hides_nothing_a_parent_reads_but_is_eof_to_the_child(pair):
     """The peer wrote two records and closed with one of ours unread: the kernel reports
     ECONNRESET first.  drain (the parent) reads on; the child takes it as EOF."""
