@@ -8,6 +8,7 @@ because both filters are loaded with SECCOMP_FILTER_FLAG_LOG).
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -16,9 +17,10 @@ import subprocess
 import textwrap
 
 import psutil
+import pytest
 
 from agent.engine.child_link import ChildLink
-from privileged import wire
+from privileged import hardening, wire
 from privileged.syscall_table import SYSCALLS
 from tests.helpers import (
     PY,
@@ -304,3 +306,20 @@ def test_child_never_loads_pickle_multiprocessing_psutil_or_agent(workdir, make_
     _, modules = child_conversation_modules(workdir, make_fs("ext4").mountpoint, monkeypatch)
     assert "privileged.child" in modules and "ctypes" in modules
     assert [m for m in modules if m.split(".")[0] in FORBIDDEN] == []
+
+
+def test_a_bounding_set_the_kernel_will_not_show_is_an_error_not_an_empty_one(monkeypatch):
+    """PR_CAPBSET_READ ends the list with EINVAL past the last capability; any other error
+    ends the child's start-up, rather than leave it every capability it was started with."""
+    dropped: list[int] = []
+
+    def prctl(option: int, arg: int, *rest: int) -> int:
+        if option == hardening.PR_CAPBSET_READ:
+            raise OSError(errno.EPERM, "refused by the test")
+        dropped.append(arg)
+        return 0
+
+    monkeypatch.setattr(hardening, "_prctl", prctl)
+    with pytest.raises(OSError) as refused:
+        hardening.keep_only()
+    assert refused.value.errno == errno.EPERM and dropped == []

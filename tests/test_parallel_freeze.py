@@ -292,3 +292,24 @@ def test_an_error_of_the_freeze_loop_itself_ends_it_only_after_its_workers_and_r
         time.sleep(0.6)
         for fs in (b, a, c):
             thaw_by_hand(fs.mountpoint)
+
+
+def test_each_freeze_expedites_again_after_the_last_one_put_it_back(workdir):
+    """Expedite on a file standing in for /sys/kernel/rcu_expedited: every on() reads the
+    value afresh, from its start, so a second FREEZE expedites as the first did."""
+    path = os.path.join(workdir, "rcu_expedited")
+    with open(path, "w", encoding="ascii") as f:
+        f.write("0\n")
+    expedite = rcu.Expedite(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    noted: list[str] = []
+    try:
+        for _ in range(2):
+            expedite.on(noted.append)
+            with open(path, encoding="ascii") as f:
+                assert f.read(1) == "1"
+            expedite.off(lambda: None)
+            with open(path, encoding="ascii") as f:
+                assert f.read(1) == "0"
+        assert noted == ["0", "0"]
+    finally:
+        os.close(expedite.fd)

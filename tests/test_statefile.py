@@ -22,6 +22,19 @@ def test_a_target_frozen_by_someone_else_is_dropped_from_the_crash_record(workdi
     assert state.read() == []
 
 
+def test_a_record_a_crash_tore_names_nothing_and_does_not_spoil_the_next_one(workdir):
+    """A child killed in the middle of writing the record leaves a line without its end:
+    its successor reads nothing from it, and the next FREEZE's record replaces it, so that
+    its first target is named as it is."""
+    state = StateDir(os.path.join(workdir, "state"))
+    state.open()
+    with open(os.path.join(workdir, "state", statefile.RECORD), "ab") as f:
+        f.write(b"7:9 /srv/torn-in-the-midd")
+    assert state.read() == []
+    state.write([("7:1", "/srv/a"), ("7:2", "/srv/b")])
+    assert state.read() == [("7:1", "/srv/a"), ("7:2", "/srv/b")]
+
+
 def test_a_state_directory_swapped_for_a_symlink_after_its_check_is_refused(workdir,
                                                                            monkeypatch):
     """Checked, then swapped for a symlink to a directory the records must not reach before
