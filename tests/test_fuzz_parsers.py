@@ -325,6 +325,9 @@ def test_the_child_s_toml_reader_reads_the_shipped_example_as_tomllib_does():
     multi = '[freeze]\nonly = [\n  "/srv",  # the data\n  \'/var/lib/db\',\n]\n'
     assert parse_toml(multi, "m") == tomllib.loads(multi) == \
         {"freeze": {"only": ["/srv", "/var/lib/db"]}}
+    spaced = '[freeze]\nonly = [\n  "/srv" ,  # the data\n  "/var/lib/db"\n]\n'  # no last comma
+    assert parse_toml(spaced, "s") == tomllib.loads(spaced) == \
+        {"freeze": {"only": ["/srv", "/var/lib/db"]}}
 
 
 @pytest.mark.parametrize("number", ["0", "-0", "+1", "12", "-7", "1.5", "-0.25", "+2.5",

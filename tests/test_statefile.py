@@ -35,6 +35,17 @@ def test_a_record_a_crash_tore_names_nothing_and_does_not_spoil_the_next_one(wor
     assert state.read() == [("7:1", "/srv/a"), ("7:2", "/srv/b")]
 
 
+@pytest.mark.parametrize(("mode", "uid"), [(0o750, 0), (0o700, 65534)])
+def test_a_state_directory_others_can_enter_or_own_is_refused(workdir, mode, uid):
+    """The crash record names what root will thaw: its directory must be root's, 0700."""
+    path = os.path.join(workdir, "state")
+    os.mkdir(path)
+    os.chmod(path, mode)
+    os.chown(path, uid, uid)
+    with pytest.raises(statefile.StateError, match="must be a root-owned directory"):
+        StateDir(path).open()
+
+
 def test_a_state_directory_swapped_for_a_symlink_after_its_check_is_refused(workdir,
                                                                            monkeypatch):
     """Checked, then swapped for a symlink to a directory the records must not reach before
