@@ -7,6 +7,7 @@ import os
 import pytest
 
 from agent import config
+from privileged import config as privileged_config
 from privileged.child_config import ConfigError, load_child_config, parse_child_sections
 
 
@@ -86,6 +87,16 @@ def test_file_errors(workdir):
         config.load(os.path.join(workdir, "missing.toml"))
     with pytest.raises(ConfigError, match=r"good\.toml: \[freeze\]: unknown key"):
         config.load(write(good, "[freeze]\nnope = 1\n"))
+
+
+def test_a_file_the_child_would_read_differently_is_refused(workdir, monkeypatch):
+    """The parent reads the file with tomllib and with the child's own reader: should they
+    ever differ (the fuzz test says they do not), root refuses the file."""
+    good = write(os.path.join(workdir, "good.toml"), '[freeze]\nonly = ["/x"]\n')
+    monkeypatch.setattr(privileged_config, "parse_toml",
+                        lambda text, path: {"freeze": {"only": ["/y"]}})
+    with pytest.raises(ConfigError, match="good.toml: the root child reads it differently"):
+        config.load(good)
 
 
 def test_root_refuses_a_config_others_could_change(workdir):

@@ -92,6 +92,12 @@ def test_open_nofollow_follows_no_symlink_and_opens_only_a_directory(workdir):
     os.close(open_nofollow(os.path.join(real, "sub")))
 
 
+def test_a_path_that_cannot_be_looked_at_is_not_trusted(workdir):
+    """What cannot be examined is not trusted: the reason names the path and the error."""
+    missing = os.path.join(workdir, "gone", "agent.toml")
+    assert untrusted_reason(missing) == f"{missing}: No such file or directory"
+
+
 def test_a_simulator_socket_nobody_listens_on_is_an_error_not_a_descriptor(workdir):
     """REOPEN's open of the device (privileged/device.py): with the simulator gone, the
     connect's error reaches the parent, and no descriptor, open or closed, is handed over."""

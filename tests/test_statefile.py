@@ -3,11 +3,15 @@ and the directory the check passed is the one the records go to."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
 
 from privileged import statefile
+from privileged.freeze_linux import LinuxFreezer
+from privileged.freezer import FreezeFailed
+from privileged.mounts import Mount
 from privileged.statefile import StateDir
 
 
@@ -65,3 +69,20 @@ def test_a_state_directory_swapped_for_a_symlink_after_its_check_is_refused(work
     with pytest.raises(OSError):
         StateDir(path).open()
     assert os.listdir(elsewhere) == []
+
+
+def test_a_recovery_that_cannot_open_its_filesystem_says_why_and_thaws_nothing(monkeypatch):
+    """Three tries, each refused as a FREEZE's open would be (the path led elsewhere each
+    time, say): the target is left as it is, and the note says why."""
+    freezer = LinuxFreezer()
+    root = freezer.mounts()[0]
+    tries: list[str] = []
+
+    def refuse(targets: list[Mount]) -> list[int]:
+        tries.append(targets[0].mountpoint)
+        raise FreezeFailed(targets[0].mountpoint, errno.EXDEV, "the path now leads elsewhere")
+
+    monkeypatch.setattr(freezer, "open", refuse)
+    assert freezer.recover([(root.fs_key, root.mountpoint)]) == [
+        f"{root.mountpoint} ({root.fs_key}): the path now leads elsewhere; left as it is"]
+    assert tries == [root.mountpoint] * 3

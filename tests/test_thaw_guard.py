@@ -102,6 +102,15 @@ def test_the_demo_s_in_memory_freezer_hands_the_guard_real_descriptors():
         guard.close()
 
 
+def test_the_in_memory_freezer_gives_back_every_descriptor_it_opened():
+    """What a FREEZE that fails before its guard is armed closes (freezer.close)."""
+    freezer = MemoryFreezer()
+    before = sorted(os.listdir("/proc/self/fd"))
+    for fd in freezer.open(list(MOUNTS)):
+        freezer.close(fd)
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_guard_that_died_during_a_freeze_makes_the_freeze_fail():
     """disarm() after the guard is gone answers "fired or gone", so the FREEZE fails and is
     rolled back: what the guard was told may or may not be frozen now."""
