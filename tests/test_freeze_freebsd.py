@@ -375,6 +375,12 @@ def test_the_real_seam_suspends_and_resumes_with_freebsd_s_two_ioctls(monkeypatc
     kernel.suspend(7, fsid(3))
     kernel.resume(7)
     assert calls == [(7, 0x80085501, fsid(3)), (7, 0x20005502)]
+    r, w = os.pipe()  # closing a /dev/ufssuspend descriptor is what resumes its suspension
+    kernel.close(w)
+    with pytest.raises(OSError) as closed:
+        os.fstat(w)
+    assert closed.value.errno == errno.EBADF
+    os.close(r)
 
 
 def test_the_real_seam_reads_the_mount_table_through_the_getfsstat_it_resolved(monkeypatch):
