@@ -176,6 +176,9 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
         assert [st[k] for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")] == \
             ["0" * 16, kept, kept, kept, "0" * 16]
         assert child.cmdline()[1:4] == ["-I", "-B", "-S"]
+        # this kernel has Landlock (ABI 7): the child says so, rather than warn of its absence
+        assert re.search(r"INFO: .*confined: Landlock ABI \d+ and seccomp", agent.log()), \
+            agent.log()
         assert os.readlink(f"/proc/{child.pid}/cwd") == "/"
         with open(f"/proc/{child.pid}/environ", "rb") as f:
             assert f.read() == b""

@@ -92,6 +92,15 @@ def test_open_nofollow_follows_no_symlink_and_opens_only_a_directory(workdir):
     os.close(open_nofollow(os.path.join(real, "sub")))
 
 
+def test_a_file_another_system_account_owns_is_not_trusted(workdir):
+    """The file itself too, not only its directories: bin (uid 1) is not root."""
+    path = os.path.join(workdir, "agent.toml")
+    with open(path, "w", encoding="utf-8"):
+        pass
+    os.chown(path, 1, 1)
+    assert untrusted_reason(path) == f"{path} is owned by uid 1, not root"
+
+
 def test_a_path_that_cannot_be_looked_at_is_not_trusted(workdir):
     """What cannot be examined is not trusted: the reason names the path and the error."""
     missing = os.path.join(workdir, "gone", "agent.toml")

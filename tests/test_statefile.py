@@ -37,6 +37,9 @@ def test_a_record_a_crash_tore_names_nothing_and_does_not_spoil_the_next_one(wor
     assert state.read() == []
     state.write([("7:1", "/srv/a"), ("7:2", "/srv/b")])
     assert state.read() == [("7:1", "/srv/a"), ("7:2", "/srv/b")]
+    with open(os.path.join(workdir, "state", statefile.RECORD), "ab") as f:
+        f.write(b"-7:3 /srv/c\n")  # a drop carries no path: this line names nothing
+    assert state.read() == [("7:1", "/srv/a"), ("7:2", "/srv/b")]
 
 
 @pytest.mark.parametrize(("mode", "uid"), [(0o750, 0), (0o700, 65534)])
