@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 
 import pytest
 
 from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
-from agent.kernel.messages import KernelProtocolError
+from agent.kernel.messages import KernelProtocolError, KernelRequest
+from agent.kernel.protocol import FREEBSD, LINUX
 from agent.protocols.verb import Verb
 
 # --- Linux: struct hv_vss_msg, packed, 12 bytes ---------------------------------------
@@ -133,3 +135,13 @@ def test_freebsd_unknown_opt_is_other():
 def test_freebsd_wrong_size_is_rejected(length):
     with pytest.raises(KernelProtocolError):
         fw.decode_request(bytes(length))
+
+
+def test_the_kernel_s_deadline_counts_from_when_the_request_was_made():
+    """FreeBSD's msgid is nanotime() when the host's request was made: a request 10 s old
+    under a 15 s chain timeout leaves 5 s.  Linux's requests say nothing (no deadline)."""
+    made = int((time.time() - 10.0) * 1e9)
+    old = KernelRequest(Verb.FREEZE, fw.HV_VSS_FREEZE, bytes(fw.MSG_SIZE), made)
+    assert FREEBSD.deadline(old, 100.0, 15.0) == pytest.approx(105.0, abs=0.5)
+    assert LINUX.deadline(lw.decode_request(bytes([lw.VSS_OP_FREEZE]) + bytes(11)), 100.0,
+                          15.0) is None
