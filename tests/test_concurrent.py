@@ -26,11 +26,16 @@ def _run(n: int, seconds: float, *, eager: bool) -> tuple[list[int], set[int], i
     return done, idents, threads, len(os.listdir("/proc/self/task")) - before
 
 
-def test_a_freeze_runs_every_item_once_in_threads_and_leaves_none():
+def test_a_freeze_runs_every_item_once_in_threads_and_leaves_none(monkeypatch):
+    waited: list[int] = []
+    real_wait = concurrent.wait_single_threaded
+    monkeypatch.setattr(concurrent, "wait_single_threaded",
+                        lambda: waited.append(1) or real_wait())
     done, idents, threads, left = _run(40, 0.01, eager=True)
     assert sorted(done) == list(range(40))
     assert threads == 40 and threading.get_ident() not in idents
-    assert left == 0
+    # joined, and then waited for until the kernel let them go (a race to see without it)
+    assert left == 0 and waited == [1]
 
 
 def test_a_thaw_stays_in_the_main_thread_while_each_item_is_quick():

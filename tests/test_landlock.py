@@ -6,11 +6,16 @@ forgets to ask for.  This kernel runs only its own ABI; the others are checked h
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import struct
+import subprocess
+import sys
 
 import pytest
 
 from privileged import landlock
+from tests.helpers import REPO
 
 # ABI -> (handled_access_fs, handled_access_net, scoped, size of struct landlock_ruleset_attr)
 DOCUMENTED = {
@@ -64,3 +69,18 @@ def test_a_kernel_without_landlock_is_abi_0_and_nothing_is_restricted(err, abi, 
     else:
         assert landlock.abi() == abi
         assert landlock.restrict(None) == 0
+
+
+def test_a_device_node_is_named_to_landlock_without_being_opened(workdir):
+    """The rule for the device is added through an O_PATH descriptor: a node whose driver
+    is absent (an unused major number) cannot be opened, yet is allowed."""
+    node = os.path.join(workdir, "hv_vss")
+    os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(4000, 0))
+    with pytest.raises(OSError):
+        os.close(os.open(node, os.O_RDONLY))
+    restricted = subprocess.run(
+        [sys.executable, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "from privileged import landlock; print(landlock.restrict(sys.argv[2]))", REPO, node],
+        capture_output=True, text=True, timeout=30, check=False)
+    assert restricted.returncode == 0, restricted.stderr
+    assert int(restricted.stdout) >= 1
