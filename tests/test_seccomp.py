@@ -143,6 +143,9 @@ def test_key_decisions_of_the_child_filter():
     """The policies are built here, not only at import: `make mutate` maps a line to the
     tests that run it, and a test module's import belongs to none of them."""
     nr, arch = SYSCALLS["x86_64"], AUDIT_ARCH["x86_64"]
+    assert child_policy(simulated=False, landlock=True).role == "root child, Landlock"
+    assert child_policy(simulated=True, landlock=False).role == \
+        "root child, simulator's socket"  # the name its errors and measurements go by
     prog = seccomp.compile_policy(child_policy(simulated=False, landlock=True), "x86_64")
     eperm = refuse_with(errno.EPERM)
     assert bpf.run(prog, nr["ioctl"], arch, (3, FIFREEZE)) == ALLOW
