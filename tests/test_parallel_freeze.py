@@ -274,8 +274,10 @@ def test_an_error_of_the_freeze_loop_itself_ends_it_only_after_its_workers_and_r
     tasks = len(os.listdir("/proc/self/task"))
     freeze_by_hand(c.mountpoint)  # B's freeze now blocks: its journal cannot reach C
 
+    let_go = threading.Timer(0.5, thaw_by_hand, (c.mountpoint,))
+
     def restoring_fails() -> None:  # C is let go a moment after the action gave up
-        threading.Timer(0.5, thaw_by_hand, (c.mountpoint,)).start()
+        let_go.start()
         raise OSError(errno.EROFS, "cannot put rcu_expedited back")
 
     try:
@@ -289,7 +291,8 @@ def test_an_error_of_the_freeze_loop_itself_ends_it_only_after_its_workers_and_r
         assert wait_for(lambda: len(os.listdir("/proc/self/task")) == tasks)
     finally:
         guard.close()
-        time.sleep(0.6)
+        if let_go.is_alive():
+            let_go.join()
         for fs in (b, a, c):
             thaw_by_hand(fs.mountpoint)
 

@@ -1,6 +1,8 @@
-"""What the engine has done, kept for `status` and the metrics: its transactions, the
-events it noted, its counters and histograms.  The engine writes here; nothing here
-decides anything, and nothing the engine decides is read back from here."""
+"""What the engine has done, kept for `status` and the metrics: its finished transactions,
+the events it noted, its counters and histograms.  The engine writes the Ledger and never
+reads it back to decide.  A Transaction is defined here because the Ledger keeps it once
+finished; while it is in flight it is the engine's (its kind, deadline and replied flag
+are what the engine decides on)."""
 
 from __future__ import annotations
 
