@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.platforms import CONFIG_PATH, NATIVE_PROTOCOL, SYSLOG_SOCKET
@@ -65,6 +65,7 @@ class AgentConfig:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    text: str | None = field(default=None, repr=False, compare=False)  # the file as root read it
 
     @property
     def device_path(self) -> str:
@@ -135,8 +136,8 @@ def load(path: str | None) -> AgentConfig:
             return AgentConfig()
         path = CONFIG_PATH
     path = os.path.abspath(path)  # the child, started in /, must read this very file
-    doc = read_toml(path)
+    doc, text = read_toml(path)
     try:
-        return parse(doc, path)
+        return replace(parse(doc, path), text=text)
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None

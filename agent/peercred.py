@@ -1,4 +1,5 @@
-"""Who is on the other end of a Unix socket, as the kernel says, and may they talk to us.
+"""Who is on the other end of a Unix socket, as the kernel says (who may talk to us:
+agent/allowlist.py).
 
 The kernel records the peer's credentials when it connects; nothing the peer
 sends can change them.  Linux: SO_PEERCRED (pid, uid, gid) plus SO_PEERGROUPS
@@ -11,15 +12,11 @@ on FreeBSD yet.
 
 from __future__ import annotations
 
-import grp
-import pwd
 import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent import platforms
-from agent.errors import StartupError
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux <asm-generic/socket.h>
 MAX_GROUPS_QUERIED = 256  # Python's getsockopt takes at most 1024 bytes
@@ -65,37 +62,6 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     if platforms.freebsd():
         return _freebsd(sock)
     return _linux(sock)
-
-
-@dataclass(frozen=True)
-class Allowlist:
-    """Root, plus the configured users and members of the configured groups."""
-
-    uids: frozenset[int]
-    gids: frozenset[int]
-
-    def allows(self, cred: PeerCred) -> bool:
-        return cred.uid == 0 or cred.uid in self.uids or bool(cred.groups & self.gids)
-
-    @classmethod
-    def from_names(cls, users: Iterable[str], groups: Iterable[str], what: str) -> Allowlist:
-        """Resolved once, as root before the chroot: /etc is not there afterwards."""
-        return cls(frozenset(user_id(u, what) for u in users),
-                   frozenset(group_id(g, what) for g in groups))
-
-
-def user_id(name: str, what: str) -> int:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise StartupError(f"{what}: no such user {name!r}") from None
-
-
-def group_id(name: str, what: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise StartupError(f"{what}: no such group {name!r}") from None
 
 
 def describe(cred: PeerCred) -> str:

@@ -37,13 +37,14 @@ import time
 from privileged import protocol as p
 from privileged import records
 from privileged.budget import Bucket
-from privileged.child_config import ChildConfig, ConfigError, load_child_config
+from privileged.child_config import ChildConfig, ConfigError, parse_child_sections, read_config
 from privileged.device import Identity, identify, open_device
 from privileged.freezer import FreezeFailed, Guard, Held, freeze_all, thaw
 from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
+from privileged.toml_subset import parse_toml
 
 if sys.platform.startswith("freebsd"):
     from privileged.freeze_freebsd import FreeBSDFreezer as NativeFreezer
@@ -416,7 +417,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def start(args: dict[str, str], sock: _socket.socket, stop: list[int]) -> Child:
     """Config, state files, crash recovery, budget: everything before the sandbox."""
-    cfg = load_child_config(args.get("--config"))
+    path = args.get("--config")
+    cfg = parse_child_sections(parse_toml(read_config(path), path)) if path else ChildConfig()
     for only in cfg.freeze.only:
         # Names, not identities: whoever may rename a directory above a mountpoint may
         # exchange what is mounted there with another of their mounts (never follow a
@@ -453,9 +455,8 @@ def start(args: dict[str, str], sock: _socket.socket, stop: list[int]) -> Child:
             expedite = Expedite.open()
         else:
             log(p.WARNING, "[freeze] rcu_expedited is for Linux only: ignored")
-    watchdog = cfg.watchdog
-    budget = Bucket.load(statedir, watchdog.budget_seconds, watchdog.budget_seconds_per_hour,
-                         time.monotonic())
+    budget = Bucket.load(statedir, cfg.watchdog.budget_seconds,
+                         cfg.watchdog.budget_seconds_per_hour, time.monotonic())
     return Child(sock, freezer, cfg, statedir, budget, device=device, signals=stop,
                  device_identity=device_identity, recovered=recovered, expedite=expedite)
 

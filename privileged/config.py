@@ -1,11 +1,12 @@
 """The configuration file as the parent validates it, before it starts the root child.
 
 The parent reads the whole file with tomllib and checks every section; the
-child's sections with the child's own readers (privileged/child_config.py),
+child's sections with the child's own key readers (privileged/child_config.py),
 so a bad value is reported once, early, in the words the child would use.
-It also runs the child's TOML reader over the file, so that a file the
-child would read differently, or not at all, is refused here with the line.
-Never loaded by the root child.
+Once unprivileged it reads the text again with the child's TOML reader
+(agent/engine/daemon.py), so that a file the child would read differently,
+or not at all, is refused with the line before anything is served.  Never
+loaded by the root child.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from privileged.child_config import (
     ConfigError,
     Table,
     parse_child_sections,
-    parse_toml,
     read_config,
 )
 
@@ -48,14 +48,11 @@ class Section(Table):
         return self.path(key, "/")
 
 
-def read_toml(path: str) -> dict[str, Any]:
-    """Read a config file that root will act on (refused if others could change it), as
-    TOML, and as the root child will read it."""
+def read_toml(path: str) -> tuple[dict[str, Any], str]:
+    """A config file that root will act on (refused if others could change it): the
+    document, as tomllib reads it, and its text."""
     text = read_config(path)
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    if parse_toml(text, path) != doc:  # raises first, with the line, where it cannot read
-        raise ConfigError(f"config file {path}: the root child reads it differently")
-    return doc

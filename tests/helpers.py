@@ -342,13 +342,13 @@ def child_conversation_modules(workdir: str, mountpoint: str,
     """The real child, started by ChildLink for `mountpoint`, through a whole conversation
     (CHECK, FREEZE, THAW, REOPEN, PING, QUIT): its HELLO, and every module it had loaded
     at its exit."""
-    from agent.engine import child_link
+    from agent.engine import child_link, child_start
     from privileged import wire
 
     out = os.path.join(workdir, "modules")
-    real_bootstrap = child_link.child_bootstrap
+    real_bootstrap = child_start.child_bootstrap
     # the file is opened before main() confines the child: it may write only what it holds
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(
+    monkeypatch.setattr(child_start, "child_bootstrap", lambda: real_bootstrap(
         f"f = open({out!r}, 'w'); from privileged.child import main; rc = main(); "
         "f.write(' '.join(sorted(sys.modules))); f.close(); sys.exit(rc)"))
     link = child_link.ChildLink.spawn(write_config(os.path.join(workdir, "c.toml"),

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.dev.demo import Writer
-from agent.engine import child_link
+from agent.engine import child_start
 from agent.engine.child_link import ChildLink
 from agent.kernel import linux_wire as lw
 from privileged import wire
@@ -569,7 +569,7 @@ def compromised_child(workdir, make_fs, monkeypatch):
         then = setup + ATTACK + ("" if landlock else (
             "import privileged.landlock as _l; _l.abi = lambda: 0\n")) + \
             "sys.exit(_child.main())"
-        monkeypatch.setattr(child_link, "child_bootstrap", lambda: real_bootstrap(then))
+        monkeypatch.setattr(child_start, "child_bootstrap", lambda: real_bootstrap(then))
         config = write_config(os.path.join(workdir, "child.toml"), [fs.mountpoint], workdir)
         link = ChildLink.spawn(config, device)
         link.wait_hello()
@@ -585,7 +585,7 @@ def compromised_child(workdir, make_fs, monkeypatch):
         assert link.exit_status(10) == 0
         return found
 
-    real_bootstrap = child_link.child_bootstrap
+    real_bootstrap = child_start.child_bootstrap
     try:
         yield run
     finally:

@@ -87,6 +87,23 @@ def test_bad_chroot_directory(workdir):
     one_line_error(run("--config", cfg, "-n"), 1, "is not empty")
 
 
+def test_a_config_the_child_cannot_read_stops_the_agent_before_it_registers(workdir, make_fs):
+    """Valid TOML that the child's plain reader does not read (an escape in a string): root
+    reads it with tomllib and starts the child; unprivileged, the parent reads the text as
+    the child does and stops with that reader's line, before it registers with the kernel,
+    so no request is ever served on a reading nobody compared."""
+    fs = make_fs("ext4")
+    agent = Agent(workdir, [fs.mountpoint], frontend=False,
+                  extra='[check]\nmode = "d\\u0065fault"\n')
+    agent.sim.start()
+    try:
+        proc = run("-n", "--config", agent.config, "--device", agent.socket)
+        one_line_error(proc, 1, "line 19: a backslash in a \"string\"")
+        assert agent.sim.connections == 1 and not agent.sim.registered()
+    finally:
+        agent.sim.stop()
+
+
 def test_second_daemon_is_refused_before_its_child_can_touch_anything(workdir, make_fs):
     """Same config, same state directory: a child of the second daemon would start by
     thawing what the crash record names, the first daemon's freeze included."""

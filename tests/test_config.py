@@ -7,8 +7,17 @@ import os
 import pytest
 
 from agent import config
-from privileged import config as privileged_config
-from privileged.child_config import ConfigError, load_child_config, parse_child_sections
+from agent.engine import daemon
+from agent.engine.root import Prepared
+from privileged.child_config import ChildConfig, ConfigError, parse_child_sections, read_config
+from privileged.toml_subset import parse_toml
+
+
+def load_child_config(path: str | None) -> ChildConfig:
+    """The child's sections as the child reads them (privileged/child.py)."""
+    if path is None:
+        return ChildConfig()
+    return parse_child_sections(parse_toml(read_config(path), path))
 
 
 def write(path: str, text: str, mode: int = 0o600) -> str:
@@ -89,14 +98,18 @@ def test_file_errors(workdir):
         config.load(write(good, "[freeze]\nnope = 1\n"))
 
 
-def test_a_file_the_child_would_read_differently_is_refused(workdir, monkeypatch):
-    """The parent reads the file with tomllib and with the child's own reader: should they
-    ever differ (the fuzz test says they do not), root refuses the file."""
+def test_a_file_the_child_would_read_differently_is_refused_before_anything_is_served(
+        workdir, monkeypatch):
+    """Root reads the file with tomllib; unprivileged, the parent reads it again with the
+    child's own reader: should they ever differ (the fuzz test says they do not), it stops
+    first thing, before it waits for the child or touches the device (neither exists
+    here: anything else would fail otherwise)."""
     good = write(os.path.join(workdir, "good.toml"), '[freeze]\nonly = ["/x"]\n')
-    monkeypatch.setattr(privileged_config, "parse_toml",
-                        lambda text, path: {"freeze": {"only": ["/y"]}})
+    cfg = config.load(good)
+    prep = Prepared(cfg, device_fd=-1, account=None, chroot_fd=None)  # no child: none started
+    monkeypatch.setattr(daemon, "parse_toml", lambda text, path: {"freeze": {"only": ["/y"]}})
     with pytest.raises(ConfigError, match=r"good\.toml: the root child reads it differently"):
-        config.load(good)
+        daemon.run(prep)
 
 
 def test_root_refuses_a_config_others_could_change(workdir):

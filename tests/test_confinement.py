@@ -255,9 +255,9 @@ def test_parent_cannot_open_a_file_outside_its_chroot(workdir):
         import errno, os, sys
         sys.path.insert(0, {REPO!r})
         from agent import sandbox
-        from agent.engine import privdrop
+        from agent.engine import chroot, privdrop
         r, w = os.pipe()
-        privdrop.drop(privdrop.lookup_account("hvvss"), {os.path.join(workdir, "empty")!r})
+        chroot.drop(privdrop.lookup_account("hvvss"), {os.path.join(workdir, "empty")!r})
         def attempt(path):
             try:
                 os.close(os.open(path, os.O_RDONLY))

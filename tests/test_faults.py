@@ -18,7 +18,7 @@ import time
 from agent.dev import scratch
 from agent.engine import machine as E
 from agent.engine.child_link import ChildLink
-from agent.engine.logs import FreezeGate
+from agent.engine.freeze_gate import FreezeGate
 from agent.engine.service import EXIT_ENGINE_LOST_TRACK, Service
 from agent.kernel import linux_wire as lw
 from agent.kernel.channel import KernelChannel

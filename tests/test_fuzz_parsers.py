@@ -33,10 +33,10 @@ from agent.kernel.transport import SocketEndpoint
 from agent.simulator import wire as sim_wire
 from privileged import wire
 from privileged.budget import Bucket
-from privileged.child_config import parse_toml
 from privileged.config import CHILD_SECTIONS, ConfigError
 from privileged.mounts_linux import parse_mountinfo, unescape
 from privileged.statefile import StateDir
+from privileged.toml_subset import parse_toml
 from tests.helpers import PY, REPO, running_agent, wait_for, write_config
 
 FAST = settings(max_examples=1500, deadline=None)

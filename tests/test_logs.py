@@ -1,10 +1,10 @@
-"""engine/logs.py FreezeGate: nothing reaches the target while held; nothing is lost silently."""
+"""FreezeGate (engine/freeze_gate.py): nothing reaches the target while held, nothing lost."""
 
 from __future__ import annotations
 
 import logging
 
-from agent.engine.logs import FreezeGate
+from agent.engine.freeze_gate import FreezeGate
 
 
 class Recorder(logging.Handler):

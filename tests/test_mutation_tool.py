@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from agent.engine import child_link
+from agent.engine import child_link, child_start
 from privileged import wire
 from tests.helpers import PY, REPO, assert_writable, write_config
 from tools.mutation import guard, tracer
@@ -355,7 +355,7 @@ def guarded_copy(top: str, allowed: str) -> str:
 
 def child_from(top: str, monkeypatch: pytest.MonkeyPatch, config: str) -> child_link.ChildLink:
     """The real root child, its packages imported from the copy at `top`."""
-    monkeypatch.setattr(child_link, "child_bootstrap", lambda: (
+    monkeypatch.setattr(child_start, "child_bootstrap", lambda: (
         f"import sys; sys.path.insert(0, {top!r}); "
         "from privileged.child import main; sys.exit(main())"))
     return child_link.ChildLink.spawn(config, None)

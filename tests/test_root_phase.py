@@ -10,15 +10,20 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import PY
-from tools import parent_trace
+from tools import parent_trace, root_loc
 
 pytestmark = pytest.mark.root
 
-# Modules that serve, talk to clients or confine: loaded only by the unprivileged account.
+# Modules that serve, talk to clients or confine, and every codec (the child's records, the
+# kernel's, the simulator's, the child's TOML reader): loaded only by the unprivileged account.
 NEVER_AS_ROOT = ("agent/engine/service.py", "agent/engine/machine.py", "agent/engine/daemon.py",
                  "agent/mp_logging.py", "agent/frontend/main.py", "agent/sandbox.py",
                  "agent/engine/status.py", "agent/engine/metrics.py",
-                 "agent/kernel/channel.py", "agent/clients/cli.py", "privileged/selection.py")
+                 "agent/kernel/channel.py", "agent/clients/cli.py", "privileged/selection.py",
+                 "agent/engine/child_link.py", "privileged/wire.py", "privileged/records.py",
+                 "agent/kernel/transport.py", "agent/simulator/wire.py",
+                 "privileged/toml_subset.py", "agent/engine/freeze_gate.py",
+                 "agent/peercred.py", "agent/engine/chroot.py")
 
 
 def test_the_parent_runs_only_its_root_phase_as_root():
@@ -29,6 +34,7 @@ def test_the_parent_runs_only_its_root_phase_as_root():
     assert seen.threads == 0
     assert "agent/engine/root.py" in seen.modules
     assert [m for m in NEVER_AS_ROOT if m in seen.modules] == []
+    assert seen.lines <= root_loc.PARENT_LINES, seen.modules
 
 
 def test_the_trace_sees_what_site_py_would_run():

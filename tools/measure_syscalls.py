@@ -67,9 +67,9 @@ PARENT = f"""
 import sys
 sys.path.insert(0, {REPO!r})
 {ALLOW_ALL}
-import agent.engine.child_link as link
-_bootstrap = link.child_bootstrap
-link.child_bootstrap = lambda: _bootstrap(
+import agent.engine.child_start as start
+_bootstrap = start.child_bootstrap
+start.child_bootstrap = lambda: _bootstrap(
     "{ALLOW_ALL}; from privileged.child import main; sys.exit(main())")
 from agent.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -1,16 +1,6 @@
-"""The parent's end of the link to the root child: start it, talk to it.
+"""The parent's end of the link to the root child, once root is gone: talk to it.
 
-The child is a fresh interpreter: -I (isolated: no PYTHON* variables, no user
-site directory, no current directory on sys.path), -B (no bytecode written:
-it may run while filesystems are frozen) and -S (site.py does not run, so no
-.pth file in site-packages can run code as root).  Its sys.path is the
-standard library and nothing else: the directory above privileged/ (a
-source tree, or site-packages) holds other things, and a module planted
-there under a name some standard module imports must never be found.  The
-package privileged itself is loaded from its own directory, which the
-integrity check has verified, and its submodules only from there (its
-__path__).  The environment is empty and its only inherited descriptor is
-its end of the socketpair.  The parent numbers its
+agent/engine/child_start.py started it, as root.  The parent numbers its
 requests and expects each answer to echo the number.
 """
 
@@ -20,10 +10,9 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 
-import privileged
+from agent.engine import child_start
 from privileged import records, wire
 
 log = logging.getLogger("hv-vss-agent")
@@ -48,22 +37,8 @@ class ChildLink:
     @classmethod
     def spawn(cls, config: str | None, device: str | None, debug: bool = False,
               extra: tuple[str, ...] = ()) -> ChildLink:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.set_inheritable(False)
-        fd = theirs.fileno()
-        argv = [sys.executable, "-I", "-B", "-S", "-c", child_bootstrap(), "--fd", str(fd),
-                "--ppid", str(os.getpid())]
-        if config:
-            argv += ["--config", config]
-        if device:
-            argv += ["--device", device]
-        if debug:
-            argv.append("--debug")
-        argv += list(extra)
-        proc = subprocess.Popen(argv, pass_fds=(fd,), env={}, cwd="/", close_fds=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        theirs.close()
-        return cls(ours, proc)
+        started = child_start.start(config, device, debug, extra)
+        return cls(started.sock, started.proc)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -148,18 +123,6 @@ class ChildLink:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def child_bootstrap(then: str = "from privileged.child import main; sys.exit(main())") -> str:
-    """`python -c` text: load privileged/ from its checked directory, leave sys.path alone.
-
-    Only what the interpreter has loaded already is used (_frozen_importlib and its
-    PathFinder): nothing is imported before privileged itself."""
-    top = os.path.dirname(os.path.dirname(os.path.realpath(privileged.__file__)))
-    return ("import sys, _frozen_importlib as b, _frozen_importlib_external as e; "
-            f"s = e.PathFinder.find_spec('privileged', [{top!r}]); "
-            "m = sys.modules['privileged'] = b.module_from_spec(s); s.loader.exec_module(m); "
-            + then)
 
 
 def emit_child_log(msg: wire.Log, pid: int) -> None:

@@ -6,6 +6,9 @@ and everything it imports, is loaded by that account; after the chroot there
 is nothing left to import from, so everything the parent will ever run is
 imported at the top of this module.
 
+  0. the config read again, with the child's TOML reader; the log stream
+     behind the freeze gate; the child's HELLO; the kernel device wrapped for
+     its protocol
   1. the metrics directory must not be on a filesystem the child freezes
   2. if there are subscribers or a control socket: multiprocessing-logging's
      queue (it needs /dev/shm, gone after the chroot)
@@ -20,11 +23,13 @@ import contextlib
 import logging
 import os
 import sys
+import tomllib
 
 from agent import mp_logging, platforms
 from agent.config import AgentConfig
-from agent.engine import logs, privdrop
-from agent.engine.child_link import ChildLink
+from agent.engine import chroot, freeze_gate
+from agent.engine.child_link import ChildGone, ChildLink
+from agent.engine.freeze_gate import FreezeGate
 from agent.engine.frontend_link import FrontendLink
 from agent.engine.machine import Engine, NotifyPolicy
 from agent.engine.metrics import MetricsWriter, render
@@ -36,15 +41,22 @@ from agent.errors import StartupError
 from agent.frontend import main as frontend
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
 from agent.kernel.protocol import PROTOCOLS, KernelProtocol
-from agent.kernel.transport import Endpoint
+from agent.kernel.transport import Endpoint, wrap
 from agent.sandbox import SandboxError, confine_parent, parent_roles
 from privileged import wire
+from privileged.config import ConfigError
+from privileged.toml_subset import parse_toml
 
 log = logging.getLogger("hv-vss-agent")
 
 
 def run(prep: Prepared) -> int:
-    cfg, account, endpoint, child = prep.cfg, prep.account, prep.endpoint, prep.child
+    cfg, account = prep.cfg, prep.account
+    refuse_what_the_child_reads_differently(cfg)
+    gate = freeze_gate.install(cfg.log_buffer)
+    child = ChildLink(prep.child.sock, prep.child.proc)
+    wait_for_child(child)
+    endpoint = wrap(prep.device_fd, cfg.protocol)
     if prep.metrics_fd is not None and cfg.metrics.dir:
         check_metrics_dir(prep.metrics_fd, cfg.metrics.dir, account.uid if account else None,
                           account.gid if account else None,
@@ -53,10 +65,10 @@ def run(prep: Prepared) -> int:
         mp_logging.install()
     if account is not None and prep.chroot_fd is not None:
         if platforms.linux():
-            privdrop.enter_chroot(prep.chroot_fd, cfg.chroot)
+            chroot.enter_chroot(prep.chroot_fd, cfg.chroot)
         else:
             os.close(prep.chroot_fd)
-            privdrop.drop(account, cfg.chroot)
+            chroot.drop(account, cfg.chroot)
         log.info("running as %s (uid %d, gid %d), chrooted to %s", account.name, account.uid,
                  account.gid, cfg.chroot)
     mp_logging.start_receivers()
@@ -78,8 +90,28 @@ def run(prep: Prepared) -> int:
                                                            metrics=prep.metrics_fd is not None))
         except SandboxError as e:
             raise StartupError(f"cannot sandbox the parent: {e.strerror or e}") from None
-    return serve(cfg, register(endpoint, PROTOCOLS[cfg.protocol]), child, prep.gate, link=link,
+    return serve(cfg, register(endpoint, PROTOCOLS[cfg.protocol]), child, gate, link=link,
                  metrics_fd=prep.metrics_fd)
+
+
+def refuse_what_the_child_reads_differently(cfg: AgentConfig) -> None:
+    """Root read the file with tomllib; the child reads it with its own reader.  Should
+    they ever differ (tests/test_fuzz_parsers.py says they do not), or the child's not
+    read it at all, the agent stops here, before it serves, with the line."""
+    if cfg.path and cfg.text is not None and \
+            parse_toml(cfg.text, cfg.path) != tomllib.loads(cfg.text):
+        raise ConfigError(f"config file {cfg.path}: the root child reads it differently")
+
+
+def wait_for_child(child: ChildLink) -> None:
+    try:
+        hello = child.wait_hello()
+    except ChildGone as e:
+        status = child.exit_status(2.0)
+        raise StartupError(f"the root child failed to start ({e}; exit status {status})") \
+            from None
+    log.info("root child %d ready: %d filesystem(s) selected%s", hello.pid, hello.targets,
+             f", {hello.recovered} recovered from a crash record" if hello.recovered else "")
 
 
 def register(endpoint: Endpoint, protocol: KernelProtocol) -> KernelChannel:
@@ -95,7 +127,7 @@ def register(endpoint: Endpoint, protocol: KernelProtocol) -> KernelChannel:
     return kernel
 
 
-def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: logs.FreezeGate, *,
+def serve(cfg: AgentConfig, kernel: KernelChannel, child: ChildLink, gate: FreezeGate, *,
           link: FrontendLink | None, metrics_fd: int | None) -> int:
     engine = Engine(kernel.protocol, NotifyPolicy(enabled=cfg.notify.socket is not None,
                                                budget=cfg.notify.budget,

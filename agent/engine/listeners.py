@@ -46,8 +46,8 @@ import tempfile
 from dataclasses import dataclass
 
 from agent import platforms
+from agent.allowlist import Allowlist
 from agent.errors import StartupError
-from agent.peercred import Allowlist
 from privileged.trust import untrusted_reason
 
 log = logging.getLogger("hv-vss-agent")

@@ -1,11 +1,9 @@
-"""Logging for the unprivileged side: one stream, held back while frozen.
+"""Logging for the unprivileged side: one stream, set up by root.
 
 syslog by default (ident hv-vss-agent, facility daemon), stderr in the
-foreground.  While any filesystem is frozen nothing may reach a disk: syslogd
-may write synchronously to a frozen /var (microsoft/backupessentials#1 is the
-Linux daemon hanging exactly so), and stderr may be a file on a frozen disk.
-FreezeGate therefore keeps records in memory (bounded; what overflows is
-counted and reported) from just before FREEZE until after THAW.
+foreground; connected as root, before the chroot.  Once root is gone the
+stream is put behind the gate that holds it while frozen
+(agent/engine/freeze_gate.py).
 """
 
 from __future__ import annotations
@@ -14,61 +12,10 @@ import logging
 import logging.handlers
 import socket
 import sys
-from collections import deque
 
 IDENT = "hv-vss-agent"
 FORMAT_STDERR = "%(asctime)s %(name)s[%(process)d] %(levelname)s: %(message)s"
 FORMAT_SYSLOG = IDENT + "[%(process)d]: %(levelname)s: %(message)s"
-
-
-class FreezeGate(logging.Handler):
-    """Passes records to `target`, or holds them while the gate is closed."""
-
-    def __init__(self, target: logging.Handler, capacity: int = 10000) -> None:
-        super().__init__(target.level)
-        self.target = target
-        # multiprocessing-logging's wrapper copies our formatter onto the target: keep it.
-        self.formatter = target.formatter
-        self.held: deque[logging.LogRecord] = deque()
-        self.capacity = capacity
-        self.dropped = 0
-        self.closed_gate = False
-
-    def hold(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self.closed_gate = True
-
-    # Not "release": logging.Handler.release() releases the handler's lock, and
-    # Handler.handle() calls it after every record.
-    def resume(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self.closed_gate = False
-            held, self.held = self.held, deque()
-            dropped, self.dropped = self.dropped, 0
-        for record in held:
-            self.target.handle(record)
-        if dropped:
-            self.target.handle(logging.makeLogRecord({
-                "name": IDENT, "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": "%d log record(s) dropped while frozen (buffer of %d full)",
-                "args": (dropped, self.capacity),
-            }))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # emit() is also called directly, from multiprocessing-logging's receiver thread.
-        with self.lock:  # type: ignore[union-attr]
-            if self.closed_gate:
-                # Render now: args may refer to objects that change before release.
-                record.msg, record.args = record.getMessage(), None
-                if len(self.held) >= self.capacity:
-                    self.dropped += 1
-                else:
-                    self.held.append(record)
-                return
-        self.target.handle(record)
-
-    def setFormatter(self, fmt: logging.Formatter | None) -> None:
-        self.target.setFormatter(fmt)
 
 
 def make_target(target: str, syslog_socket: str) -> logging.Handler:
@@ -90,13 +37,10 @@ def make_target(target: str, syslog_socket: str) -> logging.Handler:
     return handler
 
 
-def setup(target: str, debug: bool, capacity: int, syslog_socket: str = "/dev/log") -> FreezeGate:
-    """Configure the root logger; returns the gate the service closes while frozen.
-
-    Raises OSError if syslog is asked for and cannot be reached."""
-    gate = FreezeGate(make_target(target, syslog_socket), capacity)
+def setup(target: str, debug: bool, syslog_socket: str = "/dev/log") -> None:
+    """Configure the root logger.  Raises OSError if syslog is asked for and cannot be
+    reached."""
     root = logging.getLogger()
-    root.handlers[:] = [gate]
+    root.handlers[:] = [make_target(target, syslog_socket)]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.raiseExceptions = False  # a failing handler must not disturb the service
-    return gate

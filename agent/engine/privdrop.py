@@ -4,10 +4,11 @@ Order as OpenSSH's privsep_child_demote and OpenBSD's engine(): chroot (into
 an empty root-owned directory, checked first, as btd does) -> chdir("/") ->
 setgroups -> setresgid -> setresuid.  Then verify like permanently_set_uid:
 every id is the new one and regaining uid 0 or gid 0 fails.  Finally
-NO_NEW_PRIVS, so no exec can ever give privileges back.  That is drop(), used
-where Linux capabilities are not (FreeBSD).
+NO_NEW_PRIVS, so no exec can ever give privileges back.  That is drop()
+(agent/engine/chroot.py), used where Linux capabilities are not (FreeBSD).
 
-On Linux the ids go first and the chroot last (become(), then enter_chroot()):
+On Linux the ids go first and the chroot last (become() here, as root; then
+enter_chroot() in agent/engine/chroot.py, unprivileged):
 root runs only what needs root, and the rest of the parent is imported by the
 unprivileged account.  Between the two the process keeps one capability,
 CAP_SYS_CHROOT (every other one is gone from all its sets, the bounding set
@@ -19,7 +20,6 @@ be started before enter_chroot() (agent/mp_logging.py defers its receiver).
 from __future__ import annotations
 
 import ctypes
-import grp
 import os
 import pwd
 import stat
@@ -66,13 +66,6 @@ def lookup_account(name: str) -> Account:
     return Account(name, pw.pw_uid, pw.pw_gid)
 
 
-def group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise DropError(f"group {name!r} does not exist") from None
-
-
 def check_chroot(path: str) -> None:
     try:
         st = os.lstat(path)
@@ -105,18 +98,6 @@ def no_new_privs() -> None:
         raise DropError(f"cannot set no-new-privileges: {os.strerror(e)}")
 
 
-def drop(account: Account, chroot: str | None) -> None:
-    if chroot is not None:
-        check_chroot(chroot)
-        os.chroot(chroot)
-        os.chdir("/")
-    os.setgroups([])
-    os.setresgid(account.gid, account.gid, account.gid)
-    os.setresuid(account.uid, account.uid, account.uid)
-    verify(account)
-    no_new_privs()
-
-
 def verify(account: Account) -> None:
     if os.getresuid() != (account.uid,) * 3:
         raise DropError(f"uids are {os.getresuid()} after the drop")
@@ -145,7 +126,7 @@ def _prctl(libc: ctypes.CDLL, *args: int) -> int:
     return int(libc.prctl(*(ctypes.c_ulong(a) for a in args)))
 
 
-def _capset(libc: ctypes.CDLL, mask: int) -> None:
+def capset(libc: ctypes.CDLL, mask: int) -> None:
     """Effective and permitted = mask (one 64-bit set), inheritable empty."""
     data = (_CapData * 2)()
     for i in (0, 1):
@@ -183,7 +164,7 @@ def become(account: Account) -> None:
     os.setresgid(account.gid, account.gid, account.gid)
     os.setresuid(account.uid, account.uid, account.uid)
     _prctl(libc, PR_SET_KEEPCAPS, 0)
-    _capset(libc, 1 << CAP_SYS_CHROOT)
+    capset(libc, 1 << CAP_SYS_CHROOT)
     verify(account)
     no_new_privs()
     if capabilities() != (1 << CAP_SYS_CHROOT, 1 << CAP_SYS_CHROOT, 0):
@@ -195,18 +176,3 @@ def open_chroot(path: str) -> int:
     it by its path (which may pass through directories only root can search)."""
     check_chroot(path)
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def enter_chroot(dirfd: int, path: str) -> None:
-    """Linux, after become(): the chroot into the directory held open, then the last
-    capability goes."""
-    st = os.fstat(dirfd)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or os.listdir(dirfd):
-        raise DropError(f"chroot directory {path} changed since it was checked")
-    os.fchdir(dirfd)
-    os.chroot(".")
-    os.chdir("/")
-    os.close(dirfd)
-    _capset(ctypes.CDLL(None, use_errno=True), 0)
-    if capabilities() != (0, 0, 0):
-        raise DropError(f"capabilities {capabilities()} remain after the drop")

@@ -9,11 +9,14 @@ user site and no .pth file has run; sys.path is the standard library.
      directories (all refused before anything starts)
   2. logging, and detaching when not in the foreground
   3. open the kernel device (wait if it is not there yet; EBUSY is fatal)
-  4. start the root child (fresh interpreter, one socket) and wait for HELLO
-  5. the frontend's listening sockets and its socketpair; the metrics directory
+  4. the frontend's listening sockets and its socketpair; the metrics directory
+  5. start the root child (fresh interpreter, one socket)
   6. become the unprivileged account, keeping CAP_SYS_CHROOT alone (Linux)
 Then the rest of the parent is imported, unprivileged, and agent/engine/daemon.py
-enters the chroot, drops that last capability, starts the frontend and serves.
+waits for the child's HELLO, speaks the kernel protocol over the descriptor
+opened here, enters the chroot, drops that last capability, starts the
+frontend and serves: no codec of the child's wire or of the kernel's runs as
+root.
 """
 
 from __future__ import annotations
@@ -26,18 +29,18 @@ import socket
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent import platforms
+from agent.allowlist import Allowlist, group_id
 from agent.config import AgentConfig
-from agent.engine import logs, privdrop
-from agent.engine.child_link import ChildGone, ChildLink
+from agent.engine import child_start, logs, privdrop
 from agent.engine.integrity import absent_reason, check_install, site_packages
 from agent.engine.listeners import Access, listen_unix, trusted_directory
 from agent.engine.metrics_dir import open_metrics_dir
 from agent.errors import StartupError
-from agent.kernel.transport import Endpoint, SocketEndpoint, attach
-from agent.peercred import Allowlist, group_id
+from agent.kernel.opening import check_opened
+from privileged.config import ConfigError
 from privileged.device import open_device
 from privileged.trust import untrusted_reason
 
@@ -56,11 +59,10 @@ class Prepared:
     """What root made for the unprivileged parent."""
 
     cfg: AgentConfig
-    gate: logs.FreezeGate
-    endpoint: Endpoint
-    child: ChildLink
+    device_fd: int  # the kernel device, its open seen to succeed (agent/kernel/opening.py)
     account: privdrop.Account | None
     chroot_fd: int | None
+    child: child_start.Started = field(init=False)  # started last (its HELLO: daemon.py)
     metrics_fd: int | None = None
     # The frontend's: only with [notify] or [control] sockets.
     engine_end: socket.socket | None = None
@@ -85,27 +87,45 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     check_socket_directories(cfg)
     account = None if in_memory else privdrop.lookup_account(cfg.user)
     chroot_fd = privdrop.open_chroot(cfg.chroot) if account is not None else None
-    gate = start_logging(cfg, foreground, debug)
+    start_logging(cfg, foreground, debug)
     if not foreground:
         daemonize()
+    try:
+        return _open_start_drop(cfg, debug, in_memory, account, chroot_fd,
+                                freeze_all_ok=freeze_all_ok)
+    except (ConfigError, StartupError, privdrop.DropError) as e:
+        if not foreground:  # detached: stderr is /dev/null, the log is all there is
+            log.error("%s", e)
+        raise
 
+
+def _open_start_drop(cfg: AgentConfig, debug: bool, in_memory: bool,
+                     account: privdrop.Account | None, chroot_fd: int | None, *,
+                     freeze_all_ok: bool) -> int:
     check_device_path(cfg.device_path)
-    endpoint = wait_for_device(cfg.device_path, cfg.protocol)
-    _refuse_opened_simulator(cfg, endpoint, freeze_all_ok, foreground)
-    prep = Prepared(cfg, gate, endpoint, start_child(cfg, debug, in_memory), account, chroot_fd)
+    device_fd = wait_for_device(cfg.device_path, cfg.protocol)
+    _refuse_opened_simulator(cfg, device_fd, freeze_all_ok)
+    prep = Prepared(cfg, device_fd, account, chroot_fd)
     if cfg.notify.socket or cfg.control.socket:
         prepare_frontend(prep)
     if cfg.metrics.dir:
         prep.metrics_fd = open_metrics_dir(cfg.metrics.dir)
     for name in STDLIB_AFTER_DROP:
         importlib.import_module(name)
-    if account is not None and platforms.linux():
-        privdrop.become(account)
-    # Unprivileged from here on Linux (FreeBSD drops in daemon.py, before Capsicum).
-    sys.path.extend(site_packages())
-    from agent.engine import daemon
+    # The child last: nothing root does after it can fail but the drop.
+    prep.child = child_start.start(cfg.path, cfg.device_path, debug,
+                                   extra=("--memory",) if in_memory else ())
+    try:
+        if account is not None and platforms.linux():
+            privdrop.become(account)
+        # Unprivileged from here on Linux (FreeBSD drops in daemon.py, before Capsicum).
+        sys.path.extend(site_packages())
+        from agent.engine import daemon
 
-    return daemon.run(prep)
+        return daemon.run(prep)
+    except BaseException:
+        prep.child.end()  # it sees EOF and exits (thawing, were anything frozen) first
+        raise
 
 
 def refuse_simulator_freezing_all(cfg: AgentConfig, is_socket: bool,
@@ -126,15 +146,12 @@ def _is_socket(path: str) -> bool:
         return False  # not there yet: asked again once it is open
 
 
-def _refuse_opened_simulator(cfg: AgentConfig, endpoint: Endpoint, allowed: bool,
-                             foreground: bool) -> None:
+def _refuse_opened_simulator(cfg: AgentConfig, fd: int, allowed: bool) -> None:
     """The same refusal, for a device that appeared as a socket while we waited."""
     try:
-        refuse_simulator_freezing_all(cfg, isinstance(endpoint, SocketEndpoint), allowed)
-    except StartupError as e:
-        endpoint.close()
-        if not foreground:  # detached: stderr is /dev/null, the log is all there is
-            log.error("%s", e)
+        refuse_simulator_freezing_all(cfg, stat.S_ISSOCK(os.fstat(fd).st_mode), allowed)
+    except StartupError:
+        os.close(fd)
         raise
 
 
@@ -146,10 +163,9 @@ def check_socket_directories(cfg: AgentConfig) -> None:
             trusted_directory(path, what)
 
 
-def start_logging(cfg: AgentConfig, foreground: bool, debug: bool) -> logs.FreezeGate:
+def start_logging(cfg: AgentConfig, foreground: bool, debug: bool) -> None:
     try:
-        return logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.log_buffer,
-                          cfg.syslog_socket)
+        logs.setup("stderr" if foreground else cfg.log_target, debug, cfg.syslog_socket)
     except OSError as e:
         raise StartupError(f"cannot log to syslog at {cfg.syslog_socket} ({e.strerror}): "
                            "set [log] syslog_socket, or run with -n") from None
@@ -177,7 +193,7 @@ def check_device_path(path: str) -> None:
         raise StartupError(f"refusing the device {path}: {reason}")
 
 
-def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpoint:
+def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> int:
     """Open the device; if it does not exist yet, wait for it (bounded backoff).
 
     The device may appear after we start (devd and udev start us on its
@@ -193,7 +209,9 @@ def wait_for_device(path: str, protocol: str, backoff_max: float = 5.0) -> Endpo
     since = time.monotonic()
     while True:
         try:
-            return attach(open_device(path), protocol)
+            fd = open_device(path)
+            check_opened(fd)
+            return fd
         except FileNotFoundError:
             if not said:
                 log.info("waiting for %s to appear", path)
@@ -222,20 +240,6 @@ def missing_device_hint(path: str, protocol: str, after: float) -> str:
     return (f"{gone}: this is probably not a Hyper-V guest, or the hv_utils module is not "
             "loaded (modprobe hv_utils), or the VM's Backup (volume shadow copy) integration "
             "service is off (the agent keeps trying)")
-
-
-def start_child(cfg: AgentConfig, debug: bool, in_memory: bool) -> ChildLink:
-    child = ChildLink.spawn(cfg.path, cfg.device_path, debug,
-                            extra=("--memory",) if in_memory else ())
-    try:
-        hello = child.wait_hello()
-    except ChildGone as e:
-        status = child.exit_status(2.0)
-        raise StartupError(f"the root child failed to start ({e}; exit status {status})") \
-            from None
-    log.info("root child %d ready: %d filesystem(s) selected%s", hello.pid, hello.targets,
-             f", {hello.recovered} recovered from a crash record" if hello.recovered else "")
-    return child
 
 
 def prepare_frontend(prep: Prepared) -> None:

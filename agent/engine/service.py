@@ -24,7 +24,7 @@ from typing import Protocol
 
 from agent.engine import machine as E
 from agent.engine.child_link import ChildGone, ChildLink
-from agent.engine.logs import FreezeGate
+from agent.engine.freeze_gate import FreezeGate
 from agent.kernel.channel import KernelChannel, KernelLost, KernelProtocolError
 from agent.kernel.protocol import KernelProtocol
 from agent.kernel.transport import attach

@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from agent import mp_logging
+from agent.allowlist import Allowlist
 from agent.frontend.subscribers import Garbage, Heard, Registry, Subscriber
-from agent.peercred import Allowlist, PeerCred, describe, peer_credentials
+from agent.peercred import PeerCred, describe, peer_credentials
 from agent.protocols import control
 from agent.protocols import frontend as fw
 from agent.protocols import notify as nw

@@ -7,9 +7,9 @@ messages on /dev/hv_fsvss_dev.
 Over the simulator's socket each of those system calls is a request record
 that the simulator answers as the driver returns from it, and poll() a
 standing request (agent/simulator/wire.py).  open(2)'s result is the first
-record of every connection, a 4-byte errno (0 = opened): attach() turns a
-non-zero one into the same OSError the device's open() would have raised
-(EBUSY for a second daemon).
+record of every connection (agent/kernel/opening.py, which root runs before it
+starts the child): attach() reads it for a device the child reopened, and
+wrap() takes a descriptor whose open root has seen succeed.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import stat
 from typing import Protocol
 
 from agent.kernel import freebsd_wire
+from agent.kernel.opening import check_opened
 from agent.simulator import wire as sim_wire
 
-OPEN_STATUS = sim_wire.OPEN_STATUS
 _READ_BUFFER = 256  # larger than any message: a shorter buffer fails the read (EINVAL)
 # FreeBSD's stock daemon polls for POLLIN|POLLRDNORM; POLLRDNORM is POLLIN on Linux.
 POLL_EVENTS = select.POLLIN | select.POLLRDNORM
@@ -138,20 +138,15 @@ class SocketEndpoint:
 
 
 def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
-    """Wrap an open descriptor; for the simulator, collect open(2)'s result."""
+    """Wrap an open descriptor; for the simulator, collect open(2)'s result first."""
+    check_opened(fd, timeout)
+    return wrap(fd, protocol)
+
+
+def wrap(fd: int, protocol: str) -> Endpoint:
+    """Wrap a descriptor whose open is known to have succeeded (check_opened)."""
     if stat.S_ISSOCK(os.fstat(fd).st_mode):
         ep = SocketEndpoint(fd, protocol)
-        if not select.select([ep], [], [], timeout)[0]:
-            ep.close()
-            raise OSError(errno.ETIMEDOUT, "the simulator did not answer the open")
-        data = ep.sock.recv(_READ_BUFFER)
-        if len(data) != OPEN_STATUS.size:
-            ep.close()
-            raise OSError(errno.EIO, "the simulator closed the connection")
-        (err,) = OPEN_STATUS.unpack(data)
-        if err:
-            ep.close()
-            raise OSError(err, os.strerror(err))
         ep.arm()
         return ep
     if protocol == "freebsd":
@@ -159,4 +154,4 @@ def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
     return DeviceEndpoint(fd)
 
 
-__all__ = ["Endpoint", "KernelLost", "SocketEndpoint", "attach"]
+__all__ = ["Endpoint", "KernelLost", "SocketEndpoint", "attach", "wrap"]

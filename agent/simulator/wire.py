@@ -31,7 +31,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-OPEN_STATUS = struct.Struct("<i")
+from agent.kernel.opening import OPEN_STATUS
 
 POLL, READ, WRITE, IOCTL = 1, 2, 3, 4  # the daemon's requests
 READY, RESULT = 0x81, 0x82  # the simulator's answers
