@@ -277,13 +277,13 @@ class Child:
         for h in theirs:
             self.statedir.drop(h.fs_key)
         self.state = FROZEN
-        # The mount field names what is frozen, for the parent's status (clipped by the wire).
-        frozen = ", ".join(h.mountpoint for h in self.held)
-        self.answer(op, seq, p.OK, count=len(self.held), elapsed_us=elapsed_us, mount=frozen)
+        # The mount field lists what is frozen, for the parent's status (clipped by the wire).
+        names = [h.mountpoint for h in self.held]
+        self.answer(op, seq, p.OK, count=len(names), elapsed_us=elapsed_us, mount="\0".join(names))
         for h in theirs:
             log(p.WARNING, f"{h.mountpoint} was already frozen by someone else: counted, and "
                            "left to them")
-        log(p.INFO, f"FROZEN: {frozen or 'nothing'}")
+        log(p.INFO, f"FROZEN: {', '.join(names) or 'nothing'}")
 
     def unexpedite(self) -> None:
         """Back to the system's own RCU setting (if we changed it), at once."""

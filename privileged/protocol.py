@@ -20,7 +20,8 @@ Layouts (little endian):
                           then exactly `length` bytes of UTF-8 (1..1024)
 
 RESULT's mount names the filesystem a request failed on; after a successful
-FREEZE it lists what is frozen (comma-separated, clipped to the field).
+FREEZE it lists what is frozen, NUL-separated (no path holds a NUL), as many as
+the field holds: count says how many there are.
 HELLO's device numbers let the parent keep files it writes off the
 filesystems the child freezes without selecting anything itself.
 

@@ -76,6 +76,13 @@ class Result:
     elapsed_us: int = 0
     mount: str = ""
 
+    @property
+    def mounts(self) -> tuple[str, ...]:
+        """After FREEZE: the mountpoints frozen, those the field held whole (`count` says
+        how many there are; when the field was full, its last name may have been cut)."""
+        names = [m for m in self.mount.split("\0") if m]
+        return tuple(names if len(names) >= self.count else names[:-1])
+
 
 @dataclass(frozen=True, slots=True)
 class Event:

@@ -91,7 +91,7 @@ def test_thaw_reports_join_the_transaction_after_the_reply():
     e.on_notify_done(Verb.FREEZE, 1, [result(Outcome.OK)], 0.1)
     e.on_child_result(wire.Result(wire.Op.FREEZE, wire.Status.OK, 1, count=1,
                                   mount="/srv/db"), 0.2)
-    assert e.frozen_mounts == "/srv/db"
+    assert e.frozen_mounts == ("/srv/db",) and e.frozen_count == 1
     e.on_kernel(THAW, 5.0)
     actions = e.on_child_result(wire.Result(wire.Op.THAW, wire.Status.OK, 2, count=1), 5.1)
     assert replies(actions) == [True] and actions[-1] == E.Notify(Verb.THAW, 2, 17.1)

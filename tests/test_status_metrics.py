@@ -341,6 +341,33 @@ def test_metrics_directory_on_a_frozen_filesystem_is_refused(workdir, make_fs):
         agent.stop()
 
 
+def test_status_lists_what_is_frozen_name_by_name(workdir, make_fs):
+    """A comma or a space in a mountpoint is part of its name: the status lists each
+    filesystem whole, as the child named it."""
+    comma, plain = make_fs("ext4", name="db, logs"), make_fs("ext4")
+    with running_agent(workdir, [comma.mountpoint, plain.mountpoint]) as agent:
+        assert agent.sim.request("freeze").status == 0
+        try:
+            assert wait_for(lambda: status_json(agent)["state"] == "frozen")
+            st = status_json(agent)
+            text = cli("status", "--socket", agent.control_socket).stdout
+        finally:
+            assert agent.sim.request("thaw").status == 0
+    assert sorted(st["frozen_mounts"]) == sorted([comma.mountpoint, plain.mountpoint])
+    assert st["frozen_count"] == 2
+    line = next(x for x in text.splitlines() if x.startswith("state: FROZEN"))
+    assert line.endswith((f"{comma.mountpoint}, {plain.mountpoint}",
+                          f"{plain.mountpoint}, {comma.mountpoint}")), line
+
+
+def test_status_says_how_many_more_are_frozen_than_it_names():
+    base = {"state": "frozen", "time": 10.0, "frozen_since": 9.0, "frozen_count": 5}
+    assert "): /a, /b and 3 more" in render_text({**base, "frozen_mounts": ["/a", "/b"]}, {})
+    assert "): 5 filesystem(s)" in render_text({**base, "frozen_mounts": []}, {})
+    assert "): /a, /b\n" in render_text({**base, "frozen_mounts": ["/a", "/b"],
+                                        "frozen_count": 2}, {})
+
+
 @pytest.mark.parametrize("answer", [
     {},
     {"state": "frozen", "frozen_mounts": 5, "frozen_since": "yesterday", "agent": [],

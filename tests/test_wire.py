@@ -57,6 +57,26 @@ def test_result_mount_is_clipped_on_a_character_boundary():
     assert decoded.mount.startswith("/éé")
 
 
+def test_what_a_freeze_froze_is_a_list_whatever_its_names_hold():
+    """NUL between the names: a comma or a space inside one is part of it."""
+    names = ["/srv/db, logs", "/srv/a b"]
+    frame = protocol.result(Op.FREEZE, Status.OK, 3, err=0, count=2, elapsed_us=1,
+                            mount="\0".join(names))
+    decoded = wire.decode_child(frame)
+    assert isinstance(decoded, wire.Result)
+    assert decoded.mounts == tuple(names)
+
+
+def test_names_that_do_not_fit_are_left_out_whole_and_counted():
+    """The field holds 200 bytes: a name cut by it is left out, never shown cut."""
+    names = [f"/srv/{i:02d}" + "x" * 40 for i in range(6)]  # 48 bytes each, 4 fit whole
+    frame = protocol.result(Op.FREEZE, Status.OK, 3, err=0, count=6, elapsed_us=1,
+                            mount="\0".join(names))
+    decoded = wire.decode_child(frame)
+    assert isinstance(decoded, wire.Result)
+    assert decoded.mounts == tuple(names[:4]) and decoded.count == 6
+
+
 def test_event_and_hello_round_trip():
     ev = wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 3)
     assert wire.decode_child(wire.encode_event(ev)) == ev

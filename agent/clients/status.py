@@ -208,8 +208,12 @@ def render_text(status: dict[str, object], processes: dict[str, dict[str, object
              f"root child: pid {child.text('pid')}, {child.text('health')}, "
              f"{child.text('selected')} filesystem(s) selected at start"]
     if st.text("state") == "frozen":
-        mounts = ", ".join(_UNPRINTABLE.sub("?", str(m)) for m in st.d.get("frozen_mounts") or []
-                           ) if isinstance(st.d.get("frozen_mounts"), list) else "?"
+        listed = st.d.get("frozen_mounts")
+        mounts = ", ".join(_UNPRINTABLE.sub("?", str(m)) for m in listed) \
+            if isinstance(listed, list) else "?"
+        more = st.num("frozen_count") - len(listed) if isinstance(listed, list) else 0
+        if more > 0:
+            mounts = f"{mounts} and {more:.0f} more" if mounts else f"{more:.0f} filesystem(s)"
         frozen_for = st.num("frozen_seconds") if "frozen_seconds" in st.d \
             else st.num("time") - st.num("frozen_since")
         lines.append(f"state: FROZEN for {frozen_for:.1f} s (since {st.when('frozen_since')}): "

@@ -116,7 +116,8 @@ class Engine:
         self.notify_deadline: float | None = None
         self.stage_started = 0.0
         self.frozen_since: float | None = None
-        self.frozen_mounts = ""  # as the child reported them
+        self.frozen_mounts: tuple[str, ...] = ()  # as the child reported them
+        self.frozen_count = 0  # how many: more than frozen_mounts when they did not fit
         self.ledger = Ledger(history)  # what happened, for status; never read to decide
         self._next_id = 1
 
@@ -175,7 +176,7 @@ class Engine:
         if res.op is wire.Op.FREEZE:
             if ok:
                 self.frozen, self.consistency_lost, self.frozen_since = True, False, now
-                self.frozen_mounts = res.mount
+                self.frozen_mounts, self.frozen_count = res.mounts, res.count
                 self.ledger.counters["freezes"] += 1
                 self.ledger.histograms["freeze"].observe(tx.timings["freeze"])
                 if tx.kernel_deadline is not None and now > tx.kernel_deadline:
@@ -196,7 +197,7 @@ class Engine:
         if res.op is wire.Op.THAW:
             if self.frozen and self.frozen_since is not None:
                 self.ledger.histograms["frozen"].observe(now - self.frozen_since)
-            self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
+            self.frozen, self.frozen_since, self.frozen_mounts = False, None, ()
             actions: list[Action] = [ReleaseLogs()]
             if tx.kind is Kind.THAW:
                 if self.consistency_lost:
@@ -215,7 +216,7 @@ class Engine:
             return []
         if self.frozen_since is not None:
             self.ledger.histograms["frozen"].observe(now - self.frozen_since)
-        self.frozen, self.frozen_since, self.frozen_mounts = False, None, ""
+        self.frozen, self.frozen_since, self.frozen_mounts = False, None, ()
         self.consistency_lost = True
         self.ledger.counters["auto_thaws"] += 1
         reason = "watchdog" if ev.reason is wire.Reason.WATCHDOG else "signal"
