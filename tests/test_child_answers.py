@@ -187,9 +187,9 @@ def frozen_in_order(child: RawChild, expected: list[str], *, ordered: bool = Tru
     try:
         assert (status, err, count) == (OK, 0, len(expected)), (status, err, mount, child.logs)
         if ordered:
-            assert mount.split(", ") == expected
+            assert mount.split("\0") == expected
         else:
-            assert sorted(mount.split(", ")) == sorted(expected)
+            assert sorted(mount.split("\0")) == sorted(expected)
         for m in expected:
             assert_blocked(m)
     finally:

@@ -114,6 +114,23 @@ def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
     assert replies(eng.on_kernel(kreq(lw.VSS_OP_THAW), 62.0)) == [True]  # said only once
 
 
+def test_after_an_auto_thaw_a_new_backup_goes_to_the_child_and_its_freeze_counts(eng):
+    """The host may give up on that backup and start another: its CHECK and FREEZE go to
+    the child as always, and a THAW after that FREEZE thaws it, without the failure the
+    auto-thaw left for the old backup's THAW."""
+    eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
+    eng.on_child_result(result(Op.FREEZE), 0.1)
+    eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
+    eng.on_child_result(result(Op.THAW, count=0), 60.1)  # the resync
+    assert eng.consistency_lost
+    assert asks(eng.on_kernel(kreq(lw.VSS_OP_HOT_BACKUP), 70.0)) == [Op.CHECK]
+    assert replies(eng.on_child_result(result(Op.CHECK), 70.1)) == [True]
+    assert asks(eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 71.0)) == [Op.FREEZE]
+    assert replies(eng.on_child_result(result(Op.FREEZE), 71.1)) == [True]
+    assert asks(eng.on_kernel(kreq(lw.VSS_OP_THAW), 72.0)) == [Op.THAW]
+    assert replies(eng.on_child_result(result(Op.THAW), 72.1)) == [True]
+
+
 def test_auto_thaw_while_host_thaw_is_in_flight_needs_no_resync(eng):
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
     eng.on_child_result(result(Op.FREEZE), 0.1)

@@ -91,7 +91,27 @@ Action = AskChild | ReplyKernel | Notify | HoldLogs | ReleaseLogs | Reopen
 
 
 class EngineError(Exception):
-    """The child said something that does not fit the conversation."""
+    """Something that does not fit the conversation: the child's answer to nothing asked,
+    or a kernel request during a transaction."""
+
+
+# What a kernel request does in each state (as the child's PERMITTED, one level up): GO
+# through the subscribers to the child, straight to the CHILD, or answered here (ok, why).
+# LOST: thawed by the watchdog (or before a reopen) since the host's last FREEZE.
+THAWED, FROZEN, LOST = "thawed", "frozen", "thawed, consistency lost"
+GO, CHILD = "go", "child"
+ON_REQUEST: dict[tuple[Kind, str], str | tuple[bool, str]] = {
+    (Kind.CHECK, THAWED): GO,
+    (Kind.CHECK, LOST): GO,
+    (Kind.CHECK, FROZEN): (False, "refused: filesystems are still frozen from a previous "
+                                  "FREEZE"),
+    (Kind.FREEZE, THAWED): GO,
+    (Kind.FREEZE, LOST): GO,
+    (Kind.FREEZE, FROZEN): (True, "already frozen"),  # still frozen: the host may go on
+    (Kind.THAW, FROZEN): CHILD,
+    (Kind.THAW, LOST): (False, WATCHDOG_THAWED),  # once: the next THAW finds nothing
+    (Kind.THAW, THAWED): (True, "nothing was frozen"),  # Linux's THAW on hibernation
+}
 
 
 @dataclass
@@ -141,23 +161,18 @@ class Engine:
             # Our answer would be discarded: the host has already been told HV_E_FAIL.
             return self._finish(tx, now, False, "the kernel had already given up on this "
                                 "request when it was read")
-        if kind is Kind.CHECK:
-            if self.frozen:
-                return self._finish(tx, now, False, "refused: filesystems are still frozen "
-                                    "from a previous FREEZE")
-            return self._notify_or_go(tx, Verb.CHECK, now)
-        if kind is Kind.FREEZE:
-            if self.frozen:
-                log.warning("FREEZE while already frozen: still frozen, answering success")
-                return self._finish(tx, now, True, "already frozen")
-            return self._notify_or_go(tx, Verb.FREEZE, now)
-        if kind is Kind.THAW:
-            if self.frozen:
-                return self._ask_child(tx, wire.Op.THAW, now)
-            if self.consistency_lost:
+        if kind is not Kind.OTHER:
+            state = FROZEN if self.frozen else LOST if self.consistency_lost else THAWED
+            rule = ON_REQUEST[kind, state]
+            if rule == GO:
+                return self._notify_or_go(tx, Verb[kind.name], now)
+            if rule == CHILD:
+                return self._ask_child(tx, wire.Op[kind.name], now)
+            if state == LOST:
                 self.consistency_lost = False
-                return self._finish(tx, now, False, WATCHDOG_THAWED)
-            return self._finish(tx, now, True, "nothing was frozen")
+            if kind is Kind.FREEZE and state == FROZEN:
+                log.warning("FREEZE while already frozen: still frozen, answering success")
+            return self._finish(tx, now, *rule)
         ok = self.protocol.unknown_ok  # as the platform's stock daemon answers
         log.warning("kernel sent unknown operation %d: answering %s", req.code,
                     "success" if ok else "failure")
