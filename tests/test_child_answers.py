@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import struct
 import subprocess
 import time
@@ -139,6 +140,22 @@ def test_the_watchdog_s_thaw_is_told_in_the_documented_numbers(workdir, make_fs,
     assert child.record(10) == EVENT.pack(VERSION, EVENT_KIND, AUTO_THAW, WATCHDOG, 1, 0)
     assert_writable(fs.mountpoint, 5)
     assert child.ask(THAW) == (OK, 0, 0, "")  # the parent catching up: answered, not punished
+
+
+def test_eof_while_frozen_thaws_and_the_child_says_how_many_on_its_way_out(
+        workdir, make_fs, raw_child):
+    """The parent's end closed for writing only: the child sees EOF, thaws, and its last
+    words still reach us."""
+    fs = make_fs("ext4")
+    child = start(raw_child, write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint],
+                                          workdir))
+    assert child.ask(FREEZE) == (OK, 0, 1, fs.mountpoint)
+    child.sock.shutdown(socket.SHUT_WR)
+    with pytest.raises(EOFError):
+        child.record(10)
+    assert child.link.exit_status(10) == 0
+    assert_writable(fs.mountpoint, 5)
+    assert "thawed 1 filesystem(s) on the way out" in child.logs, child.logs
 
 
 def test_a_vetoed_freeze_is_refused_at_once_and_freezes_nothing(workdir, make_fs, raw_child):

@@ -96,6 +96,9 @@ def test_file_errors(workdir):
         config.load(os.path.join(workdir, "missing.toml"))
     with pytest.raises(ConfigError, match=r"good\.toml: \[freeze\]: unknown key"):
         config.load(write(good, "[freeze]\nnope = 1\n"))
+    # a regular file, root's, that opens and then fails to read (address 0 is not mapped)
+    with pytest.raises(ConfigError, match=r"^cannot read config file /proc/self/mem: Input/"):
+        config.load("/proc/self/mem")
 
 
 def test_a_file_the_child_would_read_differently_is_refused_before_anything_is_served(

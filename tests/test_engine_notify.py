@@ -102,6 +102,32 @@ def test_thaw_reports_join_the_transaction_after_the_reply():
     assert e.ledger.histograms["freeze"].count == 1
 
 
+def test_an_answer_to_the_last_request_does_not_fit_the_next_one():
+    """A second CHECK waits for its subscribers before the child is asked anything: the
+    child answering CHECK again then (the last CHECK's answer, twice) is refused, not taken
+    for this CHECK's verdict."""
+    e = engine()
+    e.on_kernel(CHECK, 0.0)
+    e.on_notify_done(Verb.CHECK, 1, [], 0.1)
+    e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 0.2)
+    assert e.on_kernel(CHECK, 1.0) == [E.Notify(Verb.CHECK, 2, 13.0)]
+    with pytest.raises(E.EngineError):
+        e.on_child_result(wire.Result(wire.Op.CHECK, wire.Status.OK, 1), 1.1)
+
+
+def test_a_kernel_lost_while_subscribers_are_asked_ends_the_transaction_failed_unanswered():
+    """Nobody is left to answer: the subscribers' verdict ends it, failed, with no reply
+    and nothing asked of the child, and the engine goes on to reopen."""
+    e = engine()
+    e.on_kernel(CHECK, 0.0)
+    assert e.on_kernel_lost(0.1) == []
+    actions = e.on_notify_done(Verb.CHECK, 1, [result(Outcome.OK)], 0.2)
+    assert replies(actions) == [] and not any(isinstance(a, E.AskChild) for a in actions)
+    assert E.Reopen() in actions
+    last = e.ledger.history[-1]
+    assert (last.result, last.detail) == ("failed", "kernel channel lost")
+
+
 def test_reply_timing_is_recorded_on_the_transaction():
     e = engine()
     e.on_kernel(CHECK, 0.0)

@@ -304,7 +304,9 @@ class ModelIoctl:
         self.calls: list[tuple[int, bytes]] = []
 
     def ioctl(self, fd: int, cmd: int, arg: bytes | bytearray, mutate: bool = True) -> object:
-        buf = arg if isinstance(arg, bytearray) else bytearray(arg)
+        # As fcntl.ioctl: only a mutable buffer with mutate true is written in place;
+        # otherwise a copy is, and returned.
+        buf = arg if isinstance(arg, bytearray) and mutate else bytearray(arg)
         rc = self.driver.ioctl(self.driver.daemon, cmd, buf, self.now)
         self.calls.append((cmd, bytes(buf)))
         return rc if isinstance(arg, bytearray) and mutate else bytes(buf)

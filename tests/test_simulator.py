@@ -24,6 +24,7 @@ from agent.kernel import freebsd_wire as fw
 from agent.kernel import linux_wire as lw
 from agent.kernel import transport
 from agent.kernel.channel import KernelChannel, KernelLost
+from agent.kernel.opening import check_opened
 from agent.kernel.protocol import LINUX, PROTOCOLS
 from agent.kernel.transport import DeviceEndpoint, IoctlEndpoint, SocketEndpoint, attach
 from agent.simulator import host, wire
@@ -426,8 +427,9 @@ def test_attach_takes_nothing_but_open_s_result_from_the_simulator(sent, says):
 
 
 def test_the_parent_gives_a_silent_simulator_and_a_silent_kernel_5_s(monkeypatch):
-    """The waits for open(2)'s result from the simulator and for the Linux driver's answer
-    to registration, seen at the wait itself (5 s, rather than spent here)."""
+    """The waits for open(2)'s result from the simulator (a reopen's, and root's at start)
+    and for the Linux driver's answer to registration, seen at the wait itself (5 s, rather
+    than spent here)."""
     waits: list[float] = []
 
     class Poll:  # select.poll() for register(): remembers the wait, and nothing comes
@@ -443,12 +445,15 @@ def test_the_parent_gives_a_silent_simulator_and_a_silent_kernel_5_s(monkeypatch
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with theirs, pytest.raises(OSError, match="did not answer the open"):
         attach(ours.detach(), "linux")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs, pytest.raises(OSError, match="did not answer the open"):
+        check_opened(ours.detach())  # root's wait, before it starts the child
     device, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ch = KernelChannel(DeviceEndpoint(device.detach()), LINUX)
     with kernel, pytest.raises(KernelLost, match="no answer to registration"):
         ch.register()
     ch.close()
-    assert waits == [5.0, 5.0]
+    assert waits == [5.0, 5.0, 5.0]
 
 
 def test_the_device_endpoint_speaks_one_record_per_read_and_write():

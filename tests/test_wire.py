@@ -95,13 +95,18 @@ def test_a_hello_names_at_most_255_devices_and_counts_every_target():
 
 
 def test_counts_beyond_sixteen_bits_are_sent_as_the_largest_there_is():
-    """The HELLO's and EVENT's counts are 16-bit fields: more is sent as 65535, never an
-    encoding error in the child."""
+    """The HELLO's and EVENT's counts and RESULT's errno and count are 16-bit fields: more is
+    sent as 65535 (RESULT's elapsed time, 32 bits, likewise), never an encoding error in the
+    child."""
     hello = wire.decode_child(wire.encode_hello(wire.Hello(1, 70000, 65536)))
     assert isinstance(hello, wire.Hello) and (hello.targets, hello.recovered) == (65535, 65535)
     event = wire.decode_child(wire.encode_event(
         wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 65536)))
     assert isinstance(event, wire.Event) and event.count == 65535
+    result = wire.decode_child(protocol.result(Op.FREEZE, Status.FAILED, 1, err=1 << 20,
+                                               count=1 << 20, elapsed_us=1 << 40, mount=""))
+    assert isinstance(result, wire.Result)
+    assert (result.errno, result.count, result.elapsed_us) == (65535, 65535, 0xFFFFFFFF)
 
 
 def test_log_frames_are_bounded_and_exact():

@@ -19,9 +19,10 @@ import stat
 import struct
 
 OPEN_STATUS = struct.Struct("<i")
+OPEN_WAIT = 5.0  # seconds for the simulator to say
 
 
-def check_opened(fd: int, timeout: float = 5.0) -> None:
+def check_opened(fd: int, timeout: float = OPEN_WAIT) -> None:
     """Raise, having closed `fd`, if the simulator behind it says the open failed."""
     if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         return

@@ -23,7 +23,7 @@ import stat
 from typing import Protocol
 
 from agent.kernel import freebsd_wire
-from agent.kernel.opening import check_opened
+from agent.kernel.opening import OPEN_WAIT, check_opened
 from agent.simulator import wire as sim_wire
 
 _READ_BUFFER = 256  # larger than any message: a shorter buffer fails the read (EINVAL)
@@ -137,7 +137,7 @@ class SocketEndpoint:
         self.sock.close()
 
 
-def attach(fd: int, protocol: str, timeout: float = 5.0) -> Endpoint:
+def attach(fd: int, protocol: str, timeout: float = OPEN_WAIT) -> Endpoint:
     """Wrap an open descriptor; for the simulator, collect open(2)'s result first."""
     check_opened(fd, timeout)
     return wrap(fd, protocol)
