@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -96,6 +97,11 @@ def test_file_errors(workdir):
         config.load(os.path.join(workdir, "missing.toml"))
     with pytest.raises(ConfigError, match=r"good\.toml: \[freeze\]: unknown key"):
         config.load(write(good, "[freeze]\nnope = 1\n"))
+    # root's, but not a file open(2) can open: a listening socket
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(os.path.join(workdir, "socket.toml"))
+        with pytest.raises(ConfigError, match=r"socket\.toml: No such device or address$"):
+            config.load(os.path.join(workdir, "socket.toml"))
     # a regular file, root's, that opens and then fails to read (address 0 is not mapped)
     with pytest.raises(ConfigError, match=r"^cannot read config file /proc/self/mem: Input/"):
         config.load("/proc/self/mem")
