@@ -96,8 +96,9 @@ def run(prep: Prepared) -> int:
 
 def refuse_what_the_child_reads_differently(cfg: AgentConfig) -> None:
     """Root read the file with tomllib; the child reads it with its own reader.  Should
-    they ever differ (tests/test_fuzz_parsers.py says they do not), or the child's not
-    read it at all, the agent stops here, before it serves, with the line."""
+    the two readings ever differ (tests/test_fuzz_parsers.py says they do not), or the
+    child's reader not read the file at all, the agent stops here, before it serves, with
+    the line."""
     if cfg.path and cfg.text is not None and \
             parse_toml(cfg.text, cfg.path) != tomllib.loads(cfg.text):
         raise ConfigError(f"config file {cfg.path}: the root child reads it differently")
