@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -41,9 +42,11 @@ def test_a_freeze_runs_every_item_once_in_threads_and_leaves_none(monkeypatch):
 
 
 def test_a_thaw_stays_in_the_main_thread_while_each_item_is_quick():
-    """Quick as each() sees it: its clock does not move (the machine's may, when another
-    process takes the CPU between two items, and that is not what is tested here)."""
-    done, idents, threads, _ = _run(200, 0.0, eager=False, clock=lambda: 0.0)
+    """Quick as each() sees it: its clock moves 0.5 ms, half of SLOW, each time it looks
+    (the machine's may move more, when another process takes the CPU between two items,
+    and that is not what is tested here)."""
+    looks = itertools.count()
+    done, idents, threads, _ = _run(200, 0.0, eager=False, clock=lambda: next(looks) * 0.0005)
     assert sorted(done) == list(range(200))
     assert (threads, idents) == (0, {threading.get_ident()})
 
