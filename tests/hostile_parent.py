@@ -222,6 +222,19 @@ class WriteCheck:
         return not self.completes_within(0.2)
 
 
+def await_confined(guard: str, within: float = 5.0) -> None:
+    """The thaw guard confines itself as it starts, while the child goes on to HELLO: until
+    its seccomp filter is in force it may still hold its end of the child's socketpair, or
+    Landlock's ruleset and the paths it names.  Its descriptors count from then on."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with open(f"/proc/{guard}/status", encoding="ascii") as f:
+            if any(line.split() == ["Seccomp:", "2"] for line in f):
+                return
+        time.sleep(0.01)
+    raise InvariantBroken(f"thaw guard {guard} did not confine itself within {within} s")
+
+
 @dataclass
 class HostileParent:
     workdir: str
@@ -432,7 +445,9 @@ class HostileParent:
                                       f"processes {children} (state {self.model.state})")
             # its one process, the thaw guard: the same all its life, holding no target
             # between requests (its sockets and the inherited state files)
-            self.guards.setdefault(pid, children[0])
+            if pid not in self.guards:
+                self.guards[pid] = children[0]
+                await_confined(children[0])
             guard_fds = len(os.listdir(f"/proc/{children[0]}/fd"))
             if (children[0], guard_fds) != (self.guards[pid], 4):
                 raise InvariantBroken(f"thaw guard {children[0]} (first {self.guards[pid]}) "
