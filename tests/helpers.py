@@ -241,6 +241,12 @@ def running_agent(workdir: str, mounts: list[str], **kw: object) -> Iterator[Age
         agent.stop()
 
 
+def status(pid: int | str) -> dict[str, str]:
+    """/proc/<pid>/status as the kernel says it, field by field."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
 def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from agent.engine.child_link import ChildLink
 from privileged import wire
-from tests.helpers import write_config
+from tests.helpers import status, wait_for, write_config
 
 REQUEST = struct.Struct("<BBHI")
 CHECK, FREEZE, THAW, PING, QUIT, REOPEN = 1, 2, 3, 4, 5, 6
@@ -226,13 +226,8 @@ def await_confined(guard: str, within: float = 5.0) -> None:
     """The thaw guard confines itself as it starts, while the child goes on to HELLO: until
     its seccomp filter is in force it may still hold its end of the child's socketpair, or
     Landlock's ruleset and the paths it names.  Its descriptors count from then on."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with open(f"/proc/{guard}/status", encoding="ascii") as f:
-            if any(line.split() == ["Seccomp:", "2"] for line in f):
-                return
-        time.sleep(0.01)
-    raise InvariantBroken(f"thaw guard {guard} did not confine itself within {within} s")
+    if not wait_for(lambda: status(guard)["Seccomp"] == "2", within, 0.01):
+        raise InvariantBroken(f"thaw guard {guard} did not confine itself within {within} s")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from tests.helpers import (
     assert_blocked,
     child_conversation_modules,
     running_agent,
+    status,
     wait_for,
     write_config,
 )
@@ -37,11 +38,6 @@ O_CLOEXEC = 0o2000000
 
 
 CAP_SYS_CHROOT = 18
-
-
-def status(pid: int | str) -> dict[str, str]:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
 
 
 def core_limit(pid: int) -> list[str]:
