@@ -117,8 +117,9 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
         f"Scratch ext4 filesystems on {devices.kind()}, mounted `{devices.MOUNT_OPTIONS}`. " \
         f"Each figure is a mean, of {repeats(reps, counts[0])} repetitions at " \
         f"{counts[0]} filesystem and of {repeats(reps, counts[-1])} at {counts[-1]} " \
-        "(fewer filesystems, more repetitions): a FIFREEZE takes one of two times here, a " \
-        "scheduler tick apart, and a median of a few lands on either at random. " \
+        "(fewer filesystems, more repetitions): a FIFREEZE returns just after a scheduler " \
+        "tick, its RCU grace periods ending on one, so it takes a whole tick more or less " \
+        "by where in the tick it starts, and a median of a few lands on either at random. " \
         "FREEZE and THAW: host request sent to reply, as the simulator sees it. Longest " \
         "blocked write: one writer per filesystem writes 4 KiB and times each of its own " \
         f"writes (every {measure_interval(counts)}); the longest write that was blocked " \
@@ -133,7 +134,11 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
         f"\"{measure.OPT_IN}\" the same with `[freeze] rcu_expedited = true`; " \
         f"\"{measure.EXPEDITED}\" the baseline with `/sys/kernel/rcu_expedited` set to 1 " \
         "around it by the benchmark: what the kernel's RCU grace periods cost. Every FREEZE " \
-        f"comes {measure.IDLE} s after the last THAW, as in real use: a FIFREEZE takes the " \
+        f"comes {measure.IDLE} s and a random 0 to {measure.JITTER * 1e3:g} ms after the " \
+        "last THAW: the random part starts it at a random point of the tick, as a host's " \
+        "FREEZE, which knows nothing of the guest's tick, starts (a whole number of ticks " \
+        "after a THAW that ended on one would start each side at its own fixed point, run " \
+        "after run). The idle is as in real use: a FIFREEZE takes the " \
         "superblock's three percpu rw-semaphores for writing, and each waits for an RCU " \
         "grace period unless that superblock was thawed a few milliseconds before." + \
         optin + "\n\n" + _table(

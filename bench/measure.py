@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -28,7 +29,22 @@ FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 # Every timed FREEZE, the agent's and the baseline's, comes this long after the last THAW,
 # as a host's FREEZE does in real use.
 IDLE = 0.3
+# ...and up to this much more, at random.  A FIFREEZE returns just after a scheduler tick
+# (its grace periods end on one: 58 of 60 returned within the same 0.5 ms of the 4 ms tick
+# here), so its time depends on where in the tick it starts.  IDLE alone is a whole number
+# of ticks, and the THAW before it ended on a tick: each side's FREEZE would start at its
+# own fixed point of the tick, and the agent's ~2 ms of work before its FIFREEZE could
+# cost it no tick or a whole one on every repetition of a run.  20 ms is a whole number of
+# ticks at 100, 250, 300 and 1000 Hz, so the point is uniform, as for a host's FREEZE,
+# which knows nothing of the guest's tick.
+JITTER = 0.02
 RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
+
+
+def pause() -> None:
+    """Before a timed FREEZE: IDLE, and a random part of a tick."""
+    time.sleep(IDLE + random.uniform(0, JITTER))
+
 
 # A daemon that answers every request at once and does nothing else, speaking the device
 # protocol through the agent's own kernel channel: what the simulator itself costs.
@@ -165,9 +181,9 @@ def shipped_agent(workdir: str, mounts: list[str], *, frontend: bool = False,
 
 @dataclass
 class Run:
-    """Means of one way of freezing, at one count of filesystems: a FIFREEZE takes one of
-    two times here (a scheduler tick apart, whether another task runs as its RCU grace
-    periods begin), so a median of few samples lands on either at random."""
+    """Means of one way of freezing, at one count of filesystems: a FIFREEZE returns just
+    after a scheduler tick (see JITTER), so it takes one of a few times a tick apart, and a
+    median of few samples lands on any of them at random."""
 
     freeze: float
     thaw: float
@@ -191,7 +207,7 @@ def optin_supported() -> bool:
 def freeze_many(workdir: str, mounts: list[str], dirty_mb: int, reps: int) -> dict[str, Run]:
     """FREEZE, THAW and the longest blocked write, each way in turn within every repetition
     (so all see the same state of the machine); the host sends THAW as soon as FREEZE is
-    answered, and every FREEZE comes IDLE seconds after the last THAW."""
+    answered, and every FREEZE comes after pause()."""
     meter = StallMeter(mounts)
     agents: dict[str, Agent] = {}
     samples: dict[str, list[tuple[float, float, float]]] = {}
@@ -205,7 +221,7 @@ def freeze_many(workdir: str, mounts: list[str], dirty_mb: int, reps: int) -> di
             for way in ways:
                 if dirty_mb:
                     dirty(mounts, dirty_mb)
-                time.sleep(IDLE)
+                pause()
                 t0 = time.monotonic()
                 if way in agents:
                     f = agents[way].sim.request("freeze", timeout=120)
@@ -305,11 +321,11 @@ def trace_freeze(workdir: str, mount: str, reps: int) -> tuple[dict[str, float],
                                    "-p", str(agent.child.pid)], stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # perf attaches
         for _ in range(reps):
-            time.sleep(IDLE)
+            pause()
             f = agent.sim.request("freeze", timeout=60)
             t = agent.sim.request("thaw", timeout=60)
             assert f.status == 0 and t.status == 0, (f, t)
-            time.sleep(IDLE)
+            pause()
             fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
             start = time.monotonic()
             fcntl.ioctl(fd, FIFREEZE, 0)
