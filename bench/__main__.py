@@ -30,7 +30,7 @@ from bench import devices, measure
 from bench.common import kib, machine, ms, ratio
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-SAMPLES = 24  # section 2: at least this many FIFREEZEs of single filesystems per mean
+SAMPLES = 48  # section 2: at least this many FIFREEZEs of single filesystems per mean
 
 
 def main() -> int:
