@@ -118,8 +118,8 @@ class Child:
         self.sock, self.freezer, self.cfg, self.device = sock, freezer, cfg, device
         self.statedir, self.budget, self.clock = statedir, budget, clock
         self.device_identity = device_identity  # what REOPEN may open: the device at start-up
-        self.recovered = recovered  # filesystems thawed from a predecessor's crash record
-        self.expedite = expedite  # [freeze] rcu_expedited (Linux)
+        # Filesystems thawed from a predecessor's crash record; [freeze] rcu_expedited (Linux).
+        self.recovered, self.expedite = recovered, expedite
         self.signals = signals if signals is not None else []  # the signal handler's flags
         self.state, self.next_seq = THAWED, 1
         self.held: list[Held] = []

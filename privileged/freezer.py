@@ -44,7 +44,8 @@ begins, the kernel's RCU grace periods inside it take a scheduler tick
 longer (a fork just before it: 31 ms instead of 24 here).  It
 stays single-threaded; the process that suspends UFS stays single-threaded
 too, as FreeBSD requires.  The guard never logs and never reads the child's
-socket to its parent: it only polls, reads, thaws and answers.
+socket to its parent, which it does not hold: of the child's descriptors it
+keeps its end of their link alone.  It only polls, reads, thaws and answers.
 
 The child's records to its guard (one SOCK_SEQPACKET record each): TARGETS
 "T" with up to MAX_PASSED descriptors, in order; ARM "A" + the deadline in
@@ -63,6 +64,7 @@ import select
 import time
 
 from privileged import concurrent, records
+from privileged.hardening import quiet_stdio
 from privileged.mounts import Mount
 
 TYPE_CHECKING = False
@@ -224,7 +226,11 @@ class Guard:
         if self.pid == 0:  # the guard: never return into the child's stack
             code = 1
             try:
-                ours.close()
+                # Its end of the link alone: not ours, not the child's socket to the parent,
+                # its state files or rcu_expedited; then 0-2 as the child has them.
+                os.closerange(0, theirs.fileno())
+                os.closerange(theirs.fileno() + 1, 1 << 20)
+                quiet_stdio()
                 confine()
                 code = watch(theirs, release, clock)
             finally:

@@ -191,23 +191,46 @@ def test_child_seen_from_outside(workdir, ext4_xfs):
         assert child.num_threads() == 1
         assert held() == sorted(["socket", "socket", *state])
         # the thaw guard: forked before the child confined itself, confined the same way
-        # by itself, and holding no target between FREEZEs
+        # by itself, and holding its end of their socketpair alone, and no target between
+        # FREEZEs
         (guard,) = child.children()
+        assert wait_for(lambda: status(guard.pid)["Seccomp"] == "2")
         gst = status(guard.pid)
         assert (gst["NoNewPrivs"], gst["Seccomp"], gst["Seccomp_filters"]) == ("1", "2", "1")
         assert [gst[k] for k in ("CapPrm", "CapEff", "CapBnd")] == [kept, kept, kept]
         assert guard.num_threads() == 1
-        assert held(guard.pid) == sorted(["socket", "socket", *state])
+        assert held(guard.pid) == ["socket"]
         assert agent.sim.request("freeze").status == 0
         assert child.num_threads() == 1
         assert held() == sorted(["socket", "socket", *state, *mounts])
-        assert held(guard.pid) == sorted(["socket", "socket", *state])  # disarmed
+        assert held(guard.pid) == ["socket"]  # disarmed
         assert agent.sim.request("thaw").status == 0
         assert held() == sorted(["socket", "socket", *state])
         assert child.children() == [guard]  # the same guard, for the child's life
         # two targets: FREEZE ran worker threads, whose clone3 is answered ENOSYS (glibc then
         # calls clone); nothing else was refused
         assert seccomp_records({child.pid}, answered=("clone3",)) == []
+
+
+def test_the_thaw_guard_keeps_none_of_the_child_s_other_descriptors(workdir, make_fs):
+    """Not the child's socket to the parent, not its state files, not (opted in)
+    /sys/kernel/rcu_expedited: the guard needs none of them to thaw, and with them it could
+    write the crash record, a global kernel setting, or records to the parent."""
+    fs = make_fs("ext4")
+    with running_agent(workdir, [fs.mountpoint], rcu_expedited=True) as agent:
+        child = agent.child
+        (guard,) = child.children()
+        assert wait_for(lambda: status(guard.pid)["Seccomp"] == "2")
+        theirs = {target for target, _ in descriptors(child.pid).values()}
+        assert "/sys/kernel/rcu_expedited" in theirs
+        assert os.path.join(workdir, "state", "frozen") in theirs
+        # one socket, and not one the child holds (the child's socket to the parent would
+        # be): its own end of their socketpair, through which the child still arms it
+        (link,) = (target for target, _ in descriptors(guard.pid).values())
+        assert link.startswith("socket:") and link not in theirs
+        assert agent.sim.request("freeze").status == 0
+        assert agent.sim.request("thaw").status == 0
+        assert child.children() == [guard]
 
 
 def test_child_is_not_dumpable(workdir, make_fs):

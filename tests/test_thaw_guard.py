@@ -18,6 +18,7 @@ import time
 import psutil
 
 from agent.kernel import linux_wire as lw
+from privileged import hardening
 from privileged.child_config import parse_child_sections
 from privileged.freeze_memory import MOUNTS, MemoryFreezer
 from privileged.freezer import Guard, freeze_all, thaw
@@ -122,3 +123,25 @@ def test_a_guard_that_died_during_a_freeze_makes_the_freeze_fail():
         assert guard.disarm() is True
     finally:
         guard.sock.close()
+
+
+def test_on_freebsd_the_guard_keeps_0_to_2_taken_by_dev_null(monkeypatch):
+    """It closes every descriptor but its end of the link, then takes 0-2 as the child
+    does (privileged/hardening.py quiet_stdio): on FreeBSD /dev/null, so that a
+    /dev/ufssuspend descriptor it is passed never lands where a stray write to stdout would
+    be a raw write to the suspended disk.  (On Linux 0-2 stay closed: test_confinement.py.)"""
+    monkeypatch.setattr(hardening, "LINUX", False)
+    guard = Guard(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET),
+                  lambda fd: None, lambda: None)
+
+    def held() -> dict[int, str]:
+        return {int(fd): os.readlink(f"/proc/{guard.pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{guard.pid}/fd")}
+
+    try:
+        assert wait_for(lambda: len(held()) == 4), held()  # pytest's own are many more
+        fds = held()
+        assert [fds.pop(fd) for fd in (0, 1, 2)] == [os.devnull] * 3
+        assert [target.startswith("socket:") for target in fds.values()] == [True]
+    finally:
+        guard.close()
