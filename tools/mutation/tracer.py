@@ -17,7 +17,8 @@ open nothing for writing.  That descriptor is one more than the tests that
 count the child's descriptors expect: they fail traced, and are taken as
 incomplete (below).  A process forked by one of ours (the frontend, the thaw
 guard) keeps tracing and writes through the descriptor it inherited, for
-the test of the process that forked it; one forked in pytest's process
+the test of the process that forked it (os.closerange, with which the guard
+closes every descriptor but its link, leaves that one open); one forked in pytest's process
 (multiprocessing in tests) writes nothing.
 
 A module run from a copy of our packages that a test made (tests/test_integrity.py
@@ -149,6 +150,19 @@ def _global(frame, event, arg):
     return local
 
 
+_closerange_of_os = _os.closerange
+
+
+def _closerange(low, high):
+    # The thaw guard closes every descriptor but its link: this one stays, to trace it.
+    fd = _state["fd"]
+    if fd is not None and low <= fd < high:
+        _closerange_of_os(low, fd)
+        _closerange_of_os(fd + 1, high)
+    else:
+        _closerange_of_os(low, high)
+
+
 def _start():
     _state["test"] = _test_at_start()
     try:
@@ -160,6 +174,7 @@ def _start():
     _threading.settrace(_global)
     _sys.settrace(_global)
     _thread.start_new_thread = _traced_start  # privileged/concurrent.py starts its own
+    _os.closerange = _closerange
 
 
 def _traced_start(function, args, kwargs=None, _start=_thread.start_new_thread):
