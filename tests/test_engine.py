@@ -102,7 +102,9 @@ def test_thaw_without_freeze_succeeds(protocol):
 def test_auto_thaw_resyncs_the_child_and_fails_the_next_thaw(eng):
     eng.on_kernel(kreq(lw.VSS_OP_FREEZE), 0.0)
     eng.on_child_result(result(Op.FREEZE), 0.1)
+    assert eng.frozen_count == 2
     acts = eng.on_auto_thaw(wire.Event(wire.EventCode.AUTO_THAW, wire.Reason.WATCHDOG, 2), 60.0)
+    assert (eng.frozen, eng.frozen_mounts, eng.frozen_count) == (False, (), 0)
     frozen = eng.ledger.histograms["frozen"]
     assert (frozen.count, frozen.total) == (1, pytest.approx(59.9))
     assert any(isinstance(a, E.ReleaseLogs) for a in acts)

@@ -95,6 +95,7 @@ def test_thaw_reports_join_the_transaction_after_the_reply():
     e.on_kernel(THAW, 5.0)
     actions = e.on_child_result(wire.Result(wire.Op.THAW, wire.Status.OK, 2, count=1), 5.1)
     assert replies(actions) == [True] and actions[-1] == E.Notify(Verb.THAW, 2, 17.1)
+    assert (e.frozen, e.frozen_mounts, e.frozen_count) == (False, (), 0)
     assert e.on_notify_done(Verb.THAW, 2, [result(Outcome.FAILED, reason="hook")], 5.5) == []
     subscribers = e.ledger.history[-1].subscribers
     assert [(s["event"], s["result"]) for s in subscribers] == [("thaw", "failed")]

@@ -210,9 +210,7 @@ class Engine:
             return [ReleaseLogs(), *self._resume_subscribers(tx, now),
                     *self._finish(tx, now, False, why)]
         if res.op is wire.Op.THAW:
-            if self.frozen and self.frozen_since is not None:
-                self.ledger.histograms["frozen"].observe(now - self.frozen_since)
-            self.frozen, self.frozen_since, self.frozen_mounts = False, None, ()
+            self._thawed(now)
             actions: list[Action] = [ReleaseLogs()]
             if tx.kind is Kind.THAW:
                 if self.consistency_lost:
@@ -225,13 +223,17 @@ class Engine:
             return actions + self._finish(tx, now, ok, why)
         raise EngineError(f"the engine never asks the child for {res.op.name}")
 
+    def _thawed(self, now: float) -> None:
+        """Nothing is frozen now: how long it was goes to the histogram, what was is gone."""
+        if self.frozen and self.frozen_since is not None:
+            self.ledger.histograms["frozen"].observe(now - self.frozen_since)
+        self.frozen, self.frozen_since, self.frozen_mounts, self.frozen_count = False, None, (), 0
+
     def on_auto_thaw(self, ev: wire.Event, now: float) -> list[Action]:
         """The child thawed by itself (watchdog, or a signal before exiting)."""
         if not self.frozen:
             return []
-        if self.frozen_since is not None:
-            self.ledger.histograms["frozen"].observe(now - self.frozen_since)
-        self.frozen, self.frozen_since, self.frozen_mounts = False, None, ()
+        self._thawed(now)
         self.consistency_lost = True
         self.ledger.counters["auto_thaws"] += 1
         reason = "watchdog" if ev.reason is wire.Reason.WATCHDOG else "signal"

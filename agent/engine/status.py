@@ -81,7 +81,7 @@ def snapshot(service: Service, frontend_pid: int | None = None,
                      "seconds_left": None if frozen_for is None or max_frozen is None
                      else round(max(0.0, max_frozen - frozen_for), 3)},
         "frozen_mounts": list(e.frozen_mounts),
-        "frozen_count": e.frozen_count if e.frozen else 0,
+        "frozen_count": e.frozen_count,
         "busy": e.tx.kind.value if e.tx else None,
         "consistency_lost": e.consistency_lost,
         "child": child_health(service.child),
