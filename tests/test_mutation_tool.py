@@ -516,3 +516,39 @@ def test_a_copy_s_virtualenv_holds_what_the_daemon_imports_without_its_pth(tmp_p
                            "import multiprocessing_logging, psutil", purelib],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_stopped_run_puts_rcu_expedited_back(tmp_path, monkeypatch):
+    """A mutant's test may leave /sys/kernel/rcu_expedited at 1 (its child killed while it
+    froze, with no successor to read the crash record): the run sets it back to what it
+    was when it began, on its way out, interrupted or not."""
+    from tools.mutation import __main__ as tool
+    from tools.mutation import runner
+
+    before = runner.rcu_expedited()
+    assert before is not None  # this kernel has the setting: the test would prove nothing
+
+    class NoCopy:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def create(self, files: object, modules: object) -> NoCopy:
+            return self
+
+    def stopped_in_the_middle(*args: object, **kw: object) -> None:
+        with open(runner.RCU_EXPEDITED, "w", encoding="ascii") as f:
+            f.write("0" if before == "1" else "1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, "Copy", NoCopy)
+    monkeypatch.setattr(tool, "check_copy", lambda copy: None)
+    monkeypatch.setattr(tool, "coverage_map", stopped_in_the_middle)
+    args = tool.parser().parse_args(["-j", "1"])
+    ms = tool.mutants_of_all(["privileged/budget.py"])[:1]
+    try:
+        with pytest.raises(SystemExit):
+            tool.run(args, ["privileged/budget.py"], ms, {},
+                     Results(str(tmp_path / "results.jsonl"), fresh=True))
+        assert runner.rcu_expedited() == before
+    finally:
+        runner.restore_rcu_expedited(before)

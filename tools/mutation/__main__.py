@@ -39,6 +39,8 @@ from tools.mutation.runner import (
     RunError,
     check_copy,
     coverage_run,
+    rcu_expedited,
+    restore_rcu_expedited,
     run_workers,
     tree_files,
 )
@@ -46,8 +48,9 @@ from tools.mutation.testmap import EXCLUDED, IGNORED_FILES, CoverageMap
 
 # Part of the coverage map's key: a map made by an older tool is made again.  2: the
 # daemon's processes traced too (they ran the worktree's code before); 3: copies of our
-# packages that tests make; 4: threads started with _thread (the child's freeze workers).
-MAP_FORMAT = 4
+# packages that tests make; 4: threads started with _thread (the child's freeze workers);
+# 5: the thaw guard, which closes every descriptor but its link, keeps the tracer's.
+MAP_FORMAT = 5
 DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine/machine.py")
 
 
@@ -250,6 +253,7 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
         return None
     base = tempfile.mkdtemp(prefix="hvm-", dir="/tmp")
     os.chmod(base, 0o755)  # noqa: S103 - the tests' other users reach their sockets below
+    rcu = rcu_expedited()
     try:
         # All copies now: what the run measures is the tree as it was when it started.
         copies = []
@@ -270,6 +274,7 @@ def run(args: argparse.Namespace, modules: list[str], ms: list[Mutant],
         fail("interrupted; run it again to go on where it stopped")
     finally:
         shutil.rmtree(base, ignore_errors=True)
+        restore_rcu_expedited(rcu)
 
 
 def is_test_file(rel: str) -> bool:

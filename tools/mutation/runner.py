@@ -308,6 +308,28 @@ def undo_scratch(scratch: str) -> None:
                 os.unlink(path)
 
 
+RCU_EXPEDITED = "/sys/kernel/rcu_expedited"
+
+
+def rcu_expedited() -> str | None:
+    """The kernel's setting: a test's agent with `[freeze] rcu_expedited` sets it while it
+    freezes, and a child killed meanwhile leaves it to its successor's crash recovery,
+    which a stopped run never starts.  None where the kernel has no such file."""
+    try:
+        with open(RCU_EXPEDITED, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def restore_rcu_expedited(value: str | None) -> None:
+    """Back to `value` (read before the run) if a mutant's run left it otherwise: only when
+    no test runs, since a test in another copy may hold it at 1 on purpose."""
+    if value is not None and rcu_expedited() != value:
+        with contextlib.suppress(OSError), open(RCU_EXPEDITED, "w", encoding="ascii") as f:
+            f.write(value)
+
+
 # --- the coverage run -------------------------------------------------------------------
 
 
