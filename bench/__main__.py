@@ -118,8 +118,9 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
         f"Each figure is a mean, of {repeats(reps, counts[0])} repetitions at " \
         f"{counts[0]} filesystem and of {repeats(reps, counts[-1])} at {counts[-1]} " \
         "(fewer filesystems, more repetitions): a FIFREEZE returns just after a scheduler " \
-        "tick, its RCU grace periods ending on one, so it takes a whole tick more or less " \
-        "by where in the tick it starts, and a median of a few lands on either at random. " \
+        "tick, its RCU grace periods ending on one, so its time depends on where in the " \
+        "tick it starts, and some take two ticks more: a median of a few lands on one " \
+        "time or another at random. " \
         "FREEZE and THAW: host request sent to reply, as the simulator sees it. Longest " \
         "blocked write: one writer per filesystem writes 4 KiB and times each of its own " \
         f"writes (every {measure_interval(counts)}); the longest write that was blocked " \

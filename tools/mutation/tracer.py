@@ -18,8 +18,8 @@ count the child's descriptors expect: they fail traced, and are taken as
 incomplete (below).  A process forked by one of ours (the frontend, the thaw
 guard) keeps tracing and writes through the descriptor it inherited, for
 the test of the process that forked it (os.closerange, with which the guard
-closes every descriptor but its link, leaves that one open); one forked in pytest's process
-(multiprocessing in tests) writes nothing.
+closes every descriptor but its link, leaves that one open); one forked in
+pytest's process (multiprocessing in tests) writes nothing.
 
 A module run from a copy of our packages that a test made (tests/test_integrity.py
 installs one and tampers with it) counts as the module itself: the copy is
