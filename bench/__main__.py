@@ -119,7 +119,7 @@ def _many(work: str, counts: list[int], dirty_mb: int, reps: int) -> str:
         f"{counts[0]} filesystem and of {repeats(reps, counts[-1])} at {counts[-1]} " \
         "(fewer filesystems, more repetitions): a FIFREEZE returns just after a scheduler " \
         "tick, its RCU grace periods ending on one, so its time depends on where in the " \
-        "tick it starts, and some take two ticks more: a median of a few lands on one " \
+        "tick it starts, and some take a few ticks more: a median of a few lands on one " \
         "time or another at random. " \
         "FREEZE and THAW: host request sent to reply, as the simulator sees it. Longest " \
         "blocked write: one writer per filesystem writes 4 KiB and times each of its own " \
