@@ -44,21 +44,22 @@ from privileged.hardening import harden_child, quiet_stdio, thread_count
 from privileged.safe_path import directories_reason
 from privileged.selection import Selection, Verdict, select_targets, under
 from privileged.statefile import StateDir
+from privileged.system import LINUX
 from privileged.toml_subset import parse_toml
 
-if sys.platform.startswith("freebsd"):
-    from privileged.freeze_freebsd import FreeBSDFreezer as NativeFreezer
-
-    def confine_child(device: str | None) -> str:
-        """No sandbox: the child opens /dev/ufssuspend once per filesystem at FREEZE time,
-        which Capsicum's capability mode forbids (SECURITY.md, Known limits)."""
-        return "no sandbox on this system"
-else:
+if LINUX:
     from privileged.freeze_linux import LinuxFreezer as NativeFreezer
     from privileged.rcu import PATH as RCU_PATH  # [freeze] rcu_expedited: Linux only
     from privileged.rcu import Expedite
     from privileged.rcu import recover as recover_rcu
     from privileged.sandbox import confine_child
+else:
+    from privileged.freeze_freebsd import FreeBSDFreezer as NativeFreezer  # type: ignore[assignment]
+
+    def confine_child(device: str | None) -> str:
+        """No sandbox: the child opens /dev/ufssuspend once per filesystem at FREEZE time,
+        which Capsicum's capability mode forbids (SECURITY.md, Known limits)."""
+        return "no sandbox on this system"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

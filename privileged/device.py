@@ -23,11 +23,10 @@ import _socket
 import errno
 import os
 import stat
-import sys
+
+from privileged.system import LINUX
 
 Identity = tuple[str, int, int]  # ("chr", rdev, 0) or ("sock", st_dev, st_ino)
-
-_LINUX = sys.platform.startswith("linux")
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -47,12 +46,12 @@ def open_device(path: str, expect: Identity | None = None) -> int:
     """A close-on-exec descriptor for `path`: the character device, or a SOCK_SEQPACKET
     connection when `path` is a Unix socket (the simulator).  With `expect`, anything
     but that device or socket is refused (ESTALE)."""
-    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) if _LINUX else -1
+    handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC) if LINUX else -1
     try:
-        found = identity(os.fstat(handle) if _LINUX else os.lstat(path))
+        found = identity(os.fstat(handle) if LINUX else os.lstat(path))
         if expect is not None and found != expect:
             raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")
-        same = f"/proc/self/fd/{handle}" if _LINUX else path  # Linux: the inode just checked
+        same = f"/proc/self/fd/{handle}" if LINUX else path  # Linux: the inode just checked
         if found[0] == "sock":
             s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
             try:
@@ -62,11 +61,11 @@ def open_device(path: str, expect: Identity | None = None) -> int:
                 raise
             return s.detach()
         flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY
-        fd = os.open(same, flags if _LINUX else flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(same, flags if LINUX else flags | os.O_NOFOLLOW | os.O_NONBLOCK)
     finally:
-        if _LINUX:
+        if LINUX:
             os.close(handle)
-    if not _LINUX:  # opened by path: what the open reached is checked now
+    if not LINUX:  # opened by path: what the open reached is checked now
         try:
             if identity(os.fstat(fd)) != found:
                 raise OSError(errno.ESTALE, f"{path} is not the device it was at start-up")

@@ -29,8 +29,8 @@ import resource
 import sys
 
 from privileged import libc
+from privileged.system import LINUX
 
-LINUX = sys.platform.startswith("linux")
 CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_ADMIN = 2, 8, 21
 KEEP = frozenset({CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN})
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_READ, PR_CAPBSET_DROP = 1, 4, 23, 24

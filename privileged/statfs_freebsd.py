@@ -17,29 +17,16 @@ from __future__ import annotations
 
 import struct
 
-STATFS_VERSION = 0x20140518
-FREEBSD11_STATFS_VERSION = 0x20030518
-MFSNAMELEN = 16
-MNAMELEN = 1024
-
-MNT_RDONLY = 0x0000000000000001
-MNT_LOCAL = 0x0000000000001000
-MNT_ROOTFS = 0x0000000000004000
-MNT_IGNORE = 0x0000000000800000
-
-MNT_WAIT = 1
+STATFS_VERSION = 0x20140518  # the only one read (the older 0x20030518 is refused)
+MNT_RDONLY, MNT_LOCAL = 0x1, 0x1000
 MNT_NOWAIT = 2
 
 # f_version f_type f_flags f_bsize f_iosize f_blocks f_bfree f_bavail f_files f_ffree
 # f_syncwrites f_asyncwrites f_syncreads f_asyncreads f_nvnodelistsize f_spare0
 # f_spare[9] f_namemax f_owner f_fsid f_charspare f_fstypename f_mntfromname f_mntonname
+# (names: MFSNAMELEN 16, MNAMELEN 1024; f_fsid at offset 192, the names at 280, 296, 1320)
 STATFS = struct.Struct("<IIQQQQQqQqQQQQII9QII8s80s16s1024s1024s")
 STATFS_SIZE = STATFS.size  # 2344
-
-OFFSET_FSID = 192
-OFFSET_FSTYPENAME = 280
-OFFSET_MNTFROMNAME = 296
-OFFSET_MNTONNAME = 1320
 
 
 class StatfsError(OSError):

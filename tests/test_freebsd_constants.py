@@ -68,29 +68,36 @@ def test_host_side_constants():
     assert (host.HV_S_OK, host.HV_E_FAIL, host.VSS_HBU_NO_AUTO_RECOVERY) == (0, 0x80004005, 5)
 
 
+# sys/sys/mount.h, as the reference gives it (privileged/ keeps only what it uses)
+MFSNAMELEN, MNAMELEN = 16, 1024
+OFFSET_FSID, OFFSET_FSTYPENAME, OFFSET_MNTFROMNAME, OFFSET_MNTONNAME = 192, 280, 296, 1320
+
+
 def test_struct_statfs_layout():
     assert sf.STATFS_SIZE == 2344 and sf.STATFS_SIZE % 8 == 0
     fields = sf.STATFS.format[1:]
     head = struct.calcsize("<" + fields.split("8s")[0])
-    assert head == sf.OFFSET_FSID == 192
-    assert (sf.OFFSET_FSTYPENAME, sf.OFFSET_MNTFROMNAME, sf.OFFSET_MNTONNAME) == (
-        192 + 8 + 80, 192 + 8 + 80 + 16, 192 + 8 + 80 + 16 + 1024) == (280, 296, 1320)
-    assert (sf.MFSNAMELEN, sf.MNAMELEN) == (16, 1024)
-    assert (sf.STATFS_VERSION, sf.FREEBSD11_STATFS_VERSION) == (0x20140518, 0x20030518)
-    assert (sf.MNT_RDONLY, sf.MNT_LOCAL, sf.MNT_ROOTFS, sf.MNT_IGNORE) == (
-        0x1, 0x1000, 0x4000, 0x800000)
-    assert (sf.MNT_WAIT, sf.MNT_NOWAIT) == (1, 2)
+    assert head == OFFSET_FSID
+    names = sf.STATFS.format.rsplit("8s", 1)[1]
+    assert names == f"80s{MFSNAMELEN}s{MNAMELEN}s{MNAMELEN}s"
+    assert (OFFSET_FSTYPENAME, OFFSET_MNTFROMNAME, OFFSET_MNTONNAME) == (
+        head + 8 + 80, head + 8 + 80 + MFSNAMELEN, head + 8 + 80 + MFSNAMELEN + MNAMELEN)
+    assert sf.STATFS_VERSION == ufs_model.STATFS_VERSION == 0x20140518
+    assert ufs_model.FREEBSD11_STATFS_VERSION == 0x20030518
+    assert (sf.MNT_RDONLY, sf.MNT_LOCAL, sf.MNT_NOWAIT) == (0x1, 0x1000, 2)
+    assert (ufs_model.MNT_RDONLY, ufs_model.MNT_LOCAL, ufs_model.MNT_ROOTFS) == (
+        0x1, 0x1000, 0x4000)
 
 
 def test_a_record_written_by_offset_decodes_field_by_field():
     """The model writes records by the reference's offsets; our decoder reads them."""
     name = "/var/" + "x" * 1000  # long names use the full 1024-byte fields
     m = ufs_model.ModelMount(name, bytes.fromhex("0123456789abcdef"), "ufs", "/dev/ada0p3",
-                             flags=sf.MNT_LOCAL | sf.MNT_ROOTFS)
+                             flags=sf.MNT_LOCAL | ufs_model.MNT_ROOTFS)
     (e,) = sf.decode(ufs_model.UfsModel([m]).getfsstat())
     assert (e.mntonname, e.mntfromname, e.fstypename) == (name, "/dev/ada0p3", "ufs")
     assert e.fsid == bytes.fromhex("0123456789abcdef")
-    assert e.flags == sf.MNT_LOCAL | sf.MNT_ROOTFS
+    assert e.flags == sf.MNT_LOCAL | ufs_model.MNT_ROOTFS
 
 
 def test_partial_records_are_refused():

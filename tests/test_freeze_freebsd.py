@@ -21,9 +21,16 @@ from privileged.freeze_freebsd import FreeBSDFreezer
 from privileged.freezer import FreezeFailed, Guard, Held, freeze_all, thaw
 from privileged.mounts_freebsd import fsid_of
 from privileged.selection import Mount
-from privileged.statfs_freebsd import FREEBSD11_STATFS_VERSION, StatfsError
+from privileged.statfs_freebsd import StatfsError
 from privileged.ufs_kernel import read_fsstat
-from tests.ufs_model import MNT_LOCAL, MNT_RDONLY, UFSRESUME, ModelMount, UfsModel
+from tests.ufs_model import (
+    FREEBSD11_STATFS_VERSION,
+    MNT_LOCAL,
+    MNT_RDONLY,
+    UFSRESUME,
+    ModelMount,
+    UfsModel,
+)
 
 pytestmark = pytest.mark.freebsd_model
 

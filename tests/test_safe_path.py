@@ -139,7 +139,7 @@ def test_where_o_path_is_missing_the_device_is_opened_by_name_and_left_blocking(
     """The branch for systems without O_PATH (FreeBSD): the node is opened with O_NOFOLLOW and
     O_NONBLOCK (a symlink is refused, no open waits), checked against what was expected, and
     made blocking again, since the child's reads of the device wait for the host."""
-    monkeypatch.setattr(device, "_LINUX", False)
+    monkeypatch.setattr(device, "LINUX", False)
     fd = open_device("/dev/null", identify("/dev/null"))
     try:
         assert os.get_blocking(fd)

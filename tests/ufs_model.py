@@ -48,9 +48,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 STATFS_VERSION = 0x20140518
+FREEBSD11_STATFS_VERSION = 0x20030518  # 88-byte names: to be refused
 STATFS_SIZE = 2344
 MNT_RDONLY = 0x1
 MNT_LOCAL = 0x1000
+MNT_ROOTFS = 0x4000
 UFSSUSPEND = 0x80085501
 UFSRESUME = 0x20005502
 
