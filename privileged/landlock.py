@@ -36,6 +36,7 @@ WRITE_FILE, READ_FILE, READ_DIR = 1 << 1, 1 << 2, 1 << 3  # the rights granted (
 # 5, ioctl_dev.  Network (4): TCP bind and connect.  Scopes (6): abstract sockets, signals.
 _FS = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
 _FS_LATEST, _NET_TCP, _SCOPES = (1 << 16) - 1, 0b11, 0b11
+_PR_SET_NO_NEW_PRIVS = 38
 _syscall = libc.function("syscall")
 
 
@@ -66,6 +67,9 @@ def restrict(read_write_file: str | None) -> int:
             _allow(ruleset, "/", READ_FILE | READ_DIR)
             if read_write_file is not None and _is_char_device(read_write_file):
                 _allow(ruleset, read_write_file, READ_FILE | WRITE_FILE)
+            # restrict_self wants no_new_privs or CAP_SYS_ADMIN, which a child started
+            # without root (the demo's) lacks; the seccomp filter sets it next anyway.
+            libc.function("prctl")(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
             _syscall(_RESTRICT_SELF, ruleset, 0)
         finally:
             os.close(ruleset)
