@@ -229,7 +229,7 @@ class Guard:
                 # Its end of the link alone: not ours, not the child's socket to the parent,
                 # its state files or rcu_expedited; then 0-2 as the child has them.
                 os.closerange(0, theirs.fileno())
-                os.closerange(theirs.fileno() + 1, 1 << 20)
+                os.closerange(theirs.fileno() + 1, 1 << 20)  # Linux's nr_open: all
                 quiet_stdio()
                 confine()
                 code = watch(theirs, release, clock)
