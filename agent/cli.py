@@ -51,10 +51,11 @@ def daemon_parser() -> Parser:
     p.add_argument("--simulate", action="store_true",
                    help="demo: run the agent against the built-in host simulator on scratch "
                         "filesystems it creates and removes")
-    p.add_argument("--cycles", type=int, default=3, metavar="N",
+    p.add_argument("--cycles", type=int, metavar="N",
                    help="with --simulate: CHECK/FREEZE/THAW cycles to run (default 3)")
-    p.add_argument("--hold", type=float, default=1.0, metavar="SECONDS",
-                   help="with --simulate: how long the host keeps the filesystems frozen")
+    p.add_argument("--hold", type=float, metavar="SECONDS",
+                   help="with --simulate: how long the host keeps the filesystems frozen "
+                        "(default 1)")
     p.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)  # demo, not root
     return p
 
@@ -71,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         from agent.simulator import command
 
         return command.main(args_list[1:])
-    args = daemon_parser().parse_args(args_list)
+    parser = daemon_parser()
+    args = parser.parse_args(args_list)
+    given = [o for o, v in (("--cycles", args.cycles), ("--hold", args.hold)) if v is not None]
+    if given and not args.simulate:
+        parser.error(f"{given[0]} is for --simulate")
+    args.cycles = 3 if args.cycles is None else args.cycles
+    args.hold = 1.0 if args.hold is None else args.hold
+    if args.cycles < 1 or not args.hold > 0:  # `not > 0`: nan as well
+        parser.error("--cycles must be at least 1 and --hold positive")
     try:
         if args.simulate:
             _with_site_packages()

@@ -247,6 +247,21 @@ def status(pid: int | str) -> dict[str, str]:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
 
 
+def descriptors(pid: int | str) -> list[str]:
+    """The process's open descriptors, but for the one a mutation copy's line tracer keeps
+    in every process it traces (tools/mutation/tracer.py; none outside a mutation run)."""
+    tracer = sys.modules.get("privileged._mutation_trace")
+    skip = os.path.dirname(tracer.CURRENT) + "/" if tracer is not None else None
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if skip is None or not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(skip):
+                found.append(fd)
+        except OSError:
+            pass  # closed since the listing
+    return found
+
+
 def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

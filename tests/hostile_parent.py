@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from agent.engine.child_link import ChildLink
 from privileged import wire
-from tests.helpers import status, wait_for, write_config
+from tests.helpers import descriptors, status, wait_for, write_config
 
 REQUEST = struct.Struct("<BBHI")
 CHECK, FREEZE, THAW, PING, QUIT, REOPEN = 1, 2, 3, 4, 5, 6
@@ -431,7 +431,7 @@ class HostileParent:
         self.assert_bystander_untouched()
         if self.link is not None:
             pid = self.link.pid
-            fds, threads = len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+            fds, threads = len(descriptors(pid)), len(os.listdir(f"/proc/{pid}/task"))
             with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
                 children = f.read().split()
             want = 5 if self.model.state == "frozen" else 4
@@ -443,7 +443,7 @@ class HostileParent:
             if pid not in self.guards:
                 self.guards[pid] = children[0]
                 await_confined(children[0])
-            guard_fds = len(os.listdir(f"/proc/{children[0]}/fd"))
+            guard_fds = len(descriptors(children[0]))
             if (children[0], guard_fds) != (self.guards[pid], 1):
                 raise InvariantBroken(f"thaw guard {children[0]} (first {self.guards[pid]}) "
                                       f"holds {guard_fds} descriptors")

@@ -58,7 +58,12 @@ def test_bad_config_files(workdir):
 
 
 def test_simulate_rejects_nonsense(workdir):
-    one_line_error(run("--simulate", "--cycles", "0"), 1, "--cycles must be at least 1")
+    """A bad command line (exit status 2, as hv-vss-agent(8) says), not a failed demo."""
+    for bad in (("--cycles", "0"), ("--hold", "0"), ("--hold", "nan"), ("--hold", "-1")):
+        one_line_error(run("--simulate", *bad), 2, "--cycles must be at least 1 and --hold "
+                                                   "positive")
+    one_line_error(run("--cycles", "2"), 2, "--cycles is for --simulate")
+    one_line_error(run("--hold", "2", "-n"), 2, "--hold is for --simulate")
 
 
 def test_not_root(workdir):
