@@ -41,6 +41,8 @@ def test_help_shows_the_stock_flags():
     (("-x",), "unrecognized arguments: -x"),
     (("--protocol", "windows"), "invalid choice: 'windows'"),
     (("--cycles", "many"), "invalid int value: 'many'"),
+    (("simulator", "check", "/nonexistent", "--timeout", "nan"), "between 0.1 and 3600 seconds"),
+    (("simulator", "thaw", "/nonexistent", "--timeout", "-1"), "between 0.1 and 3600 seconds"),
 ])
 def test_usage_errors(args, text):
     one_line_error(run(*args), 2, text)
@@ -55,6 +57,20 @@ def test_bad_config_files(workdir):
     one_line_error(run("--config", bad), 1, "[watchdog] max_frozen_seconds: expected a number")
     os.chmod(bad, 0o666)
     one_line_error(run("--config", bad), 1, "writable by group or others")
+
+
+def test_a_detached_agent_refuses_to_log_to_stderr(workdir):
+    """Detached, its stderr is /dev/null: the log would be lost.  (Without the check the
+    next one answers: the device below is a socket and nothing limits what is frozen.)"""
+    import socket
+
+    device = os.path.join(workdir, "sim.sock")
+    socket.socket(socket.AF_UNIX).bind(device)
+    cfg = os.path.join(workdir, "c.toml")
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(f'[device]\npath = "{device}"\n[log]\ntarget = "stderr"\n')
+    os.chmod(cfg, 0o600)
+    one_line_error(run("--config", cfg), 1, '[log] target = "stderr" needs -n')
 
 
 def test_simulate_rejects_nonsense(workdir):

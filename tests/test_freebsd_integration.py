@@ -1,10 +1,10 @@
 """FreeBSD integration files, checked as far as Linux allows.
 
-The man page against the real argument parsers (the daemon's, status's and
-hook's); the devd rules' stop action run for real (procps pkill has the same
--F and -L as FreeBSD's) on processes the test owns; the rc.d script run by sh
-against a stand-in for rc.subr, its command line parsed with daemon(8)'s
-options and then by our own parser.
+The man page against the real argument parsers (the daemon's, status's,
+hook's and the simulator's); the devd rules' stop action run for real (procps
+pkill has the same -F and -L as FreeBSD's) on processes the test owns; the
+rc.d script run by sh against a stand-in for rc.subr, its command line parsed
+with daemon(8)'s options and then by our own parser.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 
 from agent.cli import daemon_parser
 from agent.clients.cli import hook_parser, status_parser
+from agent.simulator.command import parser as simulator_parser
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.freebsd_model
@@ -35,8 +36,20 @@ DAEMON_ARGS = set("pPtumosTlRC")
 
 
 def parser_options(parser: argparse.ArgumentParser | None = None) -> set[str]:
-    return {s for a in (parser or daemon_parser())._actions if a.help != argparse.SUPPRESS
-            for s in a.option_strings}
+    """Every option the parser takes, its subcommands' included."""
+    found: set[str] = set()
+    for a in (parser or daemon_parser())._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                found |= parser_options(sub)
+        elif a.help != argparse.SUPPRESS:
+            found |= set(a.option_strings)
+    return found
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
 
 
 def read(path: str) -> str:
@@ -72,6 +85,7 @@ def man_section(text: str, name: str) -> str:
     ("OPTIONS", None, daemon_parser),
     ("STATUS", "status", status_parser),
     ("HOOKS", "hook", hook_parser),
+    ("SIMULATOR", "simulator", simulator_parser),
 ])
 def test_man_page_documents_exactly_the_parsers_options(section, command, parser):
     text = read(MAN)
@@ -84,11 +98,23 @@ def test_man_page_documents_exactly_the_parsers_options(section, command, parser
 
     # SYNOPSIS: one .Nm line per form; the clients' forms start with their command.
     forms = re.split(r"^\.Nm$", man_section(text, "SYNOPSIS"), flags=re.M)[1:]
-    mine = [f for f in forms if re.match(rf"\n\.Cm {command}\n", f)] if command else \
+    mine = [f for f in forms if re.match(rf"\n\.Cm {command}[ \n]", f)] if command else \
         [f for f in forms if not re.match(r"\n\.Cm ", f)]
     assert mine
     helps = {"--help", "-h"} if command else {"--help"}  # the daemon's -h is in [-dhn]
     assert set().union(*map(flags, mine)) == parser_options(parser()) - helps
+
+
+def test_man_page_synopsis_gives_each_simulator_command_its_own_options():
+    forms = re.split(r"^\.Nm$", man_section(read(MAN), "SYNOPSIS"), flags=re.M)[1:]
+    commands = subcommands(simulator_parser())
+    named: list[str] = []
+    for form in forms:
+        m = re.match(r"\n\.Cm simulator (.*)\n", form)
+        for name in m.group(1).split(" | ") if m else ():
+            named.append(name)
+            assert flags(form) == parser_options(commands[name]) - {"-h", "--help"}, name
+    assert sorted(named) == sorted(commands)
 
 
 def test_man_page_keeps_the_code_s_meaning_of_n_and_d():

@@ -13,6 +13,7 @@ import tomllib
 import pytest
 
 from agent import config
+from agent.clients.cli import DEFAULT_CONTROL_SOCKET, DEFAULT_NOTIFY_SOCKET
 from agent.engine.root import missing_device_hint
 from privileged import child_config
 from tests.helpers import PY, REPO, Agent, running_agent, wait_for
@@ -119,6 +120,6 @@ def test_the_example_config_is_accepted_by_the_agent(workdir):
         f.write(text)
     os.chmod(path, 0o600)
     cfg = config.load(path)
-    assert cfg.notify.socket == "/run/hv-vss-agent/notify.sock"
-    assert cfg.control.socket == "/run/hv-vss-agent/control.sock"
+    assert cfg.notify.socket == DEFAULT_NOTIFY_SOCKET  # the clients' defaults
+    assert cfg.control.socket == DEFAULT_CONTROL_SOCKET
     assert cfg.metrics.dir == "/run/prometheus-node-exporter"

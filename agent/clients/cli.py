@@ -21,7 +21,7 @@ def status_parser() -> Parser:
     p = Parser(prog="hv-vss-agent status",
                description="What the running agent is doing, and what it did lately.")
     p.add_argument("--json", action="store_true", help="the whole answer, as JSON")
-    p.add_argument("--watch", nargs="?", type=_seconds, const=1.0, metavar="SECONDS",
+    p.add_argument("--watch", nargs="?", type=seconds, const=1.0, metavar="SECONDS",
                    help="ask again every SECONDS (default 1) until interrupted; with --json, "
                         "one JSON object per line")
     p.add_argument("--socket", metavar="PATH", help="the control socket (default: [control] "
@@ -41,7 +41,7 @@ def hook_parser() -> Parser:
     p.add_argument("--config", metavar="PATH", help="configuration file to take the path from")
     p.add_argument("--name", metavar="NAME", help="how the agent's log and status name us "
                    "(default hook-<basename of PATH>)")
-    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS",
                    help="at most this long for the freeze hooks together, and for each "
                         "thaw hook (the agent may allow less)")
     p.add_argument("--wait", action="store_true",
@@ -50,7 +50,8 @@ def hook_parser() -> Parser:
     return p
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """A number of seconds from the command line, 0.1 to 3600."""
     try:
         value = float(text)
     except ValueError:

@@ -78,6 +78,8 @@ def run(cfg: AgentConfig, foreground: bool, debug: bool, in_memory: bool = False
     """Start as root, drop, serve.  `in_memory` is the unprivileged demo: no root, no split."""
     if in_memory and os.geteuid() == 0:
         raise StartupError("--in-memory is only for unprivileged demos")
+    if cfg.log_target == "stderr" and not foreground:
+        raise StartupError('[log] target = "stderr" needs -n: detached, stderr is /dev/null')
     if not in_memory and os.geteuid() != 0:
         raise StartupError("must be started as root (it starts the root child, then drops "
                            "privileges itself); try --simulate for the demo")

@@ -1,4 +1,4 @@
-"""The two kernel VSS protocols, each one object, chosen once from `[agent] protocol`
+"""The two kernel VSS protocols, each one object, chosen once from `[device] protocol`
 after the drop: how its requests decode and its replies encode, its handshake, when the
 kernel stops waiting for an answer, and what an operation the agent does not know is
 answered.  The root phase only opens the device (agent/kernel/transport.py), with the
@@ -16,7 +16,7 @@ from agent.kernel.messages import KernelRequest
 
 @dataclass(frozen=True)
 class KernelProtocol:
-    name: str  # as [agent] protocol spells it
+    name: str  # as [device] protocol spells it
     decode_request: Callable[[bytes], KernelRequest | None]  # None: nothing to do
     encode_reply: Callable[[KernelRequest, bool], bytes]
     handshake: bool  # Linux: VSS_OP_REGISTER1, then a 4-byte answer; FreeBSD's open registers

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from agent.clients.cli import seconds
 from agent.platforms import NATIVE_PROTOCOL
 from agent.simulator.host import OPS, HostRequest
 from agent.simulator.server import Simulator
@@ -60,7 +61,7 @@ def parser() -> Parser:
     for op in OPS:
         one = sub.add_parser(op, help=f"send the host's {op.upper()} and print the answer")
         one.add_argument("path", metavar="PATH", help="the socket `serve` made")
-        one.add_argument("--timeout", type=float, default=DEFAULT_WAIT, metavar="SECONDS",
+        one.add_argument("--timeout", type=seconds, default=DEFAULT_WAIT, metavar="SECONDS",
                          help=f"give up waiting after this long (default {DEFAULT_WAIT:g})")
     return p
 
