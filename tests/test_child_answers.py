@@ -370,6 +370,22 @@ def test_a_fifreeze_that_fails_is_answered_with_its_errno_and_its_mountpoint(
     assert child.ask(CHECK)[0] == OK
 
 
+def test_a_filesystem_someone_else_thawed_meanwhile_makes_no_failed_thaw(
+        workdir, make_fs, raw_child):
+    """Frozen by the child, thawed by someone else (fsfreeze -u) before the host's THAW: the
+    THAW succeeds, since the filesystem is thawed as asked, and the log says who did it."""
+    fs = make_fs("ext4")
+    child = start(raw_child, write_config(os.path.join(workdir, "c.toml"), [fs.mountpoint],
+                                          workdir, presync=False))
+    assert child.ask(FREEZE)[0] == OK
+    scratch.thaw(fs.mountpoint)  # someone else's FITHAW
+    assert_writable(fs.mountpoint)
+    status, err, count, _ = child.ask(THAW)
+    assert (status, err, count) == (OK, 0, 1)
+    assert any(f"{fs.mountpoint} was already thawed by someone else" in line
+               for line in child.logs), child.logs
+
+
 def test_a_check_names_each_filesystem_it_would_freeze_for_the_debug_log(
         workdir, make_fs, raw_child):
     """What selection decided for each mount is in the log at DEBUG (the parent shows it
