@@ -59,6 +59,13 @@ def test_bad_config_files(workdir):
     one_line_error(run("--config", bad), 1, "writable by group or others")
 
 
+def test_a_config_that_is_a_fifo_is_refused_without_waiting_for_a_writer(workdir):
+    """Opened without blocking: root would otherwise wait for whoever writes the FIFO."""
+    fifo = os.path.join(workdir, "c.toml")
+    os.mkfifo(fifo, 0o600)
+    one_line_error(run("--config", fifo, timeout=10), 1, "is not a regular file")
+
+
 def test_a_detached_agent_refuses_to_log_to_stderr(workdir):
     """Detached, its stderr is /dev/null: the log would be lost.  (Without the check the
     next one answers: the device below is a socket and nothing limits what is frozen.)"""

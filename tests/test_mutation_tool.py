@@ -288,6 +288,22 @@ def test_which_tests_a_mutant_runs_and_in_which_order():
     assert "tests/test_other.py::test_c" in tmap.tests_for(body)
 
 
+def test_a_function_run_while_pytest_collects_runs_as_an_import_does():
+    """A function a module calls at import (a platform table's constructor) runs its lines
+    once per process: in pytest's own, while it collects, no test's.  Every test of the
+    module depends on them, as on a constant."""
+    ms = mutants("pkg/sample.py", SAMPLE)
+    called = next(m for m in ms if m.original == "i == 5" and m.kind == "compare")
+    tests = {t: {"order": i, "seconds": 1.0, "failed": False, "markers": []}
+             for i, t in enumerate(["tests/test_sample.py::test_a", "tests/test_other.py::test_c"])}
+    hits = {("-", "pkg/sample.py", called.line),
+            ("tests/test_other.py::test_c", "pkg/sample.py", 40)}
+    tmap = CoverageMap.build(hits, tests, "/nonexistent", ["pkg/sample.py"])
+    tmap.direct = {"pkg/sample.py": {"tests/test_sample.py"}}
+    assert not called.at_import and not tmap.covered(called)
+    assert set(tmap.tests_for(called)) == set(tests)
+
+
 def test_a_changed_test_file_replaces_only_its_own_tests_in_the_map(tmp_path):
     def info(i: int) -> dict[str, object]:
         return {"order": i, "seconds": 1.0, "failed": False, "markers": []}

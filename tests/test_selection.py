@@ -186,7 +186,8 @@ def test_this_machines_root_is_a_candidate_without_only():
 
 BRACKETS = ["[!a-c]", "[!a-c-e]", "[z-a]", "[z-a!]", "[c-a-e]", "[a-c-e]", "[!-x]", "[a-]",
             "[-a]", "[!]", "[!!]", "[]-a]", "[!z-a-c]", "[b-a-c-d]", "[a-cz-x]", "[!c-a]",
-            "[ab-]", "[x-z-a]", "[z-a-c]", "[e-c-a-x]", "[!e-c-a]", "[a-a]", "[!b-b-]"]
+            "[ab-]", "[x-z-a]", "[z-a-c]", "[e-c-a-x]", "[!e-c-a]", "[a-a]", "[!b-b-]",
+            "[b-a!-b]", "[--!!-a]"]
 
 
 @pytest.mark.parametrize("pattern", BRACKETS)

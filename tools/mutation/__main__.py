@@ -50,7 +50,7 @@ from tools.mutation.testmap import EXCLUDED, IGNORED_FILES, CoverageMap
 # daemon's processes traced too (they ran the worktree's code before); 3: copies of our
 # packages that tests make; 4: threads started with _thread (the child's freeze workers);
 # 5: the thaw guard, which closes every descriptor but its link, keeps the tracer's.
-MAP_FORMAT = 5
+MAP_FORMAT = 6
 DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine/machine.py")
 
 

@@ -5,9 +5,11 @@ target module, in pytest's process or in any process a test started (the
 root child, the daemon).  A mutant runs
 
   - inside a function: the tests that ran any line it changes;
-  - at import (a constant in a table, an enum value, a default): every test
-    that ran any line of its module (import happens once per process, so its
-    lines say little about who depends on them);
+  - at import (a constant in a table, an enum value, a default), or in a
+    function pytest's own process ran while it collected (called at import,
+    such as a platform table's constructor): every test that ran any line of
+    its module, and its module's test files (import happens once per process,
+    so its lines say little about who depends on them);
   - and in any case the tests that failed while traced (their lines are
     incomplete, tracer.py) and ran any line of its module.
 
@@ -74,8 +76,8 @@ class CoverageMap:
     def build(cls, hits: set[tuple[str, str, int]], tests: dict[str, dict[str, object]],
               tree: str, modules: list[str]) -> CoverageMap:
         lines: dict[str, dict[int, set[str]]] = {m: defaultdict(set) for m in modules}
-        for test, module, line in hits:
-            if test != COLLECTION and module in lines:
+        for test, module, line in hits:  # COLLECTION is kept too, as if a test (tests_for)
+            if module in lines:
                 lines[module][line].add(test)
         return cls({m: dict(v) for m, v in lines.items()}, tests, naming_files(tree, modules))
 
@@ -104,15 +106,16 @@ class CoverageMap:
         run_uncovered: then the module's).  `killers`: how many mutants of the module each
         test has killed so far; the best go first."""
         module = self.module_tests(m.path)
-        if not m.at_import and not self.covered(m) and not self.run_uncovered:
+        at_import = m.at_import or COLLECTION in self.line_tests(m)
+        if not at_import and not self.covered(m) and not self.run_uncovered:
             return []
-        if m.at_import:  # and the module's own test files: reading a constant runs no line
+        if at_import:  # and the module's own test files: reading a constant runs no line
             direct = self.direct.get(m.path, set())
             chosen = module | {t for t in self.tests if t.split("::", 1)[0] in direct}
         elif not self.covered(m):
             chosen = module
         else:  # and those whose lines are incomplete: they failed while traced
-            chosen = self.line_tests(m) | {t for t in module if self.tests[t].get("failed")}
+            chosen = self.line_tests(m) | {t for t in module if self.tests.get(t, {}).get("failed")}
         ordered = self.ordered({t for t in chosen if self.usable(t)}, m.path)
         if killers:  # kills per second it takes; stable: the others keep their order
             ordered.sort(key=lambda t: -killers.get(t, 0) / (1.0 + self.seconds(t)))
