@@ -156,8 +156,8 @@ def test_where_o_path_is_missing_the_device_is_opened_by_name_and_left_blocking(
     # Swapped for the link between the check and the open (staged: the check is shown the
     # node): the open follows no symlink.
     lstat = os.lstat
-    monkeypatch.setattr(device.os, "lstat", lambda p: lstat("/dev/null" if p == link else p))
-    with pytest.raises(OSError) as refused:
+    with monkeypatch.context() as staged, pytest.raises(OSError) as refused:
+        staged.setattr(device.os, "lstat", lambda p: lstat("/dev/null" if p == link else p))
         open_device(link, identify("/dev/null"))
     assert refused.value.errno == errno.ELOOP
     with pytest.raises(OSError) as refused:
