@@ -247,19 +247,22 @@ def status(pid: int | str) -> dict[str, str]:
         return {k: v.strip() for k, v in (line.split(":", 1) for line in f if ":" in line)}
 
 
-def descriptors(pid: int | str) -> list[str]:
-    """The process's open descriptors, but for the one a mutation copy's line tracer keeps
-    in every process it traces (tools/mutation/tracer.py; none outside a mutation run)."""
+def descriptors(pid: int | str) -> dict[int, tuple[str, int]]:
+    """fd -> (what it points at, open flags), but for the descriptor a mutation copy's line
+    tracer keeps in every process it traces (tools/mutation/tracer.py; none elsewhere)."""
     tracer = sys.modules.get("privileged._mutation_trace")
     skip = os.path.dirname(tracer.CURRENT) + "/" if tracer is not None else None
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if skip is None or not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(skip):
-                found.append(fd)
-        except OSError:
-            pass  # closed since the listing
-    return found
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
+                flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if skip is None or not target.startswith(skip):
+            out[int(name)] = (target, flags)
+    return out
 
 
 def wait_for(predicate: object, timeout: float = 5.0, step: float = 0.02) -> bool:

@@ -28,6 +28,7 @@ from tests.helpers import (
     Subscriber,
     assert_blocked,
     child_conversation_modules,
+    descriptors,
     running_agent,
     status,
     wait_for,
@@ -44,19 +45,6 @@ def core_limit(pid: int) -> list[str]:
     with open(f"/proc/{pid}/limits", encoding="ascii") as f:
         line = next(x for x in f if x.startswith("Max core file size"))
     return line.split()[4:6]
-
-
-def descriptors(pid: int) -> dict[int, tuple[str, int]]:
-    """fd -> (what it points at, open flags)."""
-    out = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{name}", encoding="ascii") as f:
-                flags = int(next(x for x in f if x.startswith("flags:")).split()[1], 8)
-            out[int(name)] = (os.readlink(f"/proc/{pid}/fd/{name}"), flags)
-        except FileNotFoundError:
-            continue  # closed while we looked
-    return out
 
 
 def seccomp_records(pids: set[int], answered: tuple[str, ...] = ()) -> list[str]:

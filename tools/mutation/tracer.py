@@ -13,9 +13,9 @@ process), so a child a test kills has lost nothing; pytest's process writes
 after each test.  Where to write: one descriptor each process opens at start
 (close-on-exec), so that the daemon can still write after its chroot and
 under its seccomp filter, and the root child under Landlock, which lets it
-open nothing for writing.  That descriptor is one more than the tests that
-count the child's descriptors expect: they fail traced, and are taken as
-incomplete (below).  A process forked by one of ours (the frontend, the thaw
+open nothing for writing.  tests/helpers.py's descriptors() leaves that
+descriptor out; a test that counts a process's descriptors otherwise finds
+one more than it expects, fails traced, and is taken as incomplete (below).  A process forked by one of ours (the frontend, the thaw
 guard) keeps tracing and writes through the descriptor it inherited, for
 the test of the process that forked it (os.closerange, with which the guard
 closes every descriptor but its link, leaves that one open); one forked in
