@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
+import logging
 import os
 import select
 import signal
@@ -21,7 +22,7 @@ import time
 import pytest
 
 from agent.engine.child_link import ChildGone, ChildLink
-from privileged import wire
+from privileged import protocol, wire
 from privileged.child import EXIT_ERROR, EXIT_OK, EXIT_VIOLATION, REOPEN_BURST, REOPEN_EVERY
 from privileged.wire import Op
 from tests.helpers import assert_blocked, assert_writable, write_config
@@ -202,6 +203,26 @@ def test_parent_sees_malformed_child_records_as_fatal():
     theirs.close()
     with pytest.raises(ChildGone):
         link.receive()
+
+
+def test_what_a_child_sent_before_it_went_is_still_logged(caplog):
+    """The parent may learn that the child is gone from a failed send (EPIPE) while the
+    child's last lines (why it exited, what it thawed) still wait in the socket."""
+    caplog.set_level(logging.INFO, logger="hv-vss-agent.child")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    class FakeProc:
+        pid = 0
+
+    link = ChildLink(ours, FakeProc())  # type: ignore[arg-type]
+    theirs.send(protocol.log(protocol.WARNING, "automatic THAW of 2 filesystem(s) (signal)"))
+    theirs.send(protocol.log(protocol.INFO, "stopping on signal 15"))
+    theirs.close()
+    with pytest.raises(ChildGone):
+        link.send(Op.THAW)
+    assert [r.getMessage() for r in caplog.records if r.name == "hv-vss-agent.child"] == [
+        "[child] automatic THAW of 2 filesystem(s) (signal)", "[child] stopping on signal 15"]
+    link.close()
 
 
 def test_child_lets_go_of_its_stdio_once_it_runs(workdir, make_fs):

@@ -48,6 +48,7 @@ class ChildLink:
         try:
             self.sock.send(wire.encode_request(wire.Request(op, self.seq)))
         except OSError as e:
+            self._drain()
             raise ChildGone(f"cannot send {op.name} to the child: {e.strerror}") from None
         return self.seq
 
@@ -114,6 +115,16 @@ class ChildLink:
                 self.sock.settimeout(None)
             if isinstance(msg, wire.Result):
                 return msg, fds
+
+    def _drain(self) -> None:
+        """The child is gone: read what it sent before it went, without waiting (its last
+        log lines, such as why it exited, would otherwise be lost)."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                _close_all(self.receive()[1])
+        except ChildGone:
+            pass  # nothing more: EOF, or nothing left to read (EAGAIN)
 
     def exit_status(self, timeout: float = 5.0) -> int | None:
         try:
