@@ -49,7 +49,8 @@ from tools.mutation.testmap import EXCLUDED, IGNORED_FILES, CoverageMap
 # Part of the coverage map's key: a map made by an older tool is made again.  2: the
 # daemon's processes traced too (they ran the worktree's code before); 3: copies of our
 # packages that tests make; 4: threads started with _thread (the child's freeze workers);
-# 5: the thaw guard, which closes every descriptor but its link, keeps the tracer's.
+# 5: the thaw guard, which closes every descriptor but its link, keeps the tracer's;
+# 6: what pytest's process runs while it collects is kept (functions called at import).
 MAP_FORMAT = 6
 DEFAULT_MODULES = ("privileged/*.py", "agent/kernel/*.py", "agent/engine/machine.py")
 

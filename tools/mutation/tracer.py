@@ -15,11 +15,12 @@ after each test.  Where to write: one descriptor each process opens at start
 under its seccomp filter, and the root child under Landlock, which lets it
 open nothing for writing.  tests/helpers.py's descriptors() leaves that
 descriptor out; a test that counts a process's descriptors otherwise finds
-one more than it expects, fails traced, and is taken as incomplete (below).  A process forked by one of ours (the frontend, the thaw
-guard) keeps tracing and writes through the descriptor it inherited, for
-the test of the process that forked it (os.closerange, with which the guard
-closes every descriptor but its link, leaves that one open); one forked in
-pytest's process (multiprocessing in tests) writes nothing.
+one more than it expects, fails traced, and is taken as incomplete (below).
+A process forked by one of ours (the frontend, the thaw guard) keeps tracing
+and writes through the descriptor it inherited, for the test of the process
+that forked it (os.closerange, with which the guard closes every descriptor
+but its link, leaves that one open); one forked in pytest's process
+(multiprocessing in tests) writes nothing.
 
 A module run from a copy of our packages that a test made (tests/test_integrity.py
 installs one and tampers with it) counts as the module itself: the copy is
